@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-shot set-up: .venv with pinned dependencies, the local CPU torch wheel only when no
+# torch is present, the growlm package itself, and GNU Unifont for the glyph substrate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # A machine whose Python already has torch (a GPU box) keeps its own build: the venv sees it.
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  # The local CPU wheel; never let a dependency resolve torch from the registry (multi-GB CUDA build).
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+fi
+"$VENV/bin/pip" install -q -r requirements.lock
+"$VENV/bin/pip" install -q --no-deps -e .
+
+FONT=/usr/share/fonts/opentype/unifont/unifont.otf
+if [ ! -f "$FONT" ] && [ -z "${GROWLM_FONT:-}" ]; then
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get install -y -q --no-install-recommends fonts-unifont >/dev/null 2>&1) || \
+      (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends fonts-unifont >/dev/null)
+  else
+    echo "growlm: GNU Unifont is missing; run: sudo apt-get install -y --no-install-recommends fonts-unifont" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,48 @@
+"""``growlm info``: what a preset, a model dir, a run or a mixture is, as one JSON object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from growlm.checkpoint import read_meta
+from growlm.errors import GrowlmError
+from growlm.model import count_params_meta, preset_config
+
+
+def info_preset(name: str) -> dict:
+    """Shape and exact parameter counts of a named paper preset (no weights are allocated)."""
+    cfg, kind = preset_config(name)
+    counts = count_params_meta(cfg)
+    return {"preset": name, "substrate": kind, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+            "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size, "context": cfg.context,
+            "embed_dim": cfg.embed_dim, "params_total": counts["params_total"],
+            "params_trainable": counts["params_trainable"]}
+
+
+def info_model(path: Path) -> dict:
+    """Description of a saved model dir, a mixture dir, or a run (its stages)."""
+    path = Path(path)
+    if (path / "mixture.json").is_file():
+        from growlm.compose import info_mixture
+
+        return info_mixture(path)
+    if not (path / "model.json").is_file() and any(path.glob("stage-*")):
+        stages = sorted(path.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
+        return {"run": str(path), "stages": [info_model(s) for s in stages]}
+    meta = read_meta(path)
+    cfg = meta["config"]
+    out = {
+        "path": str(path), "n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"],
+        "vocab_size": cfg["vocab_size"], "context": cfg["context"], "substrate": meta["substrate"]["kind"],
+        "params_total": meta["params_total"], "params_trainable": meta["params_trainable"],
+        "params_active": meta.get("params_active", meta["params_trainable"]),
+        "blocks": meta["blocks"], "substrate_fingerprint": meta["substrate_fingerprint"],
+        "tokenizer_fingerprint": meta["tokenizer_fingerprint"], "fingerprint": meta["fingerprint"],
+        "lineage": meta["lineage"], "lora": meta.get("lora"),
+    }
+    for k in ("stage", "metrics", "merged_from"):
+        if k in meta:
+            out[k] = meta[k]
+    if out["n_layers"] != len(out["blocks"]):
+        raise GrowlmError(f"{path / 'model.json'} is inconsistent: {out['n_layers']} layers but {len(out['blocks'])} block hashes")
+    return out

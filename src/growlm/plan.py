@@ -1,0 +1,221 @@
+"""The plan: a typed, validated description of a whole growth run (``growlm train PLAN.toml``).
+
+A plan names the substrate, the tokenizer, the model width, the data and an ordered list of
+stages. Every table rejects unknown keys, every size must be positive, every path is resolved
+relative to the plan file and must be readable — all before any training starts, with an error
+that names the key (``stage[2].lora.rank``) or the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from growlm.errors import GrowlmError
+
+Pos = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SubstrateSpec(_Spec):
+    kind: Literal["glyph", "binary", "random-bits", "trainable"] = "glyph"
+    dir: Path | None = None  # reuse an existing substrate (the shared docking port)
+    bits: Pos | None = None
+    seed: int = 0
+
+
+class TokenizerSpec(_Spec):
+    corpus: list[Path] = []
+    compact: bool = True
+    ngrams: list[Pos] = [2, 3]
+    top_k: Pos = 338
+    dir: Path | None = None  # reuse an existing tokenizer
+    preset: str | None = None
+    ngram_list: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerSpec:
+        if not (self.dir or self.preset or self.corpus):
+            raise ValueError("give one of corpus, dir or preset")
+        if self.preset and not self.ngram_list:
+            raise ValueError("preset needs ngram_list")
+        return self
+
+
+class ModelSpec(_Spec):
+    d_model: Pos
+    n_heads: Pos
+    context: Pos = 1024
+    rope_theta: PosFloat = 10000.0
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+
+class DataSpec(_Spec):
+    train: list[Path]
+    valid: list[Path] = []
+    weights: list[PosFloat] | None = None  # one per train file: a mixture
+
+    @model_validator(mode="after")
+    def _weights(self) -> DataSpec:
+        if not self.train:
+            raise ValueError("train must list at least one file")
+        if self.weights is not None and len(self.weights) != len(self.train):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.train)} train files")
+        return self
+
+
+class TrainSpec(_Spec):
+    batch_size: Pos = 8
+    lr: PosFloat = 3e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    warmup: Annotated[float, Field(ge=0, lt=1)] = 0.05  # fraction of each stage's steps
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    seed: int = 0
+    checkpoint_every: Pos = 100
+    eval_every: Pos | None = None
+    eval_batches: Pos = 8
+    log_every: Pos = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool | None = None  # None: on for CUDA
+    trunk_cache: bool = False
+    lora_budget: Pos | None = None  # active-parameter budget; default: the largest grow stage
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+
+
+class LoraSpec(_Spec):
+    rank: Pos = 8
+    alpha: PosFloat | None = None  # default: 2 × rank
+    blocks: Literal["frozen", "all"] | list[Annotated[int, Field(ge=0)]] = "frozen"
+    targets: list[Literal["qkv", "attn_out", "fc", "mlp_out"]] = ["qkv", "attn_out", "fc", "mlp_out"]
+
+
+class StageData(_Spec):
+    train: list[Path] = []
+    valid: list[Path] = []
+    weights: list[PosFloat] | None = None
+
+
+class StageSpec(_Spec):
+    name: str | None = None
+    grow: Annotated[int, Field(ge=0)] = 0
+    init: Literal["random", "zero-out", "copy-top"] = "random"
+    tokens: Pos
+    train: Literal["new", "all", "head"] = "new"
+    lora: LoraSpec | None = None
+    lr: PosFloat | None = None
+    data: StageData | None = None
+
+    @model_validator(mode="after")
+    def _does_something(self) -> StageSpec:
+        if self.grow == 0 and self.train == "new" and self.lora is None:
+            raise ValueError("a stage must grow blocks, train all/head, or train LoRA adapters")
+        return self
+
+
+class Plan(_Spec):
+    substrate: SubstrateSpec = SubstrateSpec()
+    tokenizer: TokenizerSpec
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    stage: list[StageSpec]
+    base: Path | None = None  # grow on top of an existing model dir (same substrate and tokenizer)
+
+    @field_validator("stage")
+    @classmethod
+    def _stages(cls, v: list[StageSpec]) -> list[StageSpec]:
+        if not v:
+            raise ValueError("a plan needs at least one [[stage]]")
+        return v
+
+
+def _loc(loc: tuple) -> str:
+    """Pydantic's error location as the plan key a user would write, e.g. ``stage[2].lora.rank``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part + 1}]" if out == "stage" else f"[{part}]"
+        elif part in ("literal['frozen', 'all']",) or "[" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def load_plan(path: str | Path) -> tuple[Plan, dict]:
+    """Parse and validate a plan file; returns the plan (paths absolute) and its raw TOML dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise GrowlmError(f"plan file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GrowlmError(f"plan {path} is not valid TOML: {e}") from e
+    try:
+        plan = Plan.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].replace("Value error, ", "")
+        raise GrowlmError(f"plan {path}: {_loc(err['loc'])}: {msg}") from None
+    plan = _resolve_paths(plan, path.parent.resolve(), path)
+    return plan, raw
+
+
+def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
+    """Make every path absolute (relative to the plan file) and check it can be read."""
+
+    def fix(p: Path | None, key: str, is_dir: bool = False) -> Path | None:
+        if p is None:
+            return None
+        q = (root / p).resolve() if not p.is_absolute() else p
+        if is_dir:
+            if not q.is_dir():
+                raise GrowlmError(f"plan {plan_path}: {key}: directory not found: {q}")
+        elif not q.exists():
+            raise GrowlmError(f"plan {plan_path}: {key}: file not found: {q}")
+        if not os.access(q, os.R_OK):
+            raise GrowlmError(f"plan {plan_path}: {key}: not readable: {q}")
+        return q
+
+    def fix_list(ps: list[Path], key: str) -> list[Path]:
+        return [fix(p, f"{key}[{i}]") for i, p in enumerate(ps)]
+
+    tok = plan.tokenizer.model_copy(update={
+        "corpus": fix_list(plan.tokenizer.corpus, "tokenizer.corpus"),
+        "dir": fix(plan.tokenizer.dir, "tokenizer.dir", is_dir=True),
+        "ngram_list": fix(plan.tokenizer.ngram_list, "tokenizer.ngram_list"),
+    })
+    sub = plan.substrate.model_copy(update={"dir": fix(plan.substrate.dir, "substrate.dir", is_dir=True)})
+    data = plan.data.model_copy(update={"train": fix_list(plan.data.train, "data.train"),
+                                        "valid": fix_list(plan.data.valid, "data.valid")})
+    stages = []
+    for i, st in enumerate(plan.stage, 1):
+        if st.data is not None:
+            sd = st.data.model_copy(update={"train": fix_list(st.data.train, f"stage[{i}].data.train"),
+                                            "valid": fix_list(st.data.valid, f"stage[{i}].data.valid")})
+            if sd.weights is not None and len(sd.weights) != len(sd.train):
+                raise GrowlmError(f"plan {plan_path}: stage[{i}].data.weights: {len(sd.weights)} entries for {len(sd.train)} train files")
+            st = st.model_copy(update={"data": sd})
+        stages.append(st)
+    return plan.model_copy(update={"tokenizer": tok, "substrate": sub, "data": data, "stage": stages,
+                                   "base": fix(plan.base, "base", is_dir=True)})
+
+
+def plan_to_json(plan: Plan) -> dict:
+    """The resolved plan as plain JSON (recorded next to every stage it produces)."""
+    return plan.model_dump(mode="json")

@@ -1,0 +1,486 @@
+"""The one training loop: every stage of a plan (grow, LoRA, monolithic, head-only) runs here.
+
+Layout of a run dir::
+
+    RUN/plan.toml, RUN/plan.json      the plan as given, and resolved
+    RUN/tokenizer/, RUN/substrate/    the docking port, built once (or copied from the plan's dirs)
+    RUN/stage-N/                      immutable model dir after stage N (see checkpoint.py)
+    RUN/checkpoints/stage-N/step-S/   in-stage checkpoints: trainable tensors, optimizer, data position
+    RUN/metrics.jsonl                 one line per logged step
+    RUN/.lock                         held while a process writes the run
+
+Resuming rebuilds the model exactly (previous stage from disk, then the same seeded growth), then
+restores the trainable tensors, the optimizer and the data position of the latest in-stage
+checkpoint, so on CPU the final weights are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from growlm.checkpoint import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_model,
+    load_tensors,
+    save_model,
+)
+from growlm.data import Batches, Source, validation_batches
+from growlm.errors import GrowlmError
+from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
+from growlm.hashing import sha256_file
+from growlm.lora import add_lora
+from growlm.model import GrowLM, ModelConfig
+from growlm.plan import Plan, StageSpec, load_plan, plan_to_json
+
+
+class Interrupted(GrowlmError):
+    """Training stopped by the user (Ctrl-C / SIGTERM) after writing a checkpoint."""
+
+    exit_code = 130
+
+
+# ----------------------------------------------------------------------------------------------
+# Run set-up: lock, docking port, model
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold ``RUN/.lock`` so a second process cannot write the same run."""
+    run.mkdir(parents=True, exist_ok=True)
+    fh = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise GrowlmError(f"another growlm process is writing {run} (lock {run / '.lock'} is held)") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def prepare_tokenizer(plan: Plan, run: Path):
+    """RUN/tokenizer: copied from ``tokenizer.dir`` or built from the plan (once; reused on resume)."""
+    from growlm.tokenizer import Tokenizer, build_preset, build_tokenizer
+
+    dst = run / "tokenizer"
+    if not dst.exists():
+        spec = plan.tokenizer
+        with atomic_dir(dst) as tmp:
+            if spec.dir is not None:
+                Tokenizer.load(spec.dir)  # validates before copying
+                shutil.rmtree(tmp)
+                shutil.copytree(spec.dir, tmp)
+            elif spec.preset is not None:
+                build_preset(spec.preset, spec.ngram_list).save(tmp)
+            else:
+                build_tokenizer(spec.corpus, compact=spec.compact, ngrams=tuple(spec.ngrams), top_k=spec.top_k).save(tmp)
+    return Tokenizer.load(dst)
+
+
+def prepare_substrate(plan: Plan, run: Path, tokenizer):
+    """RUN/substrate: copied from ``substrate.dir`` (after the docking-port check) or built once."""
+    from growlm.substrate import Substrate, build_substrate
+
+    dst = run / "substrate"
+    if not dst.exists():
+        spec = plan.substrate
+        d = plan.model.d_model
+        if spec.dir is not None:
+            sub = Substrate.load(spec.dir)
+            tok_fp = sub.recipe.get("tokenizer_fingerprint")
+            if tok_fp not in (None, tokenizer.fingerprint):
+                raise GrowlmError(f"substrate {spec.dir} was built for tokenizer {tok_fp[:12]}, "
+                                  f"not this plan's tokenizer {tokenizer.fingerprint[:12]}")
+        else:
+            sub = build_substrate(spec.kind, dim=d, tokenizer=tokenizer, bits=spec.bits, seed=spec.seed)
+        with atomic_dir(dst) as tmp:
+            sub.save(tmp)
+    sub = Substrate.load(dst)
+    if sub.vocab_size != tokenizer.vocab_size:
+        raise GrowlmError(f"substrate {dst} has {sub.vocab_size} rows but the tokenizer has {tokenizer.vocab_size} tokens")
+    if sub.dim != plan.model.d_model:
+        raise GrowlmError(f"substrate {dst} has dim {sub.dim} but model.d_model is {plan.model.d_model}")
+    return sub
+
+
+def initial_model(plan: Plan, tokenizer, substrate) -> tuple[GrowLM, list[str]]:
+    """The stage-0 model: ``base`` (same docking port, checked) or an empty stack over the substrate."""
+    if plan.base is not None:
+        saved = load_model(plan.base)
+        for what, mine, theirs in (("substrate", substrate.fingerprint, saved.meta["substrate_fingerprint"]),
+                                   ("tokenizer", tokenizer.fingerprint, saved.meta["tokenizer_fingerprint"])):
+            if mine != theirs:
+                raise GrowlmError(f"cannot grow on {plan.base}: its {what} fingerprint {theirs[:12]} "
+                                  f"differs from this plan's {mine[:12]}")
+        return saved.model, saved.meta["lineage"] + [saved.meta["fingerprint"]]
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
+                      n_layers=0, context=plan.model.context, embed_dim=substrate.table.shape[1],
+                      trainable_embedding=substrate.trainable, rope_theta=plan.model.rope_theta)
+    model = GrowLM(cfg)
+    with torch.no_grad():
+        model.embed.weight.copy_(substrate.table)
+        g = torch.Generator().manual_seed(_seed(plan.train.seed, "head"))
+        model.head.weight.normal_(0.0, 0.02, generator=g)
+    return model, []
+
+
+def _seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def device_of(plan: Plan) -> torch.device:
+    if plan.train.device == "cuda" or (plan.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise GrowlmError("train.device = \"cuda\" but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StageState:
+    """Everything that changes while a stage trains (what an in-stage checkpoint stores)."""
+
+    step: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    last_loss: float = float("nan")
+    valid_loss: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, n_steps: int, lr: float, warmup: float, min_ratio: float) -> float:
+    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to ``min_ratio``·lr."""
+    w = max(1, int(warmup * n_steps)) if warmup > 0 else 0
+    if step < w:
+        return lr * (step + 1) / w
+    t = (step - w) / max(1, n_steps - w)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def stage_sources(plan: Plan, st: StageSpec) -> tuple[list[Source], list[Path]]:
+    """Training sources (one per file, with mixture weights) and validation files of a stage."""
+    train, weights, valid = plan.data.train, plan.data.weights, plan.data.valid
+    if st.data is not None:
+        if st.data.train:
+            train, weights = st.data.train, st.data.weights
+        if st.data.valid:
+            valid = st.data.valid
+    ws = weights or [1.0] * len(train)
+    return [Source(paths=[p], weight=w) for p, w in zip(train, ws, strict=True)], list(valid)
+
+
+@torch.no_grad()
+def evaluate_loss(model: GrowLM, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  autocast: contextlib.AbstractContextManager) -> float | None:
+    """Mean validation loss over fixed batches (None when there is no validation data)."""
+    if not batches:
+        return None
+    was = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast:
+            total += float(model(x.to(device), targets=y.to(device)))
+    model.train(was)
+    return total / len(batches)
+
+
+class Trainer:
+    """Runs a plan's stages in order, writing RUN/stage-N after each."""
+
+    def __init__(self, plan_path: Path, run: Path, *, resume: bool = False, progress: bool = True,
+                 log=print) -> None:
+        self.plan_path, self.run, self.resume = Path(plan_path), Path(run), resume
+        self.plan, self.raw = load_plan(plan_path)
+        self.progress, self.log = progress, log
+        self.device = device_of(self.plan)
+        bf16 = self.plan.train.dtype == "bf16" or (self.plan.train.dtype == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- entry ---------------------------------------------------------------------------------
+
+    def run_all(self) -> list[Path]:
+        """Train every stage not yet complete; returns the stage dirs."""
+        run = self.run
+        self._check_fresh_or_resumable()
+        with run_lock(run):
+            atomic_write_json(run / "plan.json", plan_to_json(self.plan))
+            if not (run / "plan.toml").exists():
+                shutil.copyfile(self.plan_path, run / "plan.toml")
+            tok = prepare_tokenizer(self.plan, run)
+            sub = prepare_substrate(self.plan, run, tok)
+            model, lineage = initial_model(self.plan, tok, sub)
+            check_lora_budget(self.plan, model.cfg, len(model.blocks))
+            self.tokenizer, self.substrate = tok, sub
+            dirs = []
+            for i, st in enumerate(self.plan.stage, 1):
+                sdir = run / f"stage-{i}"
+                if sdir.exists():
+                    saved = load_model(sdir)
+                    model, lineage = saved.model, saved.meta["lineage"] + [saved.meta["fingerprint"]]
+                    self.log(f"stage {i}: complete, reusing {sdir}")
+                else:
+                    model, lineage = self.run_stage(i, st, model, lineage)
+                dirs.append(sdir)
+            return dirs
+
+    def _check_fresh_or_resumable(self) -> None:
+        run = self.run
+        started = run.exists() and any(run.glob("stage-*")) or (run / "checkpoints").exists()
+        if started and not self.resume:
+            raise GrowlmError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+        if self.resume and (run / "plan.json").exists():
+            recorded = json.loads((run / "plan.json").read_text())
+            if recorded != plan_to_json(self.plan):
+                raise GrowlmError(f"the plan {self.plan_path} differs from the one {run} was started with "
+                                  f"({run / 'plan.json'}); resume with the same plan")
+
+    # -- one stage -----------------------------------------------------------------------------
+
+    def run_stage(self, i: int, st: StageSpec, model: GrowLM, lineage: list[str]) -> tuple[GrowLM, list[str]]:
+        plan, run, device = self.plan, self.run, self.device
+        model.to(device)
+        depth_before = len(model.blocks)
+        gen = torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i))
+        new = grow(model, st.grow, st.init, gen)
+        model.to(device)
+        params = set_trainable(model, st, new)
+        if st.lora is not None:
+            rank = st.lora.rank
+            rec = add_lora(model, f"stage{i}", rank=rank, alpha=st.lora.alpha or 2.0 * rank,
+                           blocks=lora_blocks(st.lora, depth_before, len(model.blocks)),
+                           targets=list(st.lora.targets), generator_seed=_seed(plan.train.seed, "lora", i))
+            model.lora_records.append(rec)
+            model.to(device)
+            params = [p for p in model.parameters() if p.requires_grad]
+        counts = model.param_counts()
+        active, total = counts["params_active"], counts["params_total"]
+        what = (f"grow {st.grow} ({st.init})" if st.grow else "no growth") + (f", train {st.train}" if st.train != "new" else "") \
+            + (f", LoRA r{st.lora.rank} on {len(model.lora_records[-1]['blocks'])} blocks" if st.lora else "")
+        self.log(f"stage {i}/{len(plan.stage)}: {what} | depth {len(model.blocks)} | active {active:,} | "
+                 f"frozen {total - active:,} | total {total:,}")
+
+        sources, valid = stage_sources(plan, st)
+        cache = run / "cache" / "shards"
+        ctx, bs = plan.model.context, plan.train.batch_size
+        batches = Batches(sources, self.tokenizer, context=ctx, batch_size=bs,
+                          seed=_seed(plan.train.seed, "data", i), cache_dir=cache, rank=self.rank, world_size=self.world)
+        vbatches = validation_batches(valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
+                                      max_batches=plan.train.eval_batches) if valid else []
+        tokens_per_step = bs * ctx
+        n_steps = math.ceil(st.tokens / tokens_per_step)
+        lr = st.lr or plan.train.lr
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=plan.train.weight_decay, fused=fused)
+        state = StageState()
+        ckpt_root = run / "checkpoints" / f"stage-{i}"
+        if self.resume:
+            self._restore(ckpt_root, model, opt, batches, state)
+
+        forward = model
+        if (plan.train.compile if plan.train.compile is not None else device.type == "cuda"):
+            forward = torch.compile(model)
+
+        model.train()
+        bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
+                   desc=f"stage {i}", disable=not self.progress, dynamic_ncols=True, leave=False)
+        t_last, tok_last = time.perf_counter(), state.tokens
+        try:
+            while state.step < n_steps:
+                t0 = time.perf_counter()
+                x, y = batches.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                cur_lr = lr_at(state.step, n_steps, lr, plan.train.warmup, plan.train.min_lr_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                with self.autocast():
+                    loss = forward(x, targets=y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    self._nonfinite(i, state, ckpt_root, lr)
+                loss.backward()
+                if plan.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, plan.train.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens += tokens_per_step
+                state.last_loss = loss_value
+                state.wall_s += time.perf_counter() - t0
+                bar.update(tokens_per_step)
+                if state.step % plan.train.log_every == 0 or state.step == n_steps:
+                    now = time.perf_counter()
+                    tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, state.tokens
+                    rec = {"stage": i, "step": state.step, "tokens": state.tokens, "loss": round(loss_value, 6),
+                           "lr": cur_lr, "tokens_per_s": round(tps, 1), "params_active": active}
+                    if plan.train.eval_every and state.step % plan.train.eval_every == 0:
+                        rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
+                    state.history.append(rec)
+                    self._append_metrics(rec)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
+                if state.step % plan.train.checkpoint_every == 0 and state.step < n_steps:
+                    self._checkpoint(ckpt_root, model, opt, batches, state)
+        except KeyboardInterrupt:
+            bar.close()
+            path = self._checkpoint(ckpt_root, model, opt, batches, state)
+            raise Interrupted(f"interrupted in stage {i} at step {state.step}/{n_steps}; checkpoint {path}; "
+                              f"continue with: growlm train {self.plan_path} --out {run} --resume") from None
+        bar.close()
+
+        state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
+        model.to("cpu")
+        extra = {
+            "plan": plan_to_json(plan),
+            "stage": {"index": i, "name": st.name, "grow": st.grow, "init": st.init, "train": st.train,
+                      "lora": st.lora.model_dump() if st.lora else None, "tokens": st.tokens, "steps": n_steps,
+                      "new_blocks": new},
+            "metrics": {"train_loss": state.last_loss, "valid_loss": state.valid_loss, "tokens": state.tokens,
+                        "wall_s": round(state.wall_s, 3), "steps": state.step},
+            "params_active": active,
+        }
+        sdir = run / f"stage-{i}"
+        meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
+                          substrate={"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint,
+                                     "recipe": self.substrate.recipe})
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
+        self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
+                 f"valid loss {vl}, {state.wall_s:.1f} s -> {sdir}")
+        return model, lineage + [meta["fingerprint"]]
+
+    def _nonfinite(self, i: int, state: StageState, ckpt_root: Path, lr: float) -> None:
+        last = _latest_checkpoint(ckpt_root)
+        where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
+        raise GrowlmError(f"stage {i} step {state.step + 1}: loss is not finite; {where}; "
+                          f"lower the learning rate (now {lr:g}) or set train.grad_clip")
+
+    def _append_metrics(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- in-stage checkpoints --------------------------------------------------------------------
+
+    def _checkpoint(self, root: Path, model: GrowLM, opt: torch.optim.Optimizer, batches: Batches,
+                    state: StageState) -> Path:
+        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones."""
+        if self.rank != 0:
+            return root
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{state.step:08d}"
+        if final.exists():
+            return final
+        names = {id(p): n for n, p in model.named_parameters()}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        osd = opt.state_dict()
+        opt_tensors, opt_scalars = {}, {}
+        for idx, s in osd["state"].items():
+            pname = names[id(opt.param_groups[0]["params"][idx])]
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{pname}::{k}"] = v
+                else:
+                    opt_scalars[f"{pname}::{k}"] = v
+        from safetensors.torch import save_file
+
+        with atomic_dir(final) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+            save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
+                    "history": state.history, "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
+                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
+                    "files": {}}
+            for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+                info["files"][f] = sha256_file(tmp / f)
+            (tmp / "state.json").write_text(json.dumps(info, indent=1))
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp_left in root.glob(".step-*.tmp"):
+            shutil.rmtree(tmp_left, ignore_errors=True)
+        return final
+
+    def _restore(self, root: Path, model: GrowLM, opt: torch.optim.Optimizer, batches: Batches,
+                 state: StageState) -> None:
+        ck = _latest_checkpoint(root)
+        if ck is None:
+            return
+        info = json.loads((ck / "state.json").read_text())
+        for f, digest in info["files"].items():
+            if sha256_file(ck / f) != digest:
+                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch)")
+        trainable = load_tensors(ck / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in trainable.items():
+                if n not in params or not params[n].requires_grad:
+                    raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
+                params[n].copy_(t)
+        opt_tensors = load_tensors(ck / "optimizer.safetensors")
+        pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
+        ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
+        st: dict[int, dict] = {}
+        for key, v in opt_tensors.items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v.to(params[pname].device)
+        for key, v in info["optimizer_scalars"].items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v
+        groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
+        opt.load_state_dict({"state": st, "param_groups": groups})
+        torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
+        batches.load_state_dict(info["data"])
+        state.step, state.tokens, state.wall_s = info["step"], info["tokens"], info["wall_s"]
+        state.last_loss, state.history = info["last_loss"], info["history"]
+        self._truncate_metrics(int(ck.parent.name.split("-")[1]), state.step)
+        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
+
+    def _truncate_metrics(self, stage: int, step: int) -> None:
+        """Drop metric lines the killed process logged after the checkpoint we resume from."""
+        f = self.run / "metrics.jsonl"
+        if self.rank != 0 or not f.exists():
+            return
+        keep = [ln for ln in f.read_text().splitlines()
+                if ln.strip() and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+        atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete in-stage checkpoint (temp dirs of a killed write are ignored)."""
+    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def train(plan_path: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True) -> list[Path]:
+    """Run a plan (the ``growlm train`` command); returns the stage dirs."""
+    return Trainer(Path(plan_path), Path(out), resume=resume, progress=progress).run_all()
