@@ -157,8 +157,12 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def load_plan(path: str | Path) -> tuple[Plan, dict]:
-    """Parse and validate a plan file; returns the plan (paths absolute) and its raw TOML dict."""
+def load_plan(path: str | Path, *, check_paths: bool = True) -> tuple[Plan, dict]:
+    """Parse and validate a plan file; returns the plan (paths absolute) and its raw TOML dict.
+
+    ``check_paths=False`` skips the file checks (to inspect a plan's shape, e.g. its active
+    parameter counts, without its data).
+    """
     path = Path(path)
     if not path.is_file():
         raise GrowlmError(f"plan file not found: {path}")
@@ -172,7 +176,8 @@ def load_plan(path: str | Path) -> tuple[Plan, dict]:
         err = e.errors()[0]
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].replace("Value error, ", "")
         raise GrowlmError(f"plan {path}: {_loc(err['loc'])}: {msg}") from None
-    plan = _resolve_paths(plan, path.parent.resolve(), path)
+    if check_paths:
+        plan = _resolve_paths(plan, path.parent.resolve(), path)
     return plan, raw
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
 from growlm.hashing import sha256_file
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig
-from growlm.plan import Plan, StageSpec, load_plan, plan_to_json
+from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
 
 
 class Interrupted(GrowlmError):
@@ -62,7 +63,7 @@ class Interrupted(GrowlmError):
 def run_lock(run: Path) -> Iterator[None]:
     """Hold ``RUN/.lock`` so a second process cannot write the same run."""
     run.mkdir(parents=True, exist_ok=True)
-    fh = open(run / ".lock", "a+")
+    fh = open(run / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -146,8 +147,9 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def device_of(plan: Plan) -> torch.device:
-    if plan.train.device == "cuda" or (plan.train.device == "auto" and torch.cuda.is_available()):
+def device_of(spec: TrainSpec) -> torch.device:
+    """The device a training spec asks for (``auto``: CUDA when present, under torchrun its LOCAL_RANK)."""
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise GrowlmError("train.device = \"cuda\" but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -207,16 +209,18 @@ def evaluate_loss(model: GrowLM, batches: list[tuple[torch.Tensor, torch.Tensor]
     return total / len(batches)
 
 
-class Trainer:
-    """Runs a plan's stages in order, writing RUN/stage-N after each."""
+class Loop:
+    """The training engine shared by every kind of stage (grow, LoRA, monolithic, router, head).
 
-    def __init__(self, plan_path: Path, run: Path, *, resume: bool = False, progress: bool = True,
-                 log=print) -> None:
-        self.plan_path, self.run, self.resume = Path(plan_path), Path(run), resume
-        self.plan, self.raw = load_plan(plan_path)
-        self.progress, self.log = progress, log
-        self.device = device_of(self.plan)
-        bf16 = self.plan.train.dtype == "bf16" or (self.plan.train.dtype == "auto" and self.device.type == "cuda")
+    ``fit`` trains the parameters that require grad of any module whose ``forward(x, targets=y)``
+    returns the loss, with in-stage checkpoints under ``RUN/checkpoints/<key>``, metrics in
+    ``RUN/metrics.jsonl`` and a progress bar.
+    """
+
+    def __init__(self, run: Path, spec: TrainSpec, *, resume: bool = False, progress: bool = True, log=print) -> None:
+        self.run, self.spec, self.resume, self.progress, self.log = Path(run), spec, resume, progress, log
+        self.device = device_of(spec)
+        bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -225,7 +229,178 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    # -- entry ---------------------------------------------------------------------------------
+    def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
+            stage: int, resume_hint: str) -> StageState:
+        """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state."""
+        spec, device = self.spec, self.device
+        params = [p for p in model.parameters() if p.requires_grad]
+        active = sum(p.numel() for p in params)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay,
+                                fused=device.type == "cuda")
+        state = StageState()
+        ckpt_root = self.run / "checkpoints" / key
+        if self.resume:
+            self._restore(ckpt_root, stage, model, opt, batches, state)
+        forward = torch.compile(model) if (spec.compile if spec.compile is not None else device.type == "cuda") else model
+        tokens_per_step = batches.tokens_per_batch
+        model.train()
+        bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
+                   desc=key, disable=not self.progress, dynamic_ncols=True, leave=False)
+        t_last, tok_last = time.perf_counter(), state.tokens
+        try:
+            while state.step < n_steps:
+                t0 = time.perf_counter()
+                x, y = batches.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                cur_lr = lr_at(state.step, n_steps, lr, spec.warmup, spec.min_lr_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                with self.autocast():
+                    loss = forward(x, targets=y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    self._nonfinite(stage, state, ckpt_root, lr)
+                loss.backward()
+                if spec.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens += tokens_per_step
+                state.last_loss = loss_value
+                state.wall_s += time.perf_counter() - t0
+                bar.update(tokens_per_step)
+                if state.step % spec.log_every == 0 or state.step == n_steps:
+                    now = time.perf_counter()
+                    tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, state.tokens
+                    rec = {"stage": stage, "step": state.step, "tokens": state.tokens, "loss": round(loss_value, 6),
+                           "lr": cur_lr, "tokens_per_s": round(tps, 1), "params_active": active}
+                    if spec.eval_every and state.step % spec.eval_every == 0:
+                        rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
+                    state.history.append(rec)
+                    self._append_metrics(rec)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
+                if state.step % spec.checkpoint_every == 0 and state.step < n_steps:
+                    self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+                fault_point("step", stage, state.step)
+        except KeyboardInterrupt:
+            bar.close()
+            path = self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+            raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
+                              f"continue with: {resume_hint}") from None
+        bar.close()
+        state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        return state
+
+    def _nonfinite(self, i: int, state: StageState, ckpt_root: Path, lr: float) -> None:
+        last = _latest_checkpoint(ckpt_root)
+        where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
+        raise GrowlmError(f"stage {i} step {state.step + 1}: loss is not finite; {where}; "
+                          f"lower the learning rate (now {lr:g}) or set train.grad_clip")
+
+    def _append_metrics(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- in-stage checkpoints --------------------------------------------------------------------
+
+    def _checkpoint(self, root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
+                    state: StageState, stage: int) -> Path:
+        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones."""
+        if self.rank != 0:
+            return root
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{state.step:08d}"
+        if final.exists():
+            return final
+        names = {id(p): n for n, p in model.named_parameters()}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        osd = opt.state_dict()
+        opt_tensors, opt_scalars = {}, {}
+        for idx, s in osd["state"].items():
+            pname = names[id(opt.param_groups[0]["params"][idx])]
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{pname}::{k}"] = v
+                else:
+                    opt_scalars[f"{pname}::{k}"] = v
+        from safetensors.torch import save_file
+
+        with atomic_dir(final) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+            fault_point("checkpoint", stage, state.step)
+            save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
+                    "history": state.history, "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
+                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
+                    "files": {}}
+            for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+                info["files"][f] = sha256_file(tmp / f)
+            (tmp / "state.json").write_text(json.dumps(info, indent=1))
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp_left in root.glob(".step-*.tmp"):
+            shutil.rmtree(tmp_left, ignore_errors=True)
+        return final
+
+    def _restore(self, root: Path, stage: int, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
+                 state: StageState) -> None:
+        ck = _latest_checkpoint(root)
+        if ck is None:
+            return
+        info = json.loads((ck / "state.json").read_text())
+        for f, digest in info["files"].items():
+            if sha256_file(ck / f) != digest:
+                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch)")
+        trainable = load_tensors(ck / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in trainable.items():
+                if n not in params or not params[n].requires_grad:
+                    raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
+                params[n].copy_(t)
+        opt_tensors = load_tensors(ck / "optimizer.safetensors")
+        pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
+        ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
+        st: dict[int, dict] = {}
+        for key, v in opt_tensors.items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v.to(params[pname].device)
+        for key, v in info["optimizer_scalars"].items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v
+        groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
+        opt.load_state_dict({"state": st, "param_groups": groups})
+        torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
+        batches.load_state_dict(info["data"])
+        state.step, state.tokens, state.wall_s = info["step"], info["tokens"], info["wall_s"]
+        state.last_loss, state.history = info["last_loss"], info["history"]
+        self._truncate_metrics(stage, state.step)
+        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
+
+    def _truncate_metrics(self, stage: int, step: int) -> None:
+        """Drop metric lines the killed process logged after the checkpoint we resume from."""
+        f = self.run / "metrics.jsonl"
+        if self.rank != 0 or not f.exists():
+            return
+        keep = [ln for ln in f.read_text().splitlines()
+                if ln.strip() and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+        atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+class Trainer(Loop):
+    """Runs a plan's stages in order, writing RUN/stage-N after each."""
+
+    def __init__(self, plan_path: Path, run: Path, *, resume: bool = False, progress: bool = True,
+                 log=print) -> None:
+        self.plan_path = Path(plan_path)
+        self.plan, self.raw = load_plan(plan_path)
+        super().__init__(run, self.plan.train, resume=resume, progress=progress, log=log)
 
     def run_all(self) -> list[Path]:
         """Train every stage not yet complete; returns the stage dirs."""
@@ -263,16 +438,15 @@ class Trainer:
                 raise GrowlmError(f"the plan {self.plan_path} differs from the one {run} was started with "
                                   f"({run / 'plan.json'}); resume with the same plan")
 
-    # -- one stage -----------------------------------------------------------------------------
-
     def run_stage(self, i: int, st: StageSpec, model: GrowLM, lineage: list[str]) -> tuple[GrowLM, list[str]]:
+        """Grow (and/or attach LoRA), train, and write the immutable RUN/stage-i."""
         plan, run, device = self.plan, self.run, self.device
         model.to(device)
         depth_before = len(model.blocks)
         gen = torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i))
         new = grow(model, st.grow, st.init, gen)
         model.to(device)
-        params = set_trainable(model, st, new)
+        set_trainable(model, st, new)
         if st.lora is not None:
             rank = st.lora.rank
             rec = add_lora(model, f"stage{i}", rank=rank, alpha=st.lora.alpha or 2.0 * rank,
@@ -280,7 +454,6 @@ class Trainer:
                            targets=list(st.lora.targets), generator_seed=_seed(plan.train.seed, "lora", i))
             model.lora_records.append(rec)
             model.to(device)
-            params = [p for p in model.parameters() if p.requires_grad]
         counts = model.param_counts()
         active, total = counts["params_active"], counts["params_total"]
         what = (f"grow {st.grow} ({st.init})" if st.grow else "no growth") + (f", train {st.train}" if st.train != "new" else "") \
@@ -295,68 +468,10 @@ class Trainer:
                           seed=_seed(plan.train.seed, "data", i), cache_dir=cache, rank=self.rank, world_size=self.world)
         vbatches = validation_batches(valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
                                       max_batches=plan.train.eval_batches) if valid else []
-        tokens_per_step = bs * ctx
-        n_steps = math.ceil(st.tokens / tokens_per_step)
-        lr = st.lr or plan.train.lr
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=plan.train.weight_decay, fused=fused)
-        state = StageState()
-        ckpt_root = run / "checkpoints" / f"stage-{i}"
-        if self.resume:
-            self._restore(ckpt_root, model, opt, batches, state)
+        n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
+        state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
+                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume")
 
-        forward = model
-        if (plan.train.compile if plan.train.compile is not None else device.type == "cuda"):
-            forward = torch.compile(model)
-
-        model.train()
-        bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
-                   desc=f"stage {i}", disable=not self.progress, dynamic_ncols=True, leave=False)
-        t_last, tok_last = time.perf_counter(), state.tokens
-        try:
-            while state.step < n_steps:
-                t0 = time.perf_counter()
-                x, y = batches.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                cur_lr = lr_at(state.step, n_steps, lr, plan.train.warmup, plan.train.min_lr_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = cur_lr
-                with self.autocast():
-                    loss = forward(x, targets=y)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    self._nonfinite(i, state, ckpt_root, lr)
-                loss.backward()
-                if plan.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, plan.train.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                state.step += 1
-                state.tokens += tokens_per_step
-                state.last_loss = loss_value
-                state.wall_s += time.perf_counter() - t0
-                bar.update(tokens_per_step)
-                if state.step % plan.train.log_every == 0 or state.step == n_steps:
-                    now = time.perf_counter()
-                    tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, state.tokens
-                    rec = {"stage": i, "step": state.step, "tokens": state.tokens, "loss": round(loss_value, 6),
-                           "lr": cur_lr, "tokens_per_s": round(tps, 1), "params_active": active}
-                    if plan.train.eval_every and state.step % plan.train.eval_every == 0:
-                        rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
-                    state.history.append(rec)
-                    self._append_metrics(rec)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
-                if state.step % plan.train.checkpoint_every == 0 and state.step < n_steps:
-                    self._checkpoint(ckpt_root, model, opt, batches, state)
-        except KeyboardInterrupt:
-            bar.close()
-            path = self._checkpoint(ckpt_root, model, opt, batches, state)
-            raise Interrupted(f"interrupted in stage {i} at step {state.step}/{n_steps}; checkpoint {path}; "
-                              f"continue with: growlm train {self.plan_path} --out {run} --resume") from None
-        bar.close()
-
-        state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
         model.to("cpu")
         extra = {
             "plan": plan_to_json(plan),
@@ -371,108 +486,25 @@ class Trainer:
         meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
                           substrate={"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint,
                                      "recipe": self.substrate.recipe})
-        shutil.rmtree(ckpt_root, ignore_errors=True)
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
         self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
                  f"valid loss {vl}, {state.wall_s:.1f} s -> {sdir}")
         return model, lineage + [meta["fingerprint"]]
 
-    def _nonfinite(self, i: int, state: StageState, ckpt_root: Path, lr: float) -> None:
-        last = _latest_checkpoint(ckpt_root)
-        where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
-        raise GrowlmError(f"stage {i} step {state.step + 1}: loss is not finite; {where}; "
-                          f"lower the learning rate (now {lr:g}) or set train.grad_clip")
 
-    def _append_metrics(self, rec: dict) -> None:
-        if self.rank == 0:
-            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+def fault_point(where: str, stage: int, step: int) -> None:
+    """Deterministic fault injection for the reliability tests.
 
-    # -- in-stage checkpoints --------------------------------------------------------------------
-
-    def _checkpoint(self, root: Path, model: GrowLM, opt: torch.optim.Optimizer, batches: Batches,
-                    state: StageState) -> Path:
-        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones."""
-        if self.rank != 0:
-            return root
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{state.step:08d}"
-        if final.exists():
-            return final
-        names = {id(p): n for n, p in model.named_parameters()}
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        osd = opt.state_dict()
-        opt_tensors, opt_scalars = {}, {}
-        for idx, s in osd["state"].items():
-            pname = names[id(opt.param_groups[0]["params"][idx])]
-            for k, v in s.items():
-                if torch.is_tensor(v):
-                    opt_tensors[f"{pname}::{k}"] = v
-                else:
-                    opt_scalars[f"{pname}::{k}"] = v
-        from safetensors.torch import save_file
-
-        with atomic_dir(final) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-            save_file({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-            save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
-                    "history": state.history, "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
-                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
-                    "files": {}}
-            for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
-                info["files"][f] = sha256_file(tmp / f)
-            (tmp / "state.json").write_text(json.dumps(info, indent=1))
-        for old in root.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        for tmp_left in root.glob(".step-*.tmp"):
-            shutil.rmtree(tmp_left, ignore_errors=True)
-        return final
-
-    def _restore(self, root: Path, model: GrowLM, opt: torch.optim.Optimizer, batches: Batches,
-                 state: StageState) -> None:
-        ck = _latest_checkpoint(root)
-        if ck is None:
-            return
-        info = json.loads((ck / "state.json").read_text())
-        for f, digest in info["files"].items():
-            if sha256_file(ck / f) != digest:
-                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch)")
-        trainable = load_tensors(ck / "trainable.safetensors")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in trainable.items():
-                if n not in params or not params[n].requires_grad:
-                    raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
-                params[n].copy_(t)
-        opt_tensors = load_tensors(ck / "optimizer.safetensors")
-        pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
-        ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
-        st: dict[int, dict] = {}
-        for key, v in opt_tensors.items():
-            pname, k = key.split("::")
-            st.setdefault(ids[pname], {})[k] = v.to(params[pname].device)
-        for key, v in info["optimizer_scalars"].items():
-            pname, k = key.split("::")
-            st.setdefault(ids[pname], {})[k] = v
-        groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
-        opt.load_state_dict({"state": st, "param_groups": groups})
-        torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
-        batches.load_state_dict(info["data"])
-        state.step, state.tokens, state.wall_s = info["step"], info["tokens"], info["wall_s"]
-        state.last_loss, state.history = info["last_loss"], info["history"]
-        self._truncate_metrics(int(ck.parent.name.split("-")[1]), state.step)
-        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
-
-    def _truncate_metrics(self, stage: int, step: int) -> None:
-        """Drop metric lines the killed process logged after the checkpoint we resume from."""
-        f = self.run / "metrics.jsonl"
-        if self.rank != 0 or not f.exists():
-            return
-        keep = [ln for ln in f.read_text().splitlines()
-                if ln.strip() and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
-        atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
+    ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
+    ``sigint@step:2:7`` sends SIGINT (Ctrl-C); ``kill@checkpoint:2:6`` dies halfway through writing the
+    step-6 checkpoint of stage 2. Unset in normal use: the check is one dict lookup.
+    """
+    spec = os.environ.get("GROWLM_FAULT")
+    if not spec:
+        return
+    action, _, point = spec.partition("@")
+    if point == f"{where}:{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGINT)
 
 
 def _latest_checkpoint(root: Path) -> Path | None:
