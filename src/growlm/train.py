@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from growlm import distributed
 from growlm.checkpoint import (
     atomic_dir,
     atomic_write_bytes,
@@ -222,7 +223,10 @@ class Loop:
         self.device = device_of(spec)
         bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world = distributed.world()
+        distributed.init(self.device)
+        if self.rank != 0:  # rank 0 alone reports
+            self.log, self.progress = (lambda *a, **k: None), False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -241,7 +245,9 @@ class Loop:
         ckpt_root = self.run / "checkpoints" / key
         if self.resume:
             self._restore(ckpt_root, stage, model, opt, batches, state)
-        forward = torch.compile(model) if (spec.compile if spec.compile is not None else device.type == "cuda") else model
+        forward = distributed.wrap(model, spec.parallel, device)
+        if spec.compile if spec.compile is not None else device.type == "cuda":
+            forward = torch.compile(forward)
         tokens_per_step = batches.tokens_per_batch
         model.train()
         bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
@@ -257,7 +263,8 @@ class Loop:
                     g["lr"] = cur_lr
                 with self.autocast():
                     loss = forward(x, targets=y)
-                loss_value = float(loss.detach())
+                # the global batch's loss: every rank sees the same value, so all agree on a NaN stop
+                loss_value = float(distributed.mean_across_ranks(loss.detach()))
                 if not math.isfinite(loss_value):
                     self._nonfinite(stage, state, ckpt_root, lr)
                 loss.backward()
@@ -291,7 +298,6 @@ class Loop:
                               f"continue with: {resume_hint}") from None
         bar.close()
         state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
-        shutil.rmtree(ckpt_root, ignore_errors=True)
         return state
 
     def _nonfinite(self, i: int, state: StageState, ckpt_root: Path, lr: float) -> None:
@@ -405,11 +411,17 @@ class Trainer(Loop):
     def run_all(self) -> list[Path]:
         """Train every stage not yet complete; returns the stage dirs."""
         run = self.run
-        self._check_fresh_or_resumable()
-        with run_lock(run):
-            atomic_write_json(run / "plan.json", plan_to_json(self.plan))
-            if not (run / "plan.toml").exists():
-                shutil.copyfile(self.plan_path, run / "plan.toml")
+        distributed.check_batch(self.plan.train.batch_size, self.world)
+        if self.rank == 0:
+            self._check_fresh_or_resumable()
+        lock = run_lock(run) if self.rank == 0 else contextlib.nullcontext()
+        with lock:
+            if self.rank == 0:
+                atomic_write_json(run / "plan.json", plan_to_json(self.plan))
+                if not (run / "plan.toml").exists():
+                    shutil.copyfile(self.plan_path, run / "plan.toml")
+                prepare_substrate(self.plan, run, prepare_tokenizer(self.plan, run))
+            distributed.run_dir_ready(run / "substrate")
             tok = prepare_tokenizer(self.plan, run)
             sub = prepare_substrate(self.plan, run, tok)
             model, lineage = initial_model(self.plan, tok, sub)
@@ -424,7 +436,9 @@ class Trainer(Loop):
                     self.log(f"stage {i}: complete, reusing {sdir}")
                 else:
                     model, lineage = self.run_stage(i, st, model, lineage)
+                distributed.barrier()  # every rank agrees the stage is complete before the next begins
                 dirs.append(sdir)
+            distributed.shutdown()
             return dirs
 
     def _check_fresh_or_resumable(self) -> None:
@@ -483,9 +497,14 @@ class Trainer(Loop):
             "params_active": active,
         }
         sdir = run / f"stage-{i}"
-        meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
-                          substrate={"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint,
-                                     "recipe": self.substrate.recipe})
+        substrate = {"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint, "recipe": self.substrate.recipe}
+        if self.rank == 0:
+            meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
+                              substrate=substrate)
+            shutil.rmtree(run / "checkpoints" / f"stage-{i}", ignore_errors=True)
+        distributed.barrier()
+        if self.rank != 0:
+            meta = json.loads((sdir / "model.json").read_text())
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
         self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
                  f"valid loss {vl}, {state.wall_s:.1f} s -> {sdir}")

@@ -1,0 +1,103 @@
+"""Data parallelism with PyTorch's own engine: torchrun launches, DDP or FSDP2 synchronises.
+
+Each rank runs the frozen trunk forward-only on its shard of every global batch; only the
+trainable top (new blocks, LoRA adapters, head, final norm) is synchronised. Rank 0 alone writes
+logs, metrics and checkpoints; every rank runs the same number of steps, so all agree on every
+stage boundary (a barrier marks each one).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from growlm.errors import GrowlmError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the torchrun environment; (0, 1) when not distributed."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init(device: torch.device) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when launched by torchrun with > 1 process."""
+    _, w = world()
+    if w > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks (the global batch's loss); identity when not distributed."""
+    if not dist.is_initialized():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / dist.get_world_size()
+
+
+def wrap(model: torch.nn.Module, kind: str, device: torch.device) -> torch.nn.Module:
+    """Wrap for gradient synchronisation of the trainable parameters only.
+
+    DDP registers reducer hooks only on parameters that require grad, so the frozen trunk is
+    never synchronised. FSDP2 (``fully_shard``, per parameter) shards each trainable block and the
+    head; frozen tensors stay plain, replicated on every rank.
+    """
+    if not dist.is_initialized():
+        return model
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for blk in model.blocks:
+            if any(p.requires_grad for p in blk.parameters()):
+                fully_shard(blk)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(plan: str, out: str, nproc: int, *, resume: bool = False) -> int:
+    """``growlm train --nproc N``: run the same command under torchrun with N local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "growlm", "train", str(plan), "--out", str(out), "--no-progress"]
+    if resume:
+        cmd.append("--resume")
+    r = subprocess.run(cmd)
+    if r.returncode:
+        print(f"growlm: error: a training process failed (exit code {r.returncode}); completed stages in {out} "
+              f"are intact; continue with: growlm train {plan} --out {out} --nproc {nproc} --resume",
+              file=sys.stderr)
+    return r.returncode
+
+
+def check_batch(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise GrowlmError(f"train.batch_size={batch_size} is not divisible by the world size {world_size}; "
+                          f"the global batch is split evenly across ranks")
+
+
+def is_rank0() -> bool:
+    return world()[0] == 0
+
+
+def run_dir_ready(path: Path) -> None:
+    """Wait until rank 0 has created ``path`` (shared filesystem)."""
+    barrier()
+    if not path.exists():
+        raise GrowlmError(f"rank {world()[0]}: {path} is not visible; data-parallel ranks need a shared filesystem")

@@ -1,0 +1,60 @@
+"""Evaluation: sliding-window perplexity and zero-shot benchmarks under two protocols.
+
+* ``paper``: the generation protocol of "Growing Transformers" §7 (exact prompts, tiny generation
+  budgets, first-character scoring, mean ± 1.96σ/√R over repeated runs).
+* ``loglik``: the lm-evaluation-harness protocol (log-likelihood of each choice, ``acc`` and
+  ``acc_norm``; SQuAD exact match / F1 of greedy generations).
+
+Everything here is written against a minimal language-model interface (:class:`LM`) so that a
+single decoder and a mixture of experts are evaluated by the same code. :func:`load_any` is the one
+place that turns a path into such a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class LM(Protocol):
+    """What evaluation needs from a model: logits, its context length and a (KV-cached) ``generate``."""
+
+    cfg: Any  # only ``cfg.context`` is read
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor: ...
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor: ...
+
+    def parameters(self) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+def load_any(path: str | Path) -> tuple[LM, Any]:
+    """The model and tokenizer stored at ``path`` (a growlm model dir), ready for inference.
+
+    Raises a one-line GrowlmError when ``path`` is not a model. The mixture format will be
+    recognised here too, so callers never need to know which kind of model a path holds.
+    """
+    from growlm.checkpoint import load_model
+
+    saved = load_model(Path(path))
+    saved.model.eval()
+    return saved.model, saved.tokenizer()
+
+
+def fingerprint_of(path: str | Path) -> str:
+    """The fingerprint recorded for the model at ``path`` (what results are attributed to)."""
+    from growlm.checkpoint import read_meta
+
+    return read_meta(Path(path))["fingerprint"]
+
+
+def model_device(model: LM) -> torch.device:
+    """Where the model's weights live (inputs must be created there)."""
+    return next(iter(model.parameters())).device
+
+
+__all__ = ["LM", "fingerprint_of", "load_any", "model_device"]

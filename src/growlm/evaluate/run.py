@@ -1,0 +1,188 @@
+"""``evaluate``: one task on one model (or on every stage of a run), as a JSON-able dict.
+
+Runs and samples: each of ``runs`` runs scores a sample of ``limit`` items (all of them when
+``limit`` is None) drawn with its own seeded RNG (``numpy.random.default_rng([seed, run])``); the
+reported score is the mean over runs with ``ci95 = 1.96·σ/√runs`` (population σ, as the paper).
+Greedy decoding and log-likelihood scoring are deterministic, so ``runs`` defaults to 1 and every
+distinct item is scored once however many runs reuse it; ``sample=True`` (temperature-1.0 sampling
+seeded per run, the paper's stochastic runs) defaults to the paper's 10 runs.
+
+Scales: ``accuracy``, ``accuracy_norm``, ``exact_match``, ``f1`` and ``invalid_rate`` are fractions
+in [0, 1]; ``bleu`` is sacrebleu's 0–100; ``loss`` is nats per token.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from growlm.errors import GrowlmError
+from growlm.evaluate import LM, fingerprint_of, load_any, model_device
+from growlm.evaluate.ppl import perplexity
+from growlm.evaluate.protocols import PROTOCOLS, Outcome, mean_ci95, progress_units, run_protocol, select
+from growlm.evaluate.tasks import TASKS, Item, load_items
+
+TASK_NAMES = ("ppl", *TASKS)
+SAMPLE_TEMPERATURE = 1.0
+PAPER_RUNS = 10
+
+DataArg = str | Path | Iterable[str | Path] | None
+
+
+def default_runs(sample: bool) -> int:
+    """10 stochastic runs as the paper; a single run when decoding is deterministic."""
+    return PAPER_RUNS if sample else 1
+
+
+def evaluate(model_path: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
+             limit: int | None = None, runs: int | None = None, seed: int = 0, sample: bool = False,
+             progress: bool = True) -> dict:
+    """Evaluate the model at ``model_path`` on ``task`` (one of :data:`TASK_NAMES`).
+
+    ``data``: path(s) to the task's data (for ``ppl``: UTF-8 text files, required); default: the
+    offline benchmark packages. ``limit``: items per run (``ppl``: the first ``limit`` files).
+    ``runs``: default 1, or 10 with ``sample=True``. Returns one JSON-able dict (see the module doc).
+    """
+    runs = _check(task, protocol, limit, runs, sample)
+    source = _load_source(task, data, protocol)
+    return _evaluate_path(Path(model_path), task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
+                          sample=sample, progress=progress)
+
+
+def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
+                       limit: int | None = None, runs: int | None = None, seed: int = 0, sample: bool = False,
+                       progress: bool = True) -> list[dict]:
+    """:func:`evaluate` on every ``RUN/stage-N`` model of a training run, in stage order (a depth sweep).
+
+    Every stage sees the same samples (same data, seed and limit), so the scores are comparable.
+    """
+    runs = _check(task, protocol, limit, runs, sample)
+    run_dir = Path(run_dir)
+    stages = sorted((int(m.group(1)), p) for p in run_dir.glob("stage-*")
+                    if (m := re.fullmatch(r"stage-(\d+)", p.name)) and p.is_dir())
+    if not stages:
+        raise GrowlmError(f"{run_dir} holds no stage-N model dirs (is it a training run's output dir?)")
+    source = _load_source(task, data, protocol)
+    out = []
+    for n, path in stages:
+        res = _evaluate_path(path, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
+                             sample=sample, progress=progress)
+        out.append({"stage": n, **res})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample: bool) -> int:
+    """Validate the options before anything is loaded; returns the number of runs."""
+    if task not in TASK_NAMES:
+        raise GrowlmError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
+    if protocol not in PROTOCOLS:
+        raise GrowlmError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
+    if limit is not None and limit <= 0:
+        raise GrowlmError(f"--limit must be a positive number of items, got {limit}")
+    if runs is not None and runs <= 0:
+        raise GrowlmError(f"--runs must be positive, got {runs}")
+    if sample and (protocol != "paper" or task == "ppl"):
+        raise GrowlmError("--sample applies to the generation (paper) protocol of a benchmark only")
+    if task == "bleu" and protocol != "paper":
+        raise GrowlmError("task 'bleu' has no loglik protocol; use --protocol paper")
+    return default_runs(sample) if runs is None else runs
+
+
+def _load_source(task: str, data: DataArg, protocol: str) -> list[Path] | list[Item]:
+    """Text files for ``ppl``, otherwise the items the protocol scores."""
+    if task == "ppl":
+        if data is None:
+            raise GrowlmError("task 'ppl' needs text: pass --data FILE [FILE ...] (UTF-8 text files)")
+        return [Path(data)] if isinstance(data, str | Path) else [Path(p) for p in data]
+    items = select(task, protocol, load_items(task, data))
+    if not items:
+        raise GrowlmError(f"no {TASKS[task].title} items are scorable under the {protocol} protocol")
+    return items
+
+
+def _evaluate_path(path: Path, task: str, source: list, *, protocol: str, limit: int | None, runs: int,
+                   seed: int, sample: bool, progress: bool) -> dict:
+    model, tokenizer = load_any(path)
+    show = progress and sys.stderr.isatty()
+    head = {"task": task, "model": str(path), "model_fingerprint": fingerprint_of(path)}
+    if task == "ppl":
+        texts = source[:limit] if limit else source
+        res = perplexity(model, tokenizer, texts, progress=show)
+        return {**head, "protocol": "sliding_window", "n": res.pop("n_texts"), "runs": 1, **res}
+    res = _benchmark(model, tokenizer, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
+                     sample=sample, progress=show)
+    return {**head, "protocol": protocol, **res}
+
+
+def _draw(n: int, size: int, seed: int, run: int) -> list[int]:
+    """A run's sample: ``size`` distinct item indices (all of them, in order, when size == n)."""
+    if size >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng([seed, run]).choice(n, size=size, replace=False).tolist())
+
+
+def _benchmark(model: LM, tokenizer, task: str, pool: Sequence[Item], *, protocol: str, limit: int | None,
+               runs: int, seed: int, sample: bool, progress: bool) -> dict:
+    size = len(pool) if limit is None else min(limit, len(pool))
+    samples = [_draw(len(pool), size, seed, r) for r in range(runs)]
+    if sample:
+        total = runs * progress_units(task, protocol, [pool[i] for i in samples[0]])
+    else:
+        todo = sorted(set().union(*samples))
+        total = progress_units(task, protocol, [pool[i] for i in todo])
+    with tqdm(total=total, desc=task, disable=not progress) as bar:
+        if sample:
+            per_run = []
+            for r, s in enumerate(samples):
+                seed_r = int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+                gen = torch.Generator(device=model_device(model)).manual_seed(seed_r)
+                per_run.append(run_protocol(model, tokenizer, task, protocol, [pool[i] for i in s],
+                                            temperature=SAMPLE_TEMPERATURE, generator=gen, advance=bar.update))
+        else:
+            # deterministic: each distinct item is scored once and reused by every run that draws it
+            done = dict(zip(todo, run_protocol(model, tokenizer, task, protocol, [pool[i] for i in todo],
+                                               advance=bar.update), strict=True))
+            per_run = [[done[i] for i in s] for s in samples]
+    out: dict = {"n": size, "runs": runs, "seed": seed, "sample": sample, "limit": limit}
+    out.update(_summary([o for outs in per_run for o in outs], per_run))
+    subjects = [pool[i].subject for s in samples for i in s]
+    if any(subjects):
+        out["per_subject"] = _per_subject(subjects, [o for outs in per_run for o in outs])
+    return out
+
+
+def _summary(flat: list[Outcome], per_run: list[list[Outcome]]) -> dict:
+    """Mean and ci95 of every metric over runs (the first metric is the headline ``ci95``)."""
+    names = list(flat[0].metrics)
+    out: dict = {}
+    for k, name in enumerate(names):
+        scores = [float(np.mean([o.metrics[name] for o in outs])) for outs in per_run]
+        mean, ci, std = mean_ci95(scores)
+        out[name] = mean
+        suffix = "" if k == 0 else f"_{name}"
+        out[f"ci95{suffix}"] = ci
+        out[f"std{suffix}"] = std
+        out[f"run_scores{suffix}"] = scores
+    validity = [o.valid for o in flat if o.valid is not None]
+    if validity:
+        out["invalid_rate"] = 1.0 - float(np.mean(validity))
+    return out
+
+
+def _per_subject(subjects: list[str], flat: list[Outcome]) -> dict[str, dict]:
+    """Metrics pooled over all runs per subject; ``n`` counts the answers scored (summed over runs)."""
+    groups: dict[str, list[Outcome]] = defaultdict(list)
+    for s, o in zip(subjects, flat, strict=True):
+        groups[s].append(o)
+    return {s: {"n": len(os_), **{m: float(np.mean([o.metrics[m] for o in os_])) for m in os_[0].metrics}}
+            for s, os_ in sorted(groups.items())}
