@@ -123,6 +123,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
             print(json.dumps(r, ensure_ascii=False))
         else:
             print("  ".join(f"{k}={v}" for k, v in r.items() if not isinstance(v, dict | list)))
+    if a.per_stage:
+        from growlm.report import sweep_report
+
+        md, png = sweep_report(results, Path(a.model) / "eval", a.task)
+        print(f"depth sweep: {md} and {png}", file=sys.stderr)
 
 
 def cmd_export(a: argparse.Namespace) -> None:

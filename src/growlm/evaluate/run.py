@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from growlm.checkpoint import read_meta
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, fingerprint_of, load_any, model_device
 from growlm.evaluate.ppl import perplexity
@@ -74,7 +75,7 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     for n, path in stages:
         res = _evaluate_path(path, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
                              sample=sample, progress=progress)
-        out.append({"stage": n, **res})
+        out.append({"stage": n, "n_layers": read_meta(path)["config"]["n_layers"], **res})
     return out
 
 

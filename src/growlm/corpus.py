@@ -1,0 +1,73 @@
+"""Streaming, validated reading of UTF-8 text corpora.
+
+Corpora can be large (a 100 MB file that is one single line is fine), so text is read in bounded
+chunks and decoded incrementally: a multi-byte character split across two reads is carried over,
+never broken. Every problem with a corpus file raises :class:`GrowlmError` with a one-line message
+naming the file (and, for bad UTF-8, the first invalid byte and its offset in the file).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+
+from growlm.errors import GrowlmError
+
+
+def _open_checked(path: str | Path) -> Path:
+    """The path, after checking that it names a non-empty regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise GrowlmError(f"corpus file not found: {p}")
+    if not p.is_file():
+        raise GrowlmError(f"corpus path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise GrowlmError(f"corpus file is empty: {p}")
+    return p
+
+
+def iter_text_chunks(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """Yield the text of a UTF-8 file in order, in chunks of at most ``chunk_chars`` characters.
+
+    Memory stays bounded by the chunk size whatever the line lengths. Raises :class:`GrowlmError`
+    if the file is missing, empty or not valid UTF-8 (the error names the first bad byte and its
+    byte offset). Errors surface lazily, when the offending chunk is reached.
+    """
+    if chunk_chars < 1:
+        raise GrowlmError(f"chunk_chars must be positive, got {chunk_chars}")
+    p = _open_checked(path)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    fed = 0  # bytes handed to the decoder so far
+    with open(p, "rb") as f:
+        while True:
+            # A read of n bytes never decodes to more than n characters, so chunks stay bounded.
+            block = f.read(chunk_chars)
+            final = not block
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character carried over
+            try:
+                text = decoder.decode(block, final)
+            except UnicodeDecodeError as e:
+                # The decoder reports positions within (carried-over bytes + this block).
+                offset = fed - pending + e.start
+                raise GrowlmError(
+                    f"corpus file {p} is not UTF-8: invalid byte 0x{e.object[e.start]:02x} at byte offset {offset}"
+                ) from None
+            fed += len(block)
+            if text:
+                yield text
+            if final:
+                return
+
+
+def check_corpus(path: str | Path) -> int:
+    """Validate a corpus file (exists, non-empty, valid UTF-8) without keeping its text.
+
+    Returns the number of characters; raises :class:`GrowlmError` on the first problem.
+    """
+    return sum(len(chunk) for chunk in iter_text_chunks(path))
+
+
+def read_text(path: str | Path) -> str:
+    """The whole text of a small, validated UTF-8 corpus file (use :func:`iter_text_chunks` for big ones)."""
+    return "".join(iter_text_chunks(path))

@@ -1,0 +1,102 @@
+"""Tables and PNG plots: the evidence a run, a sweep or the demo leaves behind."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table; floats get 4 significant decimals, ints thousands separators."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, bool) or v is None:
+            return "" if v is None else str(v)
+        if isinstance(v, int):
+            return f"{v:,}"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The lines of ``RUN/metrics.jsonl`` (empty when the run logged nothing)."""
+    f = Path(run) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], out: Path, title: str = "training loss across stages") -> Path:
+    """Training loss against cumulative tokens, one line per run, dotted verticals at stage starts.
+
+    The spike right after each dotted line is the growth spike: a new random block on top.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, recs in runs.items():
+        xs, ys, offset, last_stage, last_tok, bounds = [], [], 0, None, 0, []
+        for r in recs:
+            if r["stage"] != last_stage:
+                offset += last_tok
+                if last_stage is not None:
+                    bounds.append(offset)
+                last_stage = r["stage"]
+            last_tok = r["tokens"]
+            xs.append(offset + r["tokens"])
+            ys.append(r["loss"])
+        (line,) = ax.plot(xs, ys, label=name, lw=1.2)
+        for b in bounds:
+            ax.axvline(b, color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_vs_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, out: Path, title: str) -> Path:
+    """A metric against model depth, one line per series (the paper's emergence-with-depth figure)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("depth (blocks)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def sweep_report(results: list[dict], out_dir: Path, task: str) -> tuple[Path, Path]:
+    """Table (Markdown) and plot (PNG) of a per-stage evaluation sweep; returns both paths."""
+    metric = next(k for k in ("accuracy", "bleu", "exact_match", "bits_per_byte", "loss") if k in results[0])
+    rows = [(r["stage"], r.get("n_layers"), r.get(metric), r.get("ci95")) for r in results]
+    table = markdown_table(["stage", "depth", metric, "ci95"], rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"sweep-{task}.md"
+    md.write_text(f"# {task}: {metric} per stage\n\n{table}\n")
+    png = plot_vs_depth({task: [(r.get("n_layers") or r["stage"], r[metric]) for r in results]}, metric,
+                        out_dir / f"sweep-{task}.png", f"{task}: {metric} vs depth")
+    return md, png
