@@ -33,13 +33,19 @@ class LM(Protocol):
 
 
 def load_any(path: str | Path) -> tuple[LM, Any]:
-    """The model and tokenizer stored at ``path`` (a growlm model dir), ready for inference.
+    """The model and tokenizer stored at ``path`` (a model dir, run stage or mixture), ready for inference.
 
-    Raises a one-line GrowlmError when ``path`` is not a model. The mixture format will be
-    recognised here too, so callers never need to know which kind of model a path holds.
+    Raises a one-line GrowlmError when ``path`` is not a model, so callers never need to know which
+    kind of model a path holds.
     """
     from growlm.checkpoint import load_model
 
+    if (Path(path) / "mixture.json").is_file():
+        from growlm.compose import load_mixture
+
+        mixture, tok = load_mixture(Path(path))
+        mixture.eval()
+        return mixture, tok
     saved = load_model(Path(path))
     saved.model.eval()
     return saved.model, saved.tokenizer()
@@ -49,6 +55,10 @@ def fingerprint_of(path: str | Path) -> str:
     """The fingerprint recorded for the model at ``path`` (what results are attributed to)."""
     from growlm.checkpoint import read_meta
 
+    if (Path(path) / "mixture.json").is_file():
+        from growlm.compose import info_mixture
+
+        return info_mixture(Path(path))["fingerprint"]
     return read_meta(Path(path))["fingerprint"]
 
 

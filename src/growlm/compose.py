@@ -1,0 +1,609 @@
+"""Modular composition: specialists grown over one substrate merge into a mixture (paper §5).
+
+Experts that share the frozen substrate and the tokenizer (the "docking port") speak the same
+token ids, so the j-th logit means the same token in every one of them and their outputs can be
+combined without any training. A mixture dir is immutable and self-contained::
+
+    OUT/mixture.json          format, combine rule, weights, experts' fingerprints, docking-port
+                              fingerprints, checksums of every other file, own fingerprint, tuning
+    OUT/experts/0/, 1/, ...   byte-identical copies of the expert model dirs (never modified)
+    OUT/tokenizer/            the shared tokenizer
+    OUT/router.safetensors    the trained per-token gate (combine = "router"; optional)
+    OUT/heads.safetensors     post-merge tuned output layers, replacing the experts' (optional)
+
+Combine rules, over expert logits ``l_i``:
+
+* ``mean-logits``: ``mean_i l_i`` (the paper; a geometric mean of the distributions, "AND")
+* ``mean-probs``:  ``log mean_i softmax(l_i)`` (Branch-Train-Merge's mixture, "OR")
+* ``weighted``:    fixed weights summing to 1, in logit space or probability space
+* ``router``:      per-token weights ``softmax(W·[h_1; ...; h_N] + b)`` from the experts' final
+  hidden states, in either space; trained on mixed data with the experts frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from growlm.checkpoint import (
+    TOKENIZER_DIR,
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_json,
+    load_model,
+    load_tensors,
+    read_meta,
+    verify_files,
+)
+from growlm.errors import GrowlmError
+from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.model import GrowLM, KVCache
+from growlm.plan import TrainSpec
+
+if TYPE_CHECKING:  # growlm.train imports the data pipeline; only the tuning stages need it
+    from growlm.tokenizer import Tokenizer
+    from growlm.train import Loop
+
+FORMAT = "growlm-mixture"
+VERSION = 1
+MIXTURE_JSON = "mixture.json"
+EXPERTS_DIR = "experts"
+ROUTER = "router.safetensors"
+HEADS = "heads.safetensors"
+FIXED_RULES = ("mean-logits", "mean-probs", "weighted")  # what a user asks for; "router" is trained
+SPACES = ("logits", "probs")
+# the lowest prior a router starts from: log(0) would freeze an expert out of the gate for good
+_MIN_PRIOR = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# The combination rule
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How expert logits combine: ``combine`` name, the ``space`` weights act in, and the fixed
+    weights (normalised; ``None`` for a uniform mean and for a router's per-token weights)."""
+
+    combine: str
+    space: str
+    weights: tuple[float, ...] | None
+
+    def prior(self, n: int) -> list[float]:
+        """The fixed weights as a list (uniform when none are given): where a router starts."""
+        return list(self.weights) if self.weights is not None else [1.0 / n] * n
+
+    def to_json(self) -> dict:
+        return {"combine": self.combine, "space": self.space,
+                "weights": list(self.weights) if self.weights is not None else None}
+
+
+def make_rule(combine: str, n: int, weights: Sequence[float] | None = None, space: str = "logits") -> Rule:
+    """Validate a combine request for ``n`` experts; ``weights`` are normalised to sum to 1."""
+    if combine not in FIXED_RULES:
+        raise GrowlmError(f"unknown combine rule {combine!r}; choose one of {', '.join(FIXED_RULES)}")
+    if space not in SPACES:
+        raise GrowlmError(f"unknown weighted space {space!r}; choose logits or probs")
+    if combine != "weighted":
+        if weights is not None:
+            raise GrowlmError(f"weights only apply to combine = \"weighted\", not {combine!r}")
+        return Rule(combine, "probs" if combine == "mean-probs" else "logits", None)
+    if weights is None:
+        raise GrowlmError("combine = \"weighted\" needs weights (one per expert, e.g. --weights 0.7,0.3)")
+    ws = [float(w) for w in weights]
+    if len(ws) != n:
+        raise GrowlmError(f"{len(ws)} weights given for {n} experts")
+    if any(not math.isfinite(w) or w < 0 for w in ws):
+        raise GrowlmError(f"weights must be finite and non-negative, got {ws}")
+    total = sum(ws)
+    if total <= 0:
+        raise GrowlmError(f"weights must sum to a positive value, got {ws}")
+    return Rule("weighted", space, tuple(w / total for w in ws))
+
+
+def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None, space: str) -> torch.Tensor:
+    """Combine N expert logits ``[B, T, V]`` into one ``[B, T, V]`` usable as logits.
+
+    ``weights`` is ``[N]`` (fixed) or ``[N, B, T]`` (per token), summing to 1 over N; ``None``
+    is the uniform mean. In ``probs`` space the result is the log of the mixture probability,
+    already normalised, so softmax/cross-entropy over it give the mixture itself. The experts are
+    folded in one at a time (a running sum / log-sum-exp), so ``logits`` may be a generator and
+    only one expert's logits need exist at once: no [N, B, T, V] stack, no extra pass over it.
+    """
+    acc, n = None, 0
+    for i, lg in enumerate(logits):
+        w = None if weights is None else weights[i] if weights.dim() == 1 else weights[i].unsqueeze(-1)
+        if space == "logits":
+            term = lg if w is None else lg * w
+            # from the first sum on the accumulator is ours: add in place (the inputs stay untouched)
+            acc = term if acc is None else acc + term if n == 1 else acc.add_(term)
+        else:
+            term = F.log_softmax(lg.float(), dim=-1)
+            term = term if w is None else term + w.float().log()
+            # in place unless autograd needs the inputs (logaddexp's backward reads them)
+            grad = term.requires_grad or (acc is not None and acc.requires_grad)
+            acc = term if acc is None else torch.logaddexp(acc, term, out=None if grad else acc)
+        n += 1
+    if weights is not None or n == 1:
+        return acc
+    return acc.div_(n) if space == "logits" else acc.sub_(math.log(n))
+
+
+# ----------------------------------------------------------------------------------------------
+# The module
+
+
+@dataclass
+class MixtureConfig:
+    """What :func:`growlm.model.generate` and the evaluators read from a model's ``cfg``."""
+
+    n_experts: int
+    vocab_size: int
+    context: int
+
+
+class MixtureCache:
+    """One KV cache per expert, advanced together; ``pos`` is the shared position."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.pos = 0
+
+
+class Router(nn.Module):
+    """Per-token gate: a Linear from the experts' concatenated final hidden states to N weights.
+
+    Zero weights and ``log(prior)`` biases make it start exactly at the fixed rule it replaces,
+    so training can only move away from the merge it improves on.
+    """
+
+    def __init__(self, in_features: int, prior: Sequence[float]) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, len(prior))
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.copy_(torch.tensor([max(p, _MIN_PRIOR) for p in prior]).log())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate weights ``[N, B, T]`` from hidden states ``[B, T, sum d_i]``."""
+        return torch.softmax(self.proj(hidden).float(), dim=-1).permute(2, 0, 1)
+
+
+class Mixture(nn.Module):
+    """N experts over one substrate, combined per :class:`Rule` (or a trained :class:`Router`)."""
+
+    def __init__(self, experts: Sequence[GrowLM], rule: Rule, router: Router | None = None) -> None:
+        super().__init__()
+        if len(experts) < 2:
+            raise GrowlmError(f"a mixture needs at least two experts, got {len(experts)}")
+        if (rule.combine == "router") != (router is not None):
+            raise GrowlmError(f"combine {rule.combine!r} and the presence of a router disagree")
+        self.experts = nn.ModuleList(experts)
+        self.rule = rule
+        self.router = router
+        vocab = {e.cfg.vocab_size for e in experts}
+        if len(vocab) != 1:
+            raise GrowlmError(f"experts disagree on the vocabulary size: {sorted(vocab)}")
+        self.cfg = MixtureConfig(len(experts), vocab.pop(), min(e.cfg.context for e in experts))
+        # a buffer, so .to(device) moves the fixed weights with the experts
+        w = torch.tensor(rule.weights, dtype=torch.float32) if rule.weights is not None else None
+        self.register_buffer("weights", w, persistent=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: MixtureCache | None = None) -> torch.Tensor:
+        """Combined logits ``[B, T, V]``, or the mean cross-entropy of the combined distribution."""
+        caches = cache.caches if cache is not None else [None] * len(self.experts)
+        logits = (e(idx, cache=c) for e, c in zip(self.experts, caches, strict=True))
+        if self.router is None:
+            out = combine_logits(logits, self.weights, self.rule.space)
+        else:  # the gate needs every expert's final hidden state before any logits can be weighted
+            hidden: list[torch.Tensor] = []
+            hooks = [e.ln_f.register_forward_hook(lambda _m, _i, h: hidden.append(h)) for e in self.experts]
+            try:
+                logits = list(logits)
+            finally:
+                for h in hooks:
+                    h.remove()
+            out = combine_logits(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        if targets is None:
+            return out
+        return F.cross_entropy(out.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def make_cache(self, batch: int, max_len: int) -> MixtureCache:
+        """A cache holding one KV cache per expert (so generation is cached for every expert)."""
+        return MixtureCache([e.make_cache(batch, max_len) for e in self.experts])
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """See :func:`growlm.model.generate`."""
+        from growlm.model import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The experts' output layers (final norm + LM head), under the mixture's tensor names."""
+        return {k: v for k, v in self.state_dict().items() if _is_head(k)}
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """The gate's tensors (empty without a router)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("router.")}
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith("experts.") and (".head." in name or ".ln_f." in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading inputs and checking the docking port
+
+
+@dataclass
+class _Expert:
+    path: Path
+    meta: dict
+
+
+def _expand(inputs: Sequence[Path]) -> list[_Expert]:
+    """Expert dirs from the inputs: a model dir is one expert, a (verified) mixture dir its experts."""
+    out = []
+    for p in map(Path, inputs):
+        if (p / MIXTURE_JSON).is_file():
+            desc = _verify_mixture_dir(p)
+            out += [_Expert(p / e["path"], read_meta(p / e["path"])) for e in desc["experts"]]
+        else:
+            out.append(_Expert(p, read_meta(p)))
+    if len(out) < 2:
+        raise GrowlmError(f"a mixture needs at least two experts, got {len(out)}")
+    return out
+
+
+def _check_port(experts: list[_Expert]) -> None:
+    """Refuse experts whose substrate or tokenizer differs from the first expert's."""
+    ref = experts[0]
+    for e in experts[1:]:
+        for what in ("substrate", "tokenizer"):
+            key = f"{what}_fingerprint"
+            if e.meta[key] != ref.meta[key]:
+                raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {e.meta[key][:12]} but {ref.path} "
+                                  f"has {ref.meta[key][:12]}; experts must share the substrate and tokenizer")
+
+
+def mixture_fingerprint(rule: Rule, expert_fps: Sequence[str], substrate_fp: str, tokenizer_fp: str,
+                        tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the rule, the experts, the docking port and the stored tensors (router, heads)."""
+    h = hashlib.sha256(canonical_json({"rule": rule.to_json(), "experts": list(expert_fps),
+                                       "substrate": substrate_fp, "tokenizer": tokenizer_fp}))
+    h.update(sha256_tensors(tensors).encode())
+    return h.hexdigest()
+
+
+def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
+    """sha256 of every file under ``root`` except mixture.json and the expert weight files, which
+    the experts' own model.json checksums (so each byte is hashed once per verification)."""
+    skip = {MIXTURE_JSON}
+    for rel in expert_paths:
+        skip |= {f"{rel}/{name}" for name in read_meta(root / rel).get("files", {})}
+    return {f.relative_to(root).as_posix(): sha256_file(f) for f in sorted(root.rglob("*"))
+            if f.is_file() and f.relative_to(root).as_posix() not in skip}
+
+
+def _read_desc(path: Path) -> dict:
+    f = Path(path) / MIXTURE_JSON
+    if not f.is_file():
+        raise GrowlmError(f"{path} is not a growlm mixture dir (no {MIXTURE_JSON})")
+    try:
+        desc = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GrowlmError(f"{f} is corrupt: {e}") from e
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise GrowlmError(f"{f} is not a growlm mixture description")
+    if desc.get("version") != VERSION:
+        raise GrowlmError(f"{f} has version {desc.get('version')!r}; this growlm reads version {VERSION}")
+    return desc
+
+
+def _verify_mixture_dir(path: Path) -> dict:
+    """Check every file and fingerprint of a mixture dir except its own tensors; returns mixture.json."""
+    path = Path(path)
+    desc = _read_desc(path)
+    for name, digest in desc["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise GrowlmError(f"mixture {path} is incomplete: {name} is missing")
+        if sha256_file(f) != digest:
+            raise GrowlmError(f"mixture {path} was modified: checksum mismatch in {name}")
+    for i, e in enumerate(desc["experts"]):
+        rel = e["path"]
+        if rel != f"{EXPERTS_DIR}/{i}":  # never follow a path out of the mixture dir
+            raise GrowlmError(f"mixture {path}: expert {i} has path {rel!r}, expected {EXPERTS_DIR}/{i}")
+        meta = read_meta(path / rel)
+        verify_files(path / rel, meta)
+        if meta["fingerprint"] != e["fingerprint"]:
+            raise GrowlmError(f"mixture {path}: {rel} has fingerprint {meta['fingerprint'][:12]}, "
+                              f"{MIXTURE_JSON} records {e['fingerprint'][:12]}")
+        for what in ("substrate_fingerprint", "tokenizer_fingerprint"):
+            if meta[what] != desc[what]:
+                raise GrowlmError(f"mixture {path}: {rel} has {what} {meta[what][:12]}, not {desc[what][:12]}")
+    return desc
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-merge training (beyond the paper): stages of the one training loop
+
+
+@dataclass
+class Tuning:
+    """What to train after merging, on ``data`` (mixed text files), with the experts' blocks frozen.
+
+    ``router``: learn a per-token gate (starting exactly at the requested fixed rule).
+    ``head``: tune the experts' output layers (final norm + LM head) under the combined loss, the
+    paper's post-merge step; the tuned tensors go to heads.safetensors, the expert copies stay as
+    they were. Both: the router trains first, then the heads under it. ``spec`` sets the batch
+    size, checkpoint cadence and device (default: ``TrainSpec(lr=lr, compile=False)``).
+    """
+
+    data: list[Path]
+    router: bool = False
+    head: bool = False
+    tokens: int = 32768
+    lr: float = 1e-3
+    spec: TrainSpec | None = None
+    progress: bool = False
+
+    def check(self) -> None:
+        """Refuse a request that cannot train, before anything is written."""
+        if not (self.router or self.head):
+            raise GrowlmError("post-merge training needs router and/or head")
+        if not self.data:
+            raise GrowlmError("--router/--finetune-head need --data FILE... (a little mixed text)")
+        for f in map(Path, self.data):
+            if not f.is_file():
+                raise GrowlmError(f"training data file not found: {f}")
+        if self.tokens <= 0 or not self.lr > 0:
+            raise GrowlmError(f"tokens and lr must be positive, got tokens={self.tokens}, lr={self.lr}")
+
+
+def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, index: int, work: Path) -> dict:
+    """Train the router or the heads of ``mixture`` for ``tuning.tokens`` tokens; returns a record."""
+    from growlm.data import Batches, Source, validation_batches
+    from growlm.train import evaluate_loss
+
+    for name, p in mixture.named_parameters():
+        p.requires_grad_(name.startswith("router.") if kind == "router" else _is_head(name))
+    spec = loop.spec
+    data = [Path(p) for p in tuning.data]
+    cache = work / "cache"
+    ctx = mixture.cfg.context
+    batches = Batches([Source(paths=[p], weight=1.0) for p in data], tok, context=ctx,
+                      batch_size=spec.batch_size, seed=spec.seed, cache_dir=cache)
+    # a fixed sample of the tuning text, scored before and after: the stage's own yardstick
+    fixed = validation_batches(data, tok, context=ctx, batch_size=spec.batch_size, cache_dir=cache,
+                               max_batches=spec.eval_batches)
+    before = evaluate_loss(mixture, fixed, loop.device, loop.autocast())
+    n_steps = math.ceil(tuning.tokens / batches.tokens_per_batch)
+    state = loop.fit(kind, mixture, batches, fixed, n_steps=n_steps, lr=tuning.lr, stage=index,
+                     resume_hint="run the merge again (post-merge stages do not resume)")
+    for p in mixture.parameters():
+        p.requires_grad_(False)
+    return {"stage": kind, "tokens": state.tokens, "steps": state.step, "lr": tuning.lr,
+            "loss_before": before, "loss_after": state.valid_loss, "train_loss": state.last_loss,
+            "wall_s": round(state.wall_s, 3),
+            "data": [{"name": p.name, "sha256": sha256_file(p)} for p in data]}
+
+
+def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, work_parent: Path
+          ) -> tuple[Rule, dict | None, dict[str, dict[str, torch.Tensor]], list[dict]]:
+    """Run the post-merge stages on the mixture being built in ``root``.
+
+    Returns the final rule, the router description, the tensors to store (file -> tensors) and
+    the stage records. The loop's run dir (checkpoints, metrics) is a temp dir beside the output.
+    """
+    from growlm.tokenizer import Tokenizer
+    from growlm.train import Loop
+
+    models = [load_model(root / EXPERTS_DIR / str(i), verify=False).model for i in range(n)]
+    router_desc = None
+    if tuning.router:
+        in_features = sum(m.cfg.d_model for m in models)
+        router_desc = {"in_features": in_features, "prior": rule.prior(len(models)), "from": rule.combine}
+        rule = Rule("router", rule.space, None)
+        mixture = Mixture(models, rule, Router(in_features, router_desc["prior"]))
+    else:
+        mixture = Mixture(models, rule)
+    for p in mixture.parameters():
+        p.requires_grad_(False)
+    tok = Tokenizer.load(root / TOKENIZER_DIR)
+    # no torch.compile: the router's feature hooks are registered per call
+    spec = tuning.spec or TrainSpec(lr=tuning.lr, compile=False)
+    stages = [k for k, on in (("router", tuning.router), ("head", tuning.head)) if on]
+    with tempfile.TemporaryDirectory(dir=work_parent, prefix=".merge-train.") as work:
+        loop = Loop(Path(work), spec, progress=tuning.progress)
+        mixture.to(loop.device)
+        records = [_tune_stage(loop, mixture, tok, tuning, k, i, Path(work)) for i, k in enumerate(stages, 1)]
+    mixture.to("cpu")
+    stored = {}
+    if tuning.router:
+        stored[ROUTER] = mixture.router_state()
+    if tuning.head:
+        stored[HEADS] = mixture.head_state()
+    for name, tensors in stored.items():
+        atomic_save_tensors(root / name, tensors)
+    return rule, router_desc, stored, records
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge, load, describe
+
+
+def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", weights: Sequence[float] | None = None,
+          space: str = "logits", tuning: Tuning | None = None) -> Path:
+    """Build the mixture dir ``out`` from N >= 2 experts (model dirs, or mixture dirs: their experts).
+
+    Everything is checked before anything is written: the docking port (identical substrate and
+    tokenizer fingerprints), the rule and weights, every expert file's checksum. The experts are
+    copied byte for byte; with ``tuning`` the post-merge stages train before the dir appears.
+    The dir appears atomically, complete, or not at all.
+    """
+    out = Path(out)
+    if out.exists():
+        raise GrowlmError(f"refusing to overwrite existing {out}")
+    sources = _expand(experts)
+    _check_port(sources)
+    rule = make_rule(combine, len(sources), weights, space)
+    if tuning is not None:
+        tuning.check()
+    for s in sources:
+        verify_files(s.path, s.meta)
+    with atomic_dir(out) as tmp:
+        rels = []
+        for i, s in enumerate(sources):
+            rel = f"{EXPERTS_DIR}/{i}"
+            shutil.copytree(s.path, tmp / rel)
+            verify_files(tmp / rel, read_meta(tmp / rel))  # the copy is what the mixture will trust
+            rels.append(rel)
+        shutil.copytree(sources[0].path / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        router_desc, stored, records = None, {}, []
+        if tuning is not None:
+            rule, router_desc, stored, records = _tune(tmp, len(sources), rule, tuning, out.parent)
+        ref = sources[0].meta
+        tensors = {k: v for t in stored.values() for k, v in t.items()}
+        desc = {
+            "format": FORMAT, "version": VERSION, **rule.to_json(),
+            "router": router_desc,
+            "experts": [{"path": rel, "fingerprint": s.meta["fingerprint"], "source": str(s.path.resolve())}
+                        for rel, s in zip(rels, sources, strict=True)],
+            "substrate_fingerprint": ref["substrate_fingerprint"],
+            "tokenizer_fingerprint": ref["tokenizer_fingerprint"],
+            "tensors": sorted(stored),
+            "tuning": records,
+            "fingerprint": mixture_fingerprint(rule, [s.meta["fingerprint"] for s in sources],
+                                               ref["substrate_fingerprint"], ref["tokenizer_fingerprint"], tensors),
+            "files": _checked_files(tmp, rels),
+        }
+        atomic_write_json(tmp / MIXTURE_JSON, desc)
+    return out
+
+
+def add_expert(mixture_dir: Path, expert_dir: Path, out: Path, *, combine: str | None = None,
+               weights: Sequence[float] | None = None, space: str | None = None) -> Path:
+    """Continual learning: a new mixture ``out`` = the experts of ``mixture_dir`` + ``expert_dir``.
+
+    The old mixture is only read; its experts are copied byte for byte. The rule defaults to the
+    old one when that is a parameter-free mean; a weighted or routed mixture needs ``combine``
+    (its weights or gate cannot cover a new expert). Tuned heads are not carried over.
+    """
+    desc = _read_desc(Path(mixture_dir))
+    if combine is None:
+        if desc["combine"] not in ("mean-logits", "mean-probs"):
+            raise GrowlmError(f"{mixture_dir} combines with {desc['combine']!r}, which does not extend to a new "
+                              f"expert; choose the new mixture's combine rule")
+        combine = desc["combine"]
+    return merge([mixture_dir, expert_dir], out, combine=combine, weights=weights, space=space or desc["space"])
+
+
+def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixture, Tokenizer]:
+    """Load and fully verify a mixture dir; returns ``(Mixture, Tokenizer)``.
+
+    Refuses a tampered dir: every file's checksum, every expert's fingerprint, the docking port,
+    the tokenizer and the mixture's own fingerprint are checked before it is returned.
+    """
+    from growlm.tokenizer import Tokenizer
+
+    path = Path(path)
+    desc = _verify_mixture_dir(path)
+    models = [load_model(path / e["path"], verify=False).model for e in desc["experts"]]
+    rule = Rule(desc["combine"], desc["space"], tuple(desc["weights"]) if desc["weights"] is not None else None)
+    router = None
+    if rule.combine == "router":
+        if ROUTER not in desc["tensors"] or not desc["router"]:
+            raise GrowlmError(f"mixture {path} combines with a router but stores none")
+        router = Router(desc["router"]["in_features"], desc["router"]["prior"])
+    mixture = Mixture(models, rule, router)
+    tensors = {}
+    for name in desc["tensors"]:
+        tensors.update(load_tensors(path / name))
+    expected = {**mixture.router_state(), **mixture.head_state()}
+    unknown = set(tensors) - set(expected)
+    if unknown:
+        raise GrowlmError(f"mixture {path} stores unknown tensors: {', '.join(sorted(unknown)[:5])}")
+    mixture.load_state_dict(tensors, strict=False)
+    fp = mixture_fingerprint(rule, [e["fingerprint"] for e in desc["experts"]], desc["substrate_fingerprint"],
+                             desc["tokenizer_fingerprint"], tensors)
+    if fp != desc["fingerprint"]:
+        raise GrowlmError(f"mixture {path} was modified: fingerprint {fp[:12]} differs from the recorded "
+                          f"{desc['fingerprint'][:12]}")
+    tok = Tokenizer.load(path / TOKENIZER_DIR)
+    if tok.fingerprint != desc["tokenizer_fingerprint"]:
+        raise GrowlmError(f"mixture {path}: tokenizer fingerprint {tok.fingerprint[:12]} is not the recorded "
+                          f"{desc['tokenizer_fingerprint'][:12]}")
+    for p in mixture.parameters():
+        p.requires_grad_(False)
+    return mixture.to(device).eval(), tok
+
+
+def info_mixture(path: Path) -> dict:
+    """Description of a mixture dir for ``growlm info`` (reads metadata only; no hashing)."""
+    path = Path(path)
+    desc = _read_desc(path)
+    experts = []
+    for e in desc["experts"]:
+        meta = read_meta(path / e["path"])
+        cfg = meta["config"]
+        experts.append({"path": e["path"], "fingerprint": meta["fingerprint"], "n_layers": cfg["n_layers"],
+                        "d_model": cfg["d_model"], "context": cfg["context"], "params_total": meta["params_total"],
+                        "source": e.get("source")})
+    router = desc.get("router")
+    router_params = (router["in_features"] + 1) * len(experts) if router else 0
+    return {
+        "kind": "mixture", "path": str(path), "n_experts": len(experts), "combine": desc["combine"],
+        "space": desc["space"], "experts": experts,
+        # the effective fixed weights (uniform for the means); a router's are per token
+        "weights": None if router else desc["weights"] or [1.0 / len(experts)] * len(experts),
+        "params_total": sum(e["params_total"] for e in experts) + router_params,
+        "vocab_size": read_meta(path / desc["experts"][0]["path"])["config"]["vocab_size"],
+        "context": min(e["context"] for e in experts),
+        "tuned": [r["stage"] for r in desc["tuning"]],
+        "substrate_fingerprint": desc["substrate_fingerprint"],
+        "tokenizer_fingerprint": desc["tokenizer_fingerprint"], "fingerprint": desc["fingerprint"],
+    }
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise GrowlmError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def merge_cli(args: argparse.Namespace) -> None:
+    """``growlm merge``: build the mixture and print a one-line summary."""
+    tuning = None
+    if args.router or args.finetune_head:
+        tuning = Tuning(data=[Path(p) for p in args.data or []], router=args.router, head=args.finetune_head,
+                        tokens=args.tokens, lr=args.lr, progress=True)
+    elif args.data:
+        raise GrowlmError("--data only applies to --router or --finetune-head")
+    out = merge([Path(p) for p in args.experts], Path(args.out), combine=args.combine,
+                weights=_parse_weights(args.weights), space=args.weighted_space, tuning=tuning)
+    info = info_mixture(out)
+    rule = info["combine"] + (f" in {info['space']} space" if info["combine"] in ("weighted", "router") else "")
+    tuned = "".join(f"; {r['stage']} {r['loss_before']:.4f} -> {r['loss_after']:.4f} on {r['tokens']:,} tokens"
+                    for r in _read_desc(out)["tuning"])
+    print(f"merged {info['n_experts']} experts ({rule}{tuned}) -> {out} "
+          f"(fingerprint {info['fingerprint'][:12]}, {info['params_total']:,} params)")
