@@ -1,0 +1,493 @@
+"""Training data: documents from text/JSONL/parquet/Arrow, cached token shards, packed deterministic batches.
+
+Pipeline::
+
+    file --iter_documents--> documents --tokenize_file--> CACHE/<key>.u16 (memmap, EOS after each document)
+    sources (weighted lists of files) --Batches--> fixed-length (x, y) batches, resumable from counters
+
+Shards are named by a hash of (file content, tokenizer fingerprint, reader kind, format version), so a
+changed file or tokenizer never reuses stale tokens, and are written atomically (temp file + rename),
+so a killed run never leaves a shard that looks complete.
+
+Batch order is a pure function of the seed and two kinds of counters: the global row index picks
+each row's source (mixture), and each source's cursor (sequences consumed so far) picks the next
+sequence from the per-epoch permutation of that source. ``Batches.state_dict()`` is therefore just
+those counters, and resuming from it reproduces the exact same subsequent batches, on any number of
+ranks (every rank simulates the whole global batch and gathers only its rows ``rank::world_size``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from growlm.corpus import iter_text_chunks
+from growlm.errors import GrowlmError, one_line
+from growlm.hashing import canonical_json, sha256_file
+
+SHARD_VERSION = 1
+STATE_VERSION = 1
+
+# Text is read in chunks of this many characters; documents are encoded in batches of about
+# _BATCH_CHARS characters (one Rust call, parallel across documents) and written out at once, so
+# memory stays bounded by these, not by the file.
+_CHUNK_CHARS = 1 << 20
+_BATCH_CHARS = 1 << 20
+_BATCH_DOCS = 8192
+_ROW_BATCH = 1024  # parquet rows per read
+# A run of text with no space or newline longer than this is cut anyway (bounded memory beats
+# keeping a token that straddles the cut whole; real text never gets here).
+_MAX_CARRY = 4 * _CHUNK_CHARS
+_CUT_CHARS = (" ", "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# documents
+
+
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        raise GrowlmError(f"data file not found: {p}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise GrowlmError(f"data file is empty: {p}")
+
+
+def _kind(p: Path) -> str:
+    """How ``p`` is read: 'text', 'jsonl', 'parquet', 'arrow' (one stream file) or 'arrow-dir'."""
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file():
+            raise GrowlmError(f"{p} is a datasets DatasetDict folder; point at one split folder inside it (e.g. {p / 'train'})")
+        if (p / "dataset_info.json").is_file() or (p / "state.json").is_file():
+            return "arrow-dir"
+        raise GrowlmError(f"{p} is a folder but not a datasets save_to_disk folder (no dataset_info.json or state.json)")
+    suffix = p.suffix.lower()
+    return {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}.get(suffix, "text")
+
+
+def _arrow_files(d: Path) -> list[Path]:
+    """The data files of a save_to_disk folder, in the order state.json lists them (else by name)."""
+    names: list[str] = []
+    state = d / "state.json"
+    if state.is_file():
+        try:
+            names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise GrowlmError(f"cannot read {state}: {one_line(e)}") from None
+    files = [d / n for n in names] if names else sorted(d.glob("*.arrow"))
+    if not files:
+        raise GrowlmError(f"datasets folder {d} has no .arrow data files")
+    for f in files:
+        _check_file(f)
+    return files
+
+
+def _text_pieces(p: Path) -> Iterator[str]:
+    """The text of ``p`` in bounded pieces, each cut just after a space or newline.
+
+    No multi-character token contains whitespace, so encoding the pieces one by one gives the same
+    ids as encoding the whole file.
+    """
+    carry = ""
+    for chunk in iter_text_chunks(p, chunk_chars=_CHUNK_CHARS):
+        buf = carry + chunk
+        cut = max(buf.rfind(c) for c in _CUT_CHARS) + 1
+        if cut == 0 and len(buf) > _MAX_CARRY:
+            cut = len(buf)
+        if cut:
+            yield buf[:cut]
+        carry = buf[cut:]
+    if carry:
+        yield carry
+
+
+def _jsonl_documents(p: Path) -> Iterator[str]:
+    offset = 0
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GrowlmError(
+                    f"{p} is not UTF-8: invalid byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} (line {lineno})"
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise GrowlmError(f"bad JSON on line {lineno} of {p}: {one_line(e)}") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise GrowlmError(f'line {lineno} of {p} has no "text" field')
+            if not isinstance(obj["text"], str):
+                raise GrowlmError(f'"text" on line {lineno} of {p} is {type(obj["text"]).__name__}, not a string')
+            yield obj["text"]
+
+
+def _text_column(schema: pa.Schema, where: Path) -> int:
+    i = schema.get_field_index("text")
+    if i < 0:
+        raise GrowlmError(f"{where} has no 'text' column (columns: {', '.join(schema.names) or 'none'})")
+    if not (pa.types.is_string(schema.field(i).type) or pa.types.is_large_string(schema.field(i).type)):
+        raise GrowlmError(f"'text' column of {where} holds {schema.field(i).type}, not strings")
+    return i
+
+
+def _column_texts(column: pa.Array) -> Iterator[str]:
+    # Null rows carry no text: skipped rather than turned into empty documents.
+    return (t for t in column.to_pylist() if t is not None)
+
+
+def _parquet_documents(p: Path) -> Iterator[str]:
+    try:
+        pf = pq.ParquetFile(p)
+        _text_column(pf.schema_arrow, p)
+        for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=["text"]):
+            yield from _column_texts(batch.column(0))
+    except (pa.ArrowException, OSError) as e:
+        raise GrowlmError(f"cannot read parquet file {p}: {one_line(e)}") from None
+
+
+def _arrow_documents(files: Sequence[Path]) -> Iterator[str]:
+    for f in files:
+        try:
+            with pa.memory_map(str(f)) as src:
+                reader = pa.ipc.open_stream(src)
+                i = _text_column(reader.schema, f)
+                for batch in reader:
+                    yield from _column_texts(batch.column(i))
+        except (pa.ArrowException, OSError) as e:
+            raise GrowlmError(f"cannot read Arrow stream file {f}: {one_line(e)}") from None
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Stream the documents of a data file in bounded memory.
+
+    ``.jsonl``: the ``text`` field of each non-blank line; ``.parquet``: the ``text`` column, read in
+    row batches; ``.arrow`` or a ``datasets`` ``save_to_disk`` folder: the ``text`` column of its
+    Arrow stream files; anything else is UTF-8 text, which is ONE document yielded in pieces cut
+    after whitespace (their concatenation is the file). Raises :class:`GrowlmError` naming the file
+    for a missing or empty file, a missing ``text`` field or column, a bad JSON line (with its
+    number) or invalid UTF-8 (with its byte offset); errors surface when the bad part is reached.
+    """
+    p = Path(path)
+    _check_file(p)
+    kind = _kind(p)
+    if kind == "text":
+        return _text_pieces(p)
+    if kind == "jsonl":
+        return _jsonl_documents(p)
+    if kind == "parquet":
+        return _parquet_documents(p)
+    return _arrow_documents(_arrow_files(p) if kind == "arrow-dir" else [p])
+
+
+# ----------------------------------------------------------------------------------------------
+# token shards
+
+
+def default_cache_dir() -> Path:
+    """``$GROWLM_CACHE/shards``, else ``~/.cache/growlm/shards``."""
+    root = os.environ.get("GROWLM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "growlm") / "shards"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits in 16 bits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _content_sha256(p: Path, kind: str) -> str:
+    if kind != "arrow-dir":
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in _arrow_files(p):
+        h.update(canonical_json([f.name, sha256_file(f)]))
+    return h.hexdigest()
+
+
+def shard_path(path: str | Path, tokenizer: Any, cache_dir: str | Path | None = None) -> Path:
+    """Where the token shard of ``path`` under ``tokenizer`` lives (it may not exist yet)."""
+    p = Path(path)
+    _check_file(p)
+    kind = _kind(p)
+    key = hashlib.sha256(canonical_json({
+        "format": "growlm-shard", "version": SHARD_VERSION, "kind": kind,
+        "content": _content_sha256(p, kind), "tokenizer": tokenizer.fingerprint,
+    })).hexdigest()
+    dtype = token_dtype(tokenizer.vocab_size)
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{key}.u{dtype.itemsize * 8}"
+
+
+def _encoded_batches(docs: Iterable[str], tokenizer: Any, dtype: np.dtype, eos_each: bool) -> Iterator[np.ndarray]:
+    """Token arrays of consecutive batches of documents (EOS after each one when ``eos_each``)."""
+    eos = tokenizer.eos_id
+    batch: list[str] = []
+    chars = 0
+
+    def flush() -> np.ndarray:
+        flat: list[int] = []
+        for ids in tokenizer.encode_batch(batch):
+            flat.extend(ids)
+            if eos_each:
+                flat.append(eos)
+        batch.clear()
+        return np.asarray(flat, dtype=dtype)
+
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+            yield flush()
+            chars = 0
+    if batch:
+        yield flush()
+    if not eos_each:  # a text file is one document stream: a single EOS closes it
+        yield np.asarray([eos], dtype=dtype)
+
+
+def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path | None = None) -> np.memmap:
+    """The tokens of a data file as a read-only 1-D memmap, tokenizing it once into the shard cache.
+
+    Documents (see :func:`iter_documents`) are encoded in batches and streamed to the shard with
+    ``tokenizer.eos_id`` after each; a plain text file is one document, so only its end gets an EOS.
+    The shard is named by :func:`shard_path` and written atomically: if anything fails midway, no
+    shard is left behind. A later call with the same content and tokenizer just maps the shard.
+    """
+    p = Path(path)
+    out = shard_path(p, tokenizer, cache_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    if not (out.is_file() and out.stat().st_size > 0 and out.stat().st_size % dtype.itemsize == 0):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                eos_each = _kind(p) != "text"
+                for arr in _encoded_batches(iter_documents(p), tokenizer, dtype, eos_each):
+                    f.write(arr.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return np.memmap(out, dtype=dtype, mode="r")
+
+
+# ----------------------------------------------------------------------------------------------
+# packing
+
+
+class _Packed:
+    """The concatenated tokens of some files, cut into non-overlapping sequences of ``seq_len`` tokens."""
+
+    def __init__(self, paths: Sequence[Path], tokenizer: Any, cache_dir: Path, seq_len: int, what: str) -> None:
+        self.shards = [tokenize_file(p, tokenizer, cache_dir) for p in paths]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.seq_len = seq_len
+        self.n_tokens = int(self.starts[-1])
+        self.n_sequences = self.n_tokens // seq_len
+        if self.n_sequences == 0:
+            names = ", ".join(str(p) for p in paths)
+            raise GrowlmError(
+                f"{what} ({names}) has only {self.n_tokens} tokens; at least context+1 = {seq_len} are needed"
+            )
+
+    def rows(self, ids: Sequence[int]) -> torch.Tensor:
+        """int64 tensor [len(ids), seq_len] of the given sequences."""
+        out = np.empty((len(ids), self.seq_len), dtype=np.int64)
+        for r, i in enumerate(ids):
+            start = int(i) * self.seq_len
+            end = start + self.seq_len
+            f = int(np.searchsorted(self.starts, start, side="right")) - 1
+            # A sequence may run across file boundaries: copy it piece by piece.
+            pos = 0
+            while pos < self.seq_len:
+                lo = start + pos - int(self.starts[f])
+                take = min(end - start - pos, len(self.shards[f]) - lo)
+                out[r, pos : pos + take] = self.shards[f][lo : lo + take]
+                pos += take
+                f += 1
+        return torch.from_numpy(out)
+
+
+def _split_xy(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def _key(*parts: Any) -> int:
+    """A 64-bit key derived from ``parts`` (stable across platforms and Python runs)."""
+    return int.from_bytes(hashlib.sha256(canonical_json(list(parts))).digest()[:8], "little")
+
+
+def _uniforms(key: int, counters: np.ndarray) -> np.ndarray:
+    """Uniform floats in [0, 1), one per counter: splitmix64 of (key, counter), a pure function of both."""
+    with np.errstate(over="ignore"):
+        z = counters.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass
+class Source:
+    """Files whose concatenated tokens form one stream of the training mixture, with its weight."""
+
+    paths: list[Path]
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.paths = [Path(p) for p in self.paths]
+
+
+class Batches:
+    """Fixed-length packed sequences from weighted sources, in a deterministic order from the seed.
+
+    Each source's files are tokenized (cached shards) and concatenated, then cut into non-overlapping
+    sequences of ``context + 1`` tokens. Row ``r`` of the global stream comes from source ``s`` with
+    probability ∝ ``weight`` (drawn from a hash of (seed, r)); within a source, epoch ``e`` visits its
+    sequences in a permutation seeded by (seed, source index, e). With ``world_size`` W, rank k gets
+    rows ``k::W`` of every global batch of ``batch_size`` rows.
+    """
+
+    def __init__(self, sources: list[Source], tokenizer: Any, *, context: int, batch_size: int, seed: int,
+                 cache_dir: Path, rank: int = 0, world_size: int = 1) -> None:
+        if not sources:
+            raise GrowlmError("no training data: the list of sources is empty")
+        if context < 1 or batch_size < 1:
+            raise GrowlmError(f"context and batch_size must be positive, got context={context}, batch_size={batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise GrowlmError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+        if batch_size % world_size:
+            raise GrowlmError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        for i, s in enumerate(sources):
+            if not s.paths:
+                raise GrowlmError(f"source {i} has no files")
+            if not (math.isfinite(s.weight) and s.weight > 0):
+                raise GrowlmError(f"source {i} ({', '.join(map(str, s.paths))}) has weight {s.weight}; weights must be positive")
+        self.context, self.batch_size, self.seed = context, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.sources = [
+            _Packed(s.paths, tokenizer, Path(cache_dir), context + 1, f"source {i}") for i, s in enumerate(sources)
+        ]
+        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        self._cum = np.cumsum(weights / weights.sum())
+        self._mix_key = _key("mix", seed)
+        self._rows = 0  # global rows drawn so far (all ranks)
+        self._cursors = [0] * len(self.sources)  # sequences consumed per source (all ranks)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
+        self.last_sequence_ids: list[tuple[int, int]] = []
+        """(source index, sequence index) of each row of the last batch of this rank: equal ids, equal rows."""
+
+    @property
+    def n_sequences(self) -> int:
+        """Number of distinct sequences over all sources."""
+        return sum(s.n_sequences for s in self.sources)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens in one GLOBAL batch (all ranks): ``batch_size * context``."""
+        return self.batch_size * self.context
+
+    @property
+    def epochs(self) -> list[float]:
+        """Passes made over each source so far (1.0 = every sequence seen once)."""
+        return [c / s.n_sequences for c, s in zip(self._cursors, self.sources, strict=True)]
+
+    def _sequence(self, source: int, cursor: int) -> int:
+        n = self.sources[source].n_sequences
+        epoch = cursor // n
+        cached = self._perms.get(source)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng(_key("perm", self.seed, source, epoch))
+            cached = self._perms[source] = (epoch, rng.permutation(n))
+        return int(cached[1][cursor % n])
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the next global batch: x, y int64 [batch_size // world_size, context]."""
+        if len(self.sources) == 1:
+            choice = np.zeros(self.batch_size, dtype=np.int64)
+        else:
+            u = _uniforms(self._mix_key, np.arange(self._rows, self._rows + self.batch_size))
+            choice = np.minimum(np.searchsorted(self._cum, u, side="right"), len(self.sources) - 1)
+        # Every rank walks the whole global batch so that the cursors stay identical everywhere.
+        ids = []
+        for s in choice.tolist():
+            ids.append((s, self._sequence(s, self._cursors[s])))
+            self._cursors[s] += 1
+        self._rows += self.batch_size
+        mine = ids[self.rank :: self.world_size]
+        self.last_sequence_ids = mine
+        rows = torch.empty((len(mine), self.context + 1), dtype=torch.int64)
+        for s, packed in enumerate(self.sources):
+            at = [r for r, (src, _) in enumerate(mine) if src == s]
+            if at:
+                rows[at] = packed.rows([mine[r][1] for r in at])
+        return _split_xy(rows)
+
+    def state_dict(self) -> dict:
+        """The position in the stream, as JSON-serialisable counters (plus what they are valid for)."""
+        return {
+            "version": STATE_VERSION,
+            "rows": self._rows,
+            "cursors": list(self._cursors),
+            "seed": self.seed,
+            "context": self.context,
+            "n_sequences": [s.n_sequences for s in self.sources],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by :meth:`state_dict` (any batch size or world size).
+
+        Raises :class:`GrowlmError` if the state was saved for other data, seed or context.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise GrowlmError(f"unsupported data state (version {state.get('version') if isinstance(state, dict) else None!r})")
+        mine = self.state_dict()
+        for k in ("seed", "context", "n_sequences"):
+            if state.get(k) != mine[k]:
+                raise GrowlmError(f"saved data state does not match the data: {k} was {state.get(k)}, now {mine[k]}")
+        self._rows = int(state["rows"])
+        self._cursors = [int(c) for c in state["cursors"]]
+        self.last_sequence_ids = []
+
+
+def validation_batches(paths: Sequence[str | Path], tokenizer: Any, *, context: int, batch_size: int,
+                       cache_dir: Path, max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed validation batches: the files' sequences of ``context + 1`` tokens, in order, non-overlapping.
+
+    Only full batches are kept (so every batch weighs the same in a mean), except that data too small
+    for one full batch gives a single smaller batch. ``max_batches`` keeps only the first ones.
+    """
+    if not paths:
+        raise GrowlmError("no validation files given")
+    if context < 1 or batch_size < 1:
+        raise GrowlmError(f"context and batch_size must be positive, got context={context}, batch_size={batch_size}")
+    packed = _Packed([Path(p) for p in paths], tokenizer, Path(cache_dir), context + 1, "validation data")
+    n = packed.n_sequences
+    bounds = [(a, a + batch_size) for a in range(0, n - batch_size + 1, batch_size)] or [(0, n)]
+    if max_batches is not None:
+        bounds = bounds[:max_batches]
+    return [_split_xy(packed.rows(range(a, b))) for a, b in bounds]
+
+
+def bits_per_byte(loss_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of text: total loss in bits over the bytes the tokens cover."""
+    if n_bytes <= 0:
+        raise GrowlmError(f"bits per byte needs a positive byte count, got {n_bytes}")
+    return loss_nats_per_token * n_tokens / math.log(2) / n_bytes
