@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_util import REPO, SMALL_PLAN, growlm, tensors_equal, write_plan
 from growlm.checkpoint import load_model
 from growlm.errors import GrowlmError
 from growlm.growth import grow, plan_active_params, set_trainable
@@ -21,8 +19,6 @@ from growlm.lora import add_lora, merge_adapters
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import StageSpec, load_plan
 from growlm.train import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 ISSUE_PLAN = """\
 [substrate]
@@ -54,54 +50,6 @@ grow = 1
 lora = { rank = 4, blocks = "frozen" }   # LoRA on the frozen blocks while the new block trains
 tokens = 16384
 """
-
-SMALL_PLAN = """\
-[substrate]
-kind = "binary"
-bits = 16
-[tokenizer]
-corpus = ["train.txt"]
-[model]
-d_model = 32
-n_heads = 2
-context = 32
-[data]
-train = ["train.txt"]
-valid = ["valid.txt"]
-[train]
-batch_size = 4
-lr = 3e-3
-seed = 0
-checkpoint_every = 3
-log_every = 2
-[[stage]]
-grow = 2
-tokens = 1280
-[[stage]]
-grow = 1
-tokens = 1280
-lora = { rank = 2, blocks = "frozen", targets = ["qkv", "fc"] }
-"""
-
-
-def write_plan(d: Path, text: str, corpus_dir: Path) -> Path:
-    for name in ("train.txt", "valid.txt"):
-        (d / name).write_bytes((corpus_dir / name).read_bytes())
-    plan = d / "plan.toml"
-    plan.write_text(text)
-    return plan
-
-
-def growlm(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run the real CLI as a user would."""
-    e = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "growlm", *args], capture_output=True, text=True, env=e, check=check)
-
-
-def tensors_equal(a: Path, b: Path) -> bool:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-
 
 @pytest.fixture(scope="module")
 def issue_run(corpus_dir, tmp_path_factory) -> Path:

@@ -14,21 +14,17 @@ truncated or bit-flipped file is refused with its name before any tensor is used
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
+from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_json, read_descriptor
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.model import GrowLM, ModelConfig
 
@@ -37,66 +33,6 @@ MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 ADAPTERS = "adapters.safetensors"
 TOKENIZER_DIR = "tokenizer"
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir and a rename: all or nothing."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written atomically (temp file + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise GrowlmError(f"could not write {path}: {e.strerror or e}") from e
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Build a directory under a temp name and rename it into place only when complete."""
-    final = Path(final)
-    if final.exists():
-        raise GrowlmError(f"refusing to overwrite existing {final}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,14 +122,14 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
     }
     meta.update(extra or {})
     with atomic_dir(Path(out_dir)) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        atomic_save_tensors(tmp / WEIGHTS, weights)
         files = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         if adapters:
-            save_file({k: v.contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS))
+            atomic_save_tensors(tmp / ADAPTERS, adapters)
             files[ADAPTERS] = sha256_file(tmp / ADAPTERS)
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         meta["files"] = files
-        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        atomic_write_json(tmp / MODEL_JSON, meta)
     return meta
 
 
@@ -202,16 +138,7 @@ def read_meta(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise GrowlmError(f"model not found: {path}")
-    mj = path / MODEL_JSON
-    if not mj.is_file():
-        raise GrowlmError(f"{path} is not a growlm model dir (no {MODEL_JSON})")
-    try:
-        meta = json.loads(mj.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GrowlmError(f"{mj} is corrupt: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise GrowlmError(f"{mj} is not a growlm model description (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    return meta
+    return read_descriptor(path / MODEL_JSON, FORMAT, "model")
 
 
 def verify_files(path: Path, meta: dict) -> None:

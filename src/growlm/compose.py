@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import shutil
 import tempfile
@@ -39,15 +38,13 @@ import torch.nn.functional as F
 
 from growlm.checkpoint import (
     TOKENIZER_DIR,
-    atomic_dir,
-    atomic_save_tensors,
-    atomic_write_json,
     load_model,
     load_tensors,
     read_meta,
     verify_files,
 )
 from growlm.errors import GrowlmError
+from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_json, read_descriptor
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
@@ -303,14 +300,7 @@ def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
 
 def _read_desc(path: Path) -> dict:
     f = Path(path) / MIXTURE_JSON
-    if not f.is_file():
-        raise GrowlmError(f"{path} is not a growlm mixture dir (no {MIXTURE_JSON})")
-    try:
-        desc = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GrowlmError(f"{f} is corrupt: {e}") from e
-    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
-        raise GrowlmError(f"{f} is not a growlm mixture description")
+    desc = read_descriptor(f, FORMAT, "mixture")
     if desc.get("version") != VERSION:
         raise GrowlmError(f"{f} has version {desc.get('version')!r}; this growlm reads version {VERSION}")
     return desc

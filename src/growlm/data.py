@@ -22,9 +22,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 
 from growlm.corpus import iter_text_chunks
 from growlm.errors import GrowlmError, one_line
+from growlm.fileio import atomic_file
 from growlm.hashing import canonical_json, sha256_file
 
 SHARD_VERSION = 1
@@ -259,6 +258,9 @@ def _encoded_batches(docs: Iterable[str], tokenizer: Any, dtype: np.dtype, eos_e
         yield np.asarray([eos], dtype=dtype)
 
 
+MAX_UNK_FRACTION = 0.5
+
+
 def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path | None = None) -> np.memmap:
     """The tokens of a data file as a read-only 1-D memmap, tokenizing it once into the shard cache.
 
@@ -272,19 +274,18 @@ def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path | None
     dtype = token_dtype(tokenizer.vocab_size)
     if not (out.is_file() and out.stat().st_size > 0 and out.stat().st_size % dtype.itemsize == 0):
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                eos_each = _kind(p) != "text"
-                for arr in _encoded_batches(iter_documents(p), tokenizer, dtype, eos_each):
-                    f.write(arr.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
+        n = n_unk = 0
+        with atomic_file(out) as f:
+            eos_each = _kind(p) != "text"
+            for arr in _encoded_batches(iter_documents(p), tokenizer, dtype, eos_each):
+                f.write(arr.tobytes())
+                n += arr.size
+                n_unk += int(np.count_nonzero(arr == tokenizer.unk_id))
+            # Unknown characters become <unk> (the tokenizer's documented rule); a file that is mostly
+            # <unk> would train on nothing, so it is refused before it reaches the cache.
+            if n and n_unk / n > MAX_UNK_FRACTION:
+                raise GrowlmError(f"{p}: {n_unk / n:.0%} of its tokens are <unk> (characters outside the tokenizer's "
+                                  f"vocabulary); build the tokenizer with this file in its corpus")
     return np.memmap(out, dtype=dtype, mode="r")
 
 

@@ -39,14 +39,17 @@ class Scale:
     eval_chars: int  # per language, validation text
     bench_limit: int
     sample_tokens: int
+    tune_tokens: int
 
 
-FULL = Scale(d_model=128, n_heads=4, context=128, batch_size=16, tokens_per_block=400_000, lr=3e-3,
-             max_chars=2_000_000, eval_chars=40_000, bench_limit=40, sample_tokens=48)
+FULL = Scale(d_model=128, n_heads=4, context=128, batch_size=16, tokens_per_block=100_000, lr=3e-3,
+             max_chars=2_000_000, eval_chars=20_000, bench_limit=20, sample_tokens=48, tune_tokens=32_768)
 QUICK = Scale(d_model=32, n_heads=2, context=32, batch_size=8, tokens_per_block=8_192, lr=5e-3,
-              max_chars=60_000, eval_chars=4_000, bench_limit=4, sample_tokens=16)
+              max_chars=60_000, eval_chars=4_000, bench_limit=4, sample_tokens=16, tune_tokens=2_048)
 
 DEPTH = 3  # blocks of the grown models and the monolithic baselines
+# the paper's rule, the paper's rule after its post-merge head tuning, and Branch-Train-Merge's rule
+MIXTURES = ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs")
 PROMPTS = {"en": "To be, or not to be", "ru": "Жизнь — это", "zh": "春眠不觉晓"}
 
 
@@ -130,14 +133,22 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
     for lang in ("en", "ru"):
         run(f"specialist-{lang}", _plan(substrate=port, tokenizer=shared_tok, train=[data[lang]["train"]],
                                         valid=[data[lang]["valid"]], stages=_grow_stages(2, T), s=s))
-    from growlm.compose import merge
+    from growlm.compose import Tuning, merge
+    from growlm.plan import TrainSpec
 
-    mixture = out / "mixture-en-ru"
-    merge([runs["specialist-en"] / "stage-2", runs["specialist-ru"] / "stage-2"], mixture, combine="mean-logits")
-    console.print(f"  growlm merge ... --out {mixture}")
+    experts = [runs["specialist-en"] / "stage-2", runs["specialist-ru"] / "stage-2"]
+    mixtures = {name: out / name for name in MIXTURES}
+    merge(experts, mixtures["mixture-mean-logits"], combine="mean-logits")
+    merge(experts, mixtures["mixture-mean-probs"], combine="mean-probs")
+    # the paper's post-merge step: tune only the output layers on a little mixed text
+    tuning = Tuning(data=[data["en"]["train"], data["ru"]["train"]], head=True, tokens=s.tune_tokens, lr=s.lr,
+                    spec=TrainSpec(batch_size=s.batch_size, lr=s.lr, compile=False, checkpoint_every=100))
+    merge(experts, mixtures["mixture-mean-logits+head"], combine="mean-logits", tuning=tuning)
+    for name, path in mixtures.items():
+        console.print(f"  {name}: {path}")
 
     console.rule("[bold]5. evaluation")
-    results = _evaluate_all(runs, mixture, data, s, console)
+    results = _evaluate_all(runs, mixtures, data, s, console)
 
     console.rule("[bold]6. report")
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -165,7 +176,7 @@ def _stage_dirs(run: Path) -> list[Path]:
     return sorted(run.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _evaluate_all(runs: dict[str, Path], mixture: Path, data: dict, s: Scale, console) -> dict:
+def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
     """Validation loss and bits/byte per domain for every model; short benchmarks; samples."""
     from growlm.evaluate import load_any
     from growlm.evaluate.ppl import perplexity
@@ -176,7 +187,7 @@ def _evaluate_all(runs: dict[str, Path], mixture: Path, data: dict, s: Scale, co
         stages = _stage_dirs(run)
         for st in stages if name.startswith("grown") else stages[-1:]:
             models[f"{name}/{st.name}"] = st
-    models["mixture-en-ru"] = mixture
+    models.update(mixtures)
     domains = {lang: data[lang]["valid"] for lang in ("en", "ru", "zh")}
     ppl: dict[str, dict] = {}
     for name, path in models.items():
@@ -201,12 +212,14 @@ def _evaluate_all(runs: dict[str, Path], mixture: Path, data: dict, s: Scale, co
                               "accuracy": r["accuracy"], "accuracy_norm": r.get("accuracy_norm"),
                               "invalid_rate": r.get("invalid_rate")})
     samples = {}
-    for name, path in (("grown-glyph", _stage_dirs(runs["grown-glyph"])[-1]), ("mixture-en-ru", mixture)):
+    for name, path in (("grown-glyph", _stage_dirs(runs["grown-glyph"])[-1]),
+                       ("mixture-mean-logits+head", mixtures["mixture-mean-logits+head"])):
         lm, tok = load_any(path)
         samples[name] = {}
         for lang, prompt in PROMPTS.items():
             ids = tok.encode(prompt)
-            outp = lm.generate(torch.tensor([ids]), s.sample_tokens)
+            gen = torch.Generator().manual_seed(0)
+            outp = lm.generate(torch.tensor([ids]), s.sample_tokens, temperature=0.8, top_k=40, generator=gen)
             samples[name][lang] = prompt + tok.decode(outp[0, len(ids):].tolist())
     return {"ppl": ppl, "bench": bench, "samples": samples}
 
@@ -263,7 +276,8 @@ def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     for name in ("specialist-en", "specialist-ru"):
         key = f"{name}/{_stage_dirs(runs[name])[-1].name}"
         ed_rows.append([name, *(ppl[key][g]["loss"] for g in langs)])
-    ed_rows.append(["mixture (mean logits)", *(ppl["mixture-en-ru"][g]["loss"] for g in langs)])
+    for name in MIXTURES:
+        ed_rows.append([name, *(ppl[name][g]["loss"] for g in langs)])
     ed = markdown_table(["model", "loss en", "loss ru", "loss zh"], ed_rows)
 
     bench_rows = [[b["model"], b["task"], b["protocol"], b.get("n"), b.get("accuracy"), b.get("accuracy_norm"),
@@ -302,14 +316,17 @@ Dotted lines mark stage boundaries: the spike after each is the new random block
 
 {ed}
 
-The specialists share the glyph substrate and tokenizer of `grown-glyph` (the docking port); the mixture averages
-their logits with no retraining.
+The specialists share the glyph substrate and tokenizer of `grown-glyph` (the docking port). `mixture-mean-logits`
+is the paper's merge: the mean of the experts' raw logits, no retraining. `mixture-mean-logits+head` adds the paper's
+post-merge step: only the output layers tuned on {res['scale']['tune_tokens']:,} tokens of mixed en/ru text, the blocks
+untouched. `mixture-mean-probs` averages probabilities instead (Branch-Train-Merge), which is never more than ln 2 nats
+worse than the better expert on any token.
 
 ## Benchmarks (tiny models: expect chance level; this shows the protocols run end to end)
 
 {bench}
 
-## Samples (greedy)
+## Samples (seeded sampling: temperature 0.8, top-k 40)
 
 {samples}
 """

@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from growlm.errors import GrowlmError
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -65,6 +69,16 @@ def wrap(model: torch.nn.Module, kind: str, device: torch.device) -> torch.nn.Mo
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def rank0_first(build: Callable[[], T]) -> T:
+    """Run ``build`` on rank 0 first (it writes any cache), then on the others (they read it)."""
+    if world()[0] == 0:
+        out = build()
+        barrier()
+        return out
+    barrier()
+    return build()
 
 
 def shutdown() -> None:

@@ -40,7 +40,8 @@ def read_metrics(run: Path) -> list[dict]:
 def plot_loss_curves(runs: dict[str, list[dict]], out: Path, title: str = "training loss across stages") -> Path:
     """Training loss against cumulative tokens, one line per run, dotted verticals at stage starts.
 
-    The spike right after each dotted line is the growth spike: a new random block on top.
+    The spike right after each dotted line is the growth spike: a new random block on top. Raw
+    logged losses are drawn faintly, their moving average boldly.
     """
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, recs in runs.items():
@@ -54,7 +55,8 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: Path, title: str = "train
             last_tok = r["tokens"]
             xs.append(offset + r["tokens"])
             ys.append(r["loss"])
-        (line,) = ax.plot(xs, ys, label=name, lw=1.2)
+        (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.3)
+        ax.plot(xs, ema(ys), label=name, lw=1.5, color=line.get_color())
         for b in bounds:
             ax.axvline(b, color=line.get_color(), ls=":", lw=0.8)
     ax.set_xlabel("training tokens")
@@ -63,6 +65,14 @@ def plot_loss_curves(runs: dict[str, list[dict]], out: Path, title: str = "train
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+def ema(values: Sequence[float], alpha: float = 0.3) -> list[float]:
+    """Exponential moving average (what the eye needs to see a trend through batch-to-batch noise)."""
+    out: list[float] = []
+    for v in values:
+        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+    return out
 
 
 def plot_vs_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, out: Path, title: str) -> Path:

@@ -33,16 +33,10 @@ import torch
 from tqdm import tqdm
 
 from growlm import distributed
-from growlm.checkpoint import (
-    atomic_dir,
-    atomic_write_bytes,
-    atomic_write_json,
-    load_model,
-    load_tensors,
-    save_model,
-)
+from growlm.checkpoint import load_model, load_tensors, save_model
 from growlm.data import Batches, Source, validation_batches
 from growlm.errors import GrowlmError
+from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
 from growlm.hashing import sha256_file
 from growlm.lora import add_lora
@@ -251,7 +245,7 @@ class Loop:
         tokens_per_step = batches.tokens_per_batch
         model.train()
         bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
-                   desc=key, disable=not self.progress, dynamic_ncols=True, leave=False)
+                   desc=key, disable=None if self.progress else True, dynamic_ncols=True, leave=False)
         t_last, tok_last = time.perf_counter(), state.tokens
         try:
             while state.step < n_steps:
@@ -333,20 +327,18 @@ class Loop:
                     opt_tensors[f"{pname}::{k}"] = v
                 else:
                     opt_scalars[f"{pname}::{k}"] = v
-        from safetensors.torch import save_file
-
         with atomic_dir(final) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-            save_file({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+            atomic_save_tensors(tmp / "trainable.safetensors", trainable)
+            atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors)
             fault_point("checkpoint", stage, state.step)
-            save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            atomic_save_tensors(tmp / "rng.safetensors", {"cpu": torch.get_rng_state()})
             info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
                     "history": state.history, "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
                     "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
                     "files": {}}
             for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
                 info["files"][f] = sha256_file(tmp / f)
-            (tmp / "state.json").write_text(json.dumps(info, indent=1))
+            atomic_write_json(tmp / "state.json", info)
         for old in root.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -478,10 +470,12 @@ class Trainer(Loop):
         sources, valid = stage_sources(plan, st)
         cache = run / "cache" / "shards"
         ctx, bs = plan.model.context, plan.train.batch_size
-        batches = Batches(sources, self.tokenizer, context=ctx, batch_size=bs,
-                          seed=_seed(plan.train.seed, "data", i), cache_dir=cache, rank=self.rank, world_size=self.world)
-        vbatches = validation_batches(valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
-                                      max_batches=plan.train.eval_batches) if valid else []
+        batches = distributed.rank0_first(lambda: Batches(
+            sources, self.tokenizer, context=ctx, batch_size=bs, seed=_seed(plan.train.seed, "data", i),
+            cache_dir=cache, rank=self.rank, world_size=self.world))
+        vbatches = distributed.rank0_first(lambda: validation_batches(
+            valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
+            max_batches=plan.train.eval_batches) if valid else [])
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
                          stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume")
@@ -516,10 +510,11 @@ def fault_point(where: str, stage: int, step: int) -> None:
 
     ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
     ``sigint@step:2:7`` sends SIGINT (Ctrl-C); ``kill@checkpoint:2:6`` dies halfway through writing the
-    step-6 checkpoint of stage 2. Unset in normal use: the check is one dict lookup.
+    step-6 checkpoint of stage 2. ``GROWLM_FAULT_RANK=R`` limits the fault to data-parallel rank R.
+    Unset in normal use: the check is one dict lookup.
     """
     spec = os.environ.get("GROWLM_FAULT")
-    if not spec:
+    if not spec or os.environ.get("GROWLM_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     action, _, point = spec.partition("@")
     if point == f"{where}:{stage}:{step}":

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 
 from growlm.errors import GrowlmError, one_line
+from growlm.fileio import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_tensors
 
 KINDS = ("glyph", "binary", "random-bits", "trainable")
@@ -37,22 +36,6 @@ def substrate_fingerprint(recipe: dict, table: torch.Tensor) -> str:
     h.update(canonical_json(recipe))
     h.update(sha256_tensors({"table": table}).encode("ascii"))
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``,
-    so a reader never sees a half-written file (even if this process dies mid-write)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -50,8 +50,9 @@ from safetensors import safe_open
 from safetensors.numpy import save as _save_np
 
 from growlm.errors import GrowlmError
+from growlm.fileio import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_file
-from growlm.substrate.base import Substrate, atomic_write_bytes, make_substrate
+from growlm.substrate.base import Substrate, make_substrate
 
 DEFAULT_FONT = "/usr/share/fonts/opentype/unifont/unifont.otf"
 FONT_HINT = "install it with: apt-get install -y --no-install-recommends fonts-unifont"

@@ -1,0 +1,81 @@
+"""Data parallelism through torchrun with 2 CPU ranks (gloo): same result as 1 rank, rank 0 writes alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_util import REPO, SMALL_PLAN, growlm, write_plan
+from growlm.train import train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def close(a: Path, b: Path, rtol: float = 1e-5) -> bool:
+    """Relative error of the weights as a whole, ||a - b|| / ||b||, within ``rtol``.
+
+    Ranks sum gradients in another order than one process does, so the runs agree to float
+    rounding, not bit for bit.
+    """
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    err = sum(((ta[k] - tb[k]).double() ** 2).sum() for k in ta).sqrt()
+    return bool(err <= rtol * sum((tb[k].double() ** 2).sum() for k in tb).sqrt())
+
+
+def torchrun(plan: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'audit'}:{REPO / 'src'}", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "growlm", "train", str(plan), "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_rank(corpus_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("dp1")
+    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
+    return d / "run"
+
+
+def test_two_ranks_equal_one_rank_and_only_rank0_writes(corpus_dir, tmp_path, one_rank):
+    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    r = torchrun(plan, tmp_path / "run", env={"GROWLM_AUDIT_DIR": str(audit)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n in (1, 2):
+        for name in ("model.safetensors", "adapters.safetensors") if n == 2 else ("model.safetensors",):
+            assert close(tmp_path / "run" / f"stage-{n}" / name, one_rank / f"stage-{n}" / name)
+    run = str(tmp_path / "run")
+    rank1 = (audit / "rank-1.txt").read_text().splitlines() if (audit / "rank-1.txt").exists() else []
+    assert not [x for x in rank1 if run in x], rank1
+    rank0 = (audit / "rank-0.txt").read_text().splitlines()
+    assert any("stage-2" in x for x in rank0)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))
+
+
+def test_indivisible_batch_is_a_clear_error(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("batch_size = 4", "batch_size = 3"), corpus_dir)
+    r = torchrun(plan, tmp_path / "run")
+    assert r.returncode != 0
+    assert "batch_size=3 is not divisible by the world size 2" in r.stderr
+
+
+def test_a_dead_rank_ends_the_run_and_resume_completes(corpus_dir, tmp_path, one_rank):
+    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2",
+               env={"GROWLM_FAULT": "kill@step:2:7", "GROWLM_FAULT_RANK": "1"}, timeout=300)
+    assert r.returncode != 0
+    assert "a training process failed" in r.stderr and "--resume" in r.stderr
+    assert (tmp_path / "run" / "stage-1" / "model.json").is_file()
+    assert not (tmp_path / "run" / "stage-2").exists()
+    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2", "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert close(tmp_path / "run" / "stage-2" / "model.safetensors", one_rank / "stage-2" / "model.safetensors")
