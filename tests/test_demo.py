@@ -9,7 +9,7 @@ from cli_util import growlm
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = growlm("demo", "--quick", "--out", str(out), timeout=600)
+    r = growlm("demo", "--quick", "--out", "demo", timeout=600, cwd=tmp_path)  # a relative --out, as users type it
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     for png in ("loss_curves.png", "bpb_vs_depth.png"):

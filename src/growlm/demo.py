@@ -84,7 +84,7 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
     console = Console()
     s = QUICK if quick else FULL
     t_start = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # the plans it writes hold absolute paths
     if (out / "report.md").exists():
         if not force:
             kept = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
