@@ -254,7 +254,7 @@ def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
         metas = [read_meta(st) for st in stages]
         key = f"{name}/{stages[-1].name}"
         rows.append([name, metas[-1]["config"]["n_layers"], max(m["params_active"] for m in metas),
-                     sum(m["metrics"]["tokens"] for m in metas), round(sum(m["metrics"]["wall_s"] for m in metas), 1),
+                     sum(m["metrics"]["tokens"] for m in metas), f"{sum(m['metrics']['wall_s'] for m in metas):.1f}",
                      *(ppl[key][g]["loss"] for g in langs),
                      sum(ppl[key][g]["bits_per_byte"] for g in langs) / len(langs)])
     gvm_headers = ["model", "depth", "max active params", "tokens", "train s", "loss en", "loss ru", "loss zh", "bpb (mean)"]
