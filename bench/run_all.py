@@ -1,0 +1,114 @@
+"""``make bench``: every benchmark, one table of figures against references measured in the same run.
+
+Each script runs in its own process (``--json``); this collects the figures, prints the table and
+writes ``bench/results.json``. Timings inside each script are medians of repeated runs after a
+warm-up, and every goal is a ratio against a reference measured side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, *args: str) -> dict:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(HERE / script), "--json", *args], capture_output=True, text=True)
+    if r.returncode:
+        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    out["_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def rows(res: dict) -> list[tuple[str, str, str, float | None, str, bool | None]]:
+    """(figure, measured, reference, ratio, goal, met) for the table."""
+    out = []
+    sc, ts, mc, tk, sb = (res.get(k, {}) for k in ("stage_cost", "train_speed", "merge_cost", "tokenizer", "substrate"))
+    if "measured_ratio" in sc:
+        r = sc["measured_ratio"] / sc["flop_ratio_head"]
+        out.append(("grow stage time/token (d256 L8 k1 V8192)", f"{sc['measured_ratio']:.3f} of mono",
+                     f"FLOP model {sc['flop_ratio_head']:.3f}", r, "≤ 1.0× model", r <= 1.0))
+        r = sc["measured_ratio"] / sc["flop_ratio"]
+        out.append(("same, block-only FLOP model (growth issue)", f"{sc['measured_ratio']:.3f}",
+                     f"(2L+6k)/(6(L+k)) {sc['flop_ratio']:.3f}", r, "≤ 1.15× (small head)", None))
+        r = sc["cached_ratio"] / sc["flop_ratio_cached"]
+        out.append(("grow stage with trunk cache", f"{sc['cached_ratio']:.3f} of mono",
+                     f"model w/o trunk {sc['flop_ratio_cached']:.3f}", r, "≤ 1.1× model", r <= 1.1))
+    if "memory" in ts:
+        m = ts["memory"]
+        out.append(("peak memory, grow step", f"{m['grow_mb']:.0f} MB", f"mono {m['mono_mb']:.0f} MB", m["ratio"],
+                     "reported; < 1", m["ratio"] < 1))
+    if "utilisation" in ts:
+        u = ts["utilisation"]
+        out.append(("CPU utilisation, mono fp32 step", f"{u['achieved_gflops']:.0f} GFLOP/s",
+                     f"matmul peak {u['peak_gflops']:.0f} GFLOP/s", u["ratio"], "≥ 0.60", u["ratio"] >= 0.60))
+    if "bf16" in ts:
+        b = ts["bf16"]
+        ok = b["speedup"] >= 1.3 and b["loss_rel_diff"] <= 0.02
+        out.append(("bf16 autocast on CPU", f"{b['bf16']['tokens_per_s']:.0f} tok/s, Δloss {b['loss_rel_diff']:.1%}",
+                     f"fp32 {b['fp32']['tokens_per_s']:.0f} tok/s", b["speedup"], "≥ 1.3×, Δloss ≤ 2%",
+                     ok if b["cpu_has_bf16"] else None))
+    if "hf" in ts:
+        h = ts["hf"]
+        out.append(("mono step vs transformers GPT-NeoX", f"{h['ours_tokens_per_s']:.0f} tok/s",
+                     f"HF {h['hf_tokens_per_s']:.0f} tok/s", h["ratio"], "≥ 1.0×", h["ratio"] >= 1.0))
+    if "rules" in mc:
+        f = mc["rules"]["mean-logits"]["forward"]
+        f = f["ratio"] if isinstance(f, dict) else f
+        out.append((f"{mc['experts']}-expert mixture forward (mean-logits)", f"{f:.3f} of N×1", "N × one expert", f,
+                     "≤ 1.1×", f <= 1.1))
+    if "kv" in ts:
+        k = ts["kv"]
+        out.append(("KV-cached generation, 256 new tokens", f"{k['cached_tokens_per_s']:.0f} tok/s",
+                     f"uncached {k['uncached_tokens_per_s']:.0f} tok/s", k["speedup"], "≥ 5×", k["speedup"] >= 5))
+    if "ours_lines_mb_s" in tk:
+        out.append(("tokenizer encode, mixed en/ru/zh, 1 core", f"{tk['ours_lines_mb_s']:.1f} MB/s",
+                     f"raw BPE {tk['raw_bpe_lines_mb_s']:.1f} MB/s", tk["ours_lines_mb_s"] / tk["raw_bpe_lines_mb_s"],
+                     "≥ 5 MB/s", tk["ours_lines_mb_s"] >= 5))
+    if "cold_s" in sb:
+        out.append(("glyph substrate, 65,536 tokens at d 1024", f"{sb['cold_s']:.1f} s (cached basis {sb['cached_s']:.1f} s)",
+                     "—", None, "≤ 120 s", sb["cold_s"] <= 120))
+    return out
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    q = ("--quick",) if quick else ()
+    t0 = time.perf_counter()
+    res = {
+        "stage_cost": run("stage_cost.py", *q),
+        "train_speed": run("train_speed.py", *q),
+        "merge_cost": run("merge_cost.py", *q),
+        "tokenizer": run("tokenizer_speed.py", *(("--mb", "1") if quick else ())),
+        "substrate": run("substrate_build.py"),
+    }
+    table = rows(res)
+    res["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    res["date"] = time.strftime("%Y-%m-%d")
+    res["total_s"] = round(time.perf_counter() - t0, 1)
+    res["table"] = [dict(zip(("figure", "measured", "reference", "ratio", "goal", "met"), r, strict=True)) for r in table]
+    (HERE / "results.json").write_text(json.dumps(res, indent=2))
+    w = max(len(r[0]) for r in table)
+    print(f"{'figure':{w}}  {'measured':34}  {'reference':30}  {'ratio':>6}  {'goal':20}  met")
+    for fig, meas, ref, ratio, goal, met in table:
+        rs = f"{ratio:6.2f}" if ratio is not None else "     —"
+        ms = {True: "yes", False: "NO", None: "n/a"}[met]
+        print(f"{fig:{w}}  {meas:34}  {ref:30}  {rs}  {goal:20}  {ms}")
+    errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        print(f"failed: {errors}")
+    print(f"({res['total_s']:.0f} s; bench/results.json)")
+
+
+if __name__ == "__main__":
+    main()
