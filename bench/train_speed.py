@@ -149,7 +149,7 @@ def kv_cache(cfg: ModelConfig, new_tokens: int, repeats: int) -> dict:
 
 
 def peak_memory_child(kind: str, d: int, layers: int, vocab: int, context: int, batch: int) -> None:
-    """Run 3 steps of one kind and print the peak RSS delta in MB (called in a fresh process)."""
+    """Run 3 steps of one kind (none for ``base``) and print this process's peak RSS in MB (a fresh process)."""
     cfg = config(d, layers + 1, vocab, context)
     model = make_model(cfg)
     if kind == "grow":
@@ -158,20 +158,31 @@ def peak_memory_child(kind: str, d: int, layers: int, vocab: int, context: int, 
         set_trainable(model, StageSpec(grow=0, train="all", tokens=1), [])
     x = torch.randint(0, vocab, (batch, context))
     step = stepper(model)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+    for _ in range(3 if kind != "base" else 0):
         step(x, x)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the current address space; ru_maxrss would
+    carry over the parent's high-water mark across fork+exec on Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(d: int, layers: int, vocab: int, context: int, batch: int) -> dict:
+    """Peak RSS of a grow and a monolithic step, each above a process that only built the model."""
     out = {}
-    for kind in ("grow", "mono"):
+    for kind in ("base", "grow", "mono"):
         r = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--d-model", str(d), "--layers",
                             str(layers), "--vocab", str(vocab), "--context", str(context), "--batch", str(batch)],
                            capture_output=True, text=True, check=True)
         out[f"{kind}_mb"] = float(r.stdout.strip().splitlines()[-1])
-    out["ratio"] = out["grow_mb"] / out["mono_mb"]
+    out["grow_mb"] -= out["base_mb"]
+    out["mono_mb"] -= out["base_mb"]
+    out["ratio"] = out["grow_mb"] / max(out["mono_mb"], 1e-9)
     return out
 
 
@@ -184,7 +195,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--memory-child", choices=("grow", "mono"))
+    ap.add_argument("--memory-child", choices=("base", "grow", "mono"))
     a = ap.parse_args()
     if a.memory_child:
         peak_memory_child(a.memory_child, a.d_model, a.layers, a.vocab, a.context, a.batch)

@@ -203,6 +203,7 @@ class GrowLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # LoRA stages applied to this model, oldest first (see lora.py); saved in model.json
         self.lora_records: list[dict] = []
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # derived, never saved
 
     @property
     def n_layers(self) -> int:
@@ -257,8 +258,14 @@ class GrowLM(nn.Module):
         return chunked_cross_entropy(x, self.head.weight, targets)
 
     def _rope(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, device=device)
-        return rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        """cos/sin for positions [start, start + length), from tables computed once per device."""
+        end = start + length
+        cached = self._rope_cache
+        if cached is None or cached[0].device != device or cached[0].shape[0] < end:
+            n = max(end, self.cfg.context)
+            cached = rope_tables(self.cfg.head_dim, torch.arange(n, device=device), self.cfg.rope_theta)
+            self._rope_cache = cached
+        return cached[0][start:end], cached[1][start:end]
 
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.head.weight
