@@ -43,8 +43,11 @@ def one_rank(corpus_dir, tmp_path_factory) -> Path:
     return d / "run"
 
 
-def test_two_ranks_equal_one_rank_and_only_rank0_writes(corpus_dir, tmp_path, one_rank):
-    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_rank_and_only_rank0_writes(corpus_dir, tmp_path, one_rank, parallel):
+    """DDP, and FSDP2 sharding the trainable blocks; both with a LoRA stage (the plan's stage 2)."""
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", f'log_every = 2\nparallel = "{parallel}"'),
+                      corpus_dir)
     audit = tmp_path / "audit"
     audit.mkdir()
     r = torchrun(plan, tmp_path / "run", env={"GROWLM_AUDIT_DIR": str(audit)})
@@ -68,8 +71,10 @@ def test_indivisible_batch_is_a_clear_error(corpus_dir, tmp_path):
     assert "batch_size=3 is not divisible by the world size 2" in r.stderr
 
 
-def test_a_dead_rank_ends_the_run_and_resume_completes(corpus_dir, tmp_path, one_rank):
-    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_dead_rank_ends_the_run_and_resume_completes(corpus_dir, tmp_path, one_rank, parallel):
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", f'log_every = 2\nparallel = "{parallel}"'),
+                      corpus_dir)
     r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2",
                env={"GROWLM_FAULT": "kill@step:2:7", "GROWLM_FAULT_RANK": "1"}, timeout=300)
     assert r.returncode != 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     from growlm.train import train
 
     dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress)
-    print(f"done: {len(dirs)} stages in {a.out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {len(dirs)} stages in {a.out}")
 
 
 def cmd_lora_merge(a: argparse.Namespace) -> None:

@@ -115,3 +115,25 @@ def run_dir_ready(path: Path) -> None:
     barrier()
     if not path.exists():
         raise GrowlmError(f"rank {world()[0]}: {path} is not visible; data-parallel ranks need a shared filesystem")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor gathered whole on CPU: collective when ``t`` is an FSDP2 shard (every rank must call)."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+
+
+def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``t`` (a whole tensor) placed as ``param`` is: sharded the same way when ``param`` is an FSDP2 shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(t.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return t.to(param.device)
+
+
+def gathered_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict on CPU (collective under FSDP2; plain tensors otherwise)."""
+    return {k: full_tensor(v) for k, v in model.state_dict().items()}

@@ -235,6 +235,8 @@ class Loop:
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
         """
         spec, device = self.spec, self.device
+        # wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those
+        forward = distributed.wrap(model, spec.parallel, device)
         params = [p for p in model.parameters() if p.requires_grad]
         active = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay,
@@ -243,7 +245,6 @@ class Loop:
         ckpt_root = self.run / "checkpoints" / key
         if self.resume:
             self._restore(ckpt_root, stage, model, opt, batches, state)
-        forward = distributed.wrap(model, spec.parallel, device)
         if spec.compile if spec.compile is not None else device.type == "cuda":
             forward = torch.compile(forward)
         tokens_per_step = batches.tokens_per_batch
@@ -317,24 +318,25 @@ class Loop:
 
     def _checkpoint(self, root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
                     state: StageState, stage: int) -> Path:
-        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones."""
-        if self.rank != 0:
-            return root
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{state.step:08d}"
-        if final.exists():
-            return final
+        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones.
+
+        Every rank gathers (FSDP2 shards are all-gathered, a collective); rank 0 alone writes.
+        """
         names = {id(p): n for n, p in model.named_parameters()}
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: distributed.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
         osd = opt.state_dict()
         opt_tensors, opt_scalars = {}, {}
         for idx, s in osd["state"].items():
             pname = names[id(opt.param_groups[0]["params"][idx])]
             for k, v in s.items():
                 if torch.is_tensor(v):
-                    opt_tensors[f"{pname}::{k}"] = v
+                    opt_tensors[f"{pname}::{k}"] = distributed.full_tensor(v)
                 else:
                     opt_scalars[f"{pname}::{k}"] = v
+        final = root / f"step-{state.step:08d}"
+        if self.rank != 0 or final.exists():
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(final) as tmp:
             atomic_save_tensors(tmp / "trainable.safetensors", trainable)
             atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors)
@@ -369,14 +371,14 @@ class Loop:
             for n, t in trainable.items():
                 if n not in params or not params[n].requires_grad:
                     raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
-                params[n].copy_(t)
+                params[n].copy_(distributed.like(t, params[n]))
         opt_tensors = load_tensors(ck / "optimizer.safetensors")
         pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
         ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
         st: dict[int, dict] = {}
         for key, v in opt_tensors.items():
             pname, k = key.split("::")
-            st.setdefault(ids[pname], {})[k] = v.to(params[pname].device)
+            st.setdefault(ids[pname], {})[k] = v if k == "step" else distributed.like(v, params[pname])
         for key, v in info["optimizer_scalars"].items():
             pname, k = key.split("::")
             st.setdefault(ids[pname], {})[k] = v
@@ -501,7 +503,12 @@ class Trainer(Loop):
         if cache is not None:
             self.log(f"stage {i}: trunk cache served {cache.hits:,} sequences, computed {cache.misses:,}")
 
-        model.to("cpu")
+        sharded = self.world > 1 and plan.train.parallel == "fsdp"
+        if sharded:  # gather the shards (every rank), then save an ordinary copy
+            full = distributed.gathered_state(model)
+            model = _plain_copy(model, full) if self.rank == 0 else model
+        else:
+            model.to("cpu")
         extra = {
             "plan": plan_to_json(plan),
             "stage": {"index": i, "name": st.name, "grow": st.grow, "init": st.init, "train": st.train,
@@ -520,10 +527,24 @@ class Trainer(Loop):
         distributed.barrier()
         if self.rank != 0:
             meta = json.loads((sdir / "model.json").read_text())
+        if sharded:  # the next stage grows an ordinary model; every rank starts it from the saved stage
+            model = load_model(sdir).model
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
         self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
                  f"valid loss {vl}, {state.wall_s:.1f} s -> {sdir}")
         return model, lineage + [meta["fingerprint"]]
+
+
+def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:
+    """An ordinary (unsharded) copy of ``model`` holding ``state``, LoRA adapters included."""
+    from growlm.lora import attach_adapters
+
+    plain = GrowLM(ModelConfig.from_dict({**model.cfg.to_dict(), "n_layers": len(model.blocks)}))
+    if model.lora_records:
+        attach_adapters(plain, model.lora_records, {k: v for k, v in state.items() if ".lora_" in k})
+        plain.lora_records = list(model.lora_records)
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def fault_point(where: str, stage: int, step: int) -> None:
