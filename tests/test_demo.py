@@ -24,6 +24,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert ppl[mix]["ru"]["loss"] < ppl["specialist-en/stage-2"]["ru"]["loss"]
     assert len(grown) == 3 and {b["protocol"] for b in res["bench"]} == {"paper", "loglik"}
     assert "Grown vs monolithic" in report and "expert × domain" in report
+    assert res["old_experts_unchanged"] is True
+    assert ppl["mixture-mean-logits+zh"]["zh"]["loss"] < ppl["mixture-mean-logits"]["zh"]["loss"]
 
     # a second run never overwrites the first report silently: it is kept beside
     r = growlm("demo", "--quick", "--out", str(out), timeout=600)

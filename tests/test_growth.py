@@ -208,10 +208,12 @@ def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path):
     assert len(steps) == len(set(steps))
 
 
-def test_sigint_checkpoints_and_resumes(corpus_dir, tmp_path):
+@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
+def test_sigint_checkpoints_and_resumes(corpus_dir, tmp_path, sig):
+    """Ctrl-C, and a scheduler's SIGTERM, write a checkpoint at the current step and exit cleanly."""
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress",
-               env={"GROWLM_FAULT": "sigint@step:1:5"})
+               env={"GROWLM_FAULT": f"{sig}@step:1:5"})
     assert r.returncode == 130, r.stderr
     assert "interrupted" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "run" / "checkpoints" / "stage-1" / "step-00000005" / "state.json").is_file()

@@ -147,8 +147,24 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
     for name, path in mixtures.items():
         console.print(f"  {name}: {path}")
 
+    console.rule("[bold]4b. continual learning: a Chinese expert joins the mixture")
+    from growlm.compose import add_expert
+    from growlm.hashing import sha256_file
+
+    run("specialist-zh", _plan(substrate=port, tokenizer=shared_tok, train=[data["zh"]["train"]],
+                               valid=[data["zh"]["valid"]], stages=_grow_stages(2, T), s=s))
+    old = mixtures["mixture-mean-logits"] / "experts"
+    before = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
+    extended = out / "mixture-mean-logits+zh"
+    add_expert(mixtures["mixture-mean-logits"], runs["specialist-zh"] / "stage-2", extended)
+    after = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
+    copied = extended / "experts"
+    kept = all(sha256_file(copied / rel) == digest for rel, digest in before.items())
+    console.print(f"  {extended}: old experts byte-identical: {kept and before == after}")
+
     console.rule("[bold]5. evaluation")
-    results = _evaluate_all(runs, mixtures, data, s, console)
+    results = _evaluate_all(runs, {**mixtures, "mixture-mean-logits+zh": extended}, data, s, console)
+    results["old_experts_unchanged"] = kept and before == after
 
     console.rule("[bold]6. report")
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -284,6 +300,9 @@ def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
                    b.get("invalid_rate")] if "error" not in b else [b["model"], b["task"], b["protocol"], "", "", "", b["error"]]
                   for b in res["bench"]]
     bench = markdown_table(["model", "task", "protocol", "n", "accuracy", "acc_norm", "invalid rate"], bench_rows)
+    cl = markdown_table(["model", "loss en", "loss ru", "loss zh"],
+                        [[n, *(ppl[n][g]["loss"] for g in langs)] for n in ("mixture-mean-logits", "mixture-mean-logits+zh")])
+    forget = {g: ppl["mixture-mean-logits+zh"][g]["loss"] - ppl["mixture-mean-logits"][g]["loss"] for g in langs}
     samples = "\n".join(f"- **{m}** ({lang}): `{txt!r}`" for m, d in res["samples"].items() for lang, txt in d.items())
 
     sc = res["scale"]
@@ -321,6 +340,14 @@ is the paper's merge: the mean of the experts' raw logits, no retraining. `mixtu
 post-merge step: only the output layers tuned on {res['scale']['tune_tokens']:,} tokens of mixed en/ru text, the blocks
 untouched. `mixture-mean-probs` averages probabilities instead (Branch-Train-Merge), which is never more than ln 2 nats
 worse than the better expert on any token.
+
+## Continual learning: a Chinese expert joins the mixture
+
+{cl}
+
+Adding the expert left the old experts' files byte-identical ({'yes' if res['old_experts_unchanged'] else 'NO'}).
+Change in validation loss on the old domains (the forgetting, or its absence): en {forget['en']:+.3f}, ru
+{forget['ru']:+.3f} nats/token; on the new domain: zh {forget['zh']:+.3f}.
 
 ## Benchmarks (tiny models: expect chance level; this shows the protocols run end to end)
 

@@ -56,6 +56,26 @@ class Interrupted(GrowlmError):
 
 
 @contextlib.contextmanager
+def stop_signals(world: int) -> Iterator[None]:
+    """Turn Ctrl-C (and, in a single process, SIGTERM) into a checkpoint-then-exit.
+
+    A shell starts background jobs with SIGINT ignored, and Python then installs no handler, so the
+    handler is set explicitly. SIGTERM (a scheduler's preemption) is handled only without torchrun,
+    whose agent sends it to the surviving ranks when one dies.
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if world == 1 else [])
+    old = {s: signal.signal(s, interrupt) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
 def run_lock(run: Path) -> Iterator[None]:
     """Hold ``RUN/.lock`` so a second process cannot write the same run."""
     run.mkdir(parents=True, exist_ok=True)
@@ -417,7 +437,7 @@ class Trainer(Loop):
         if self.rank == 0:
             self._check_fresh_or_resumable()
         lock = run_lock(run) if self.rank == 0 else contextlib.nullcontext()
-        with lock:
+        with lock, stop_signals(self.world):
             if self.rank == 0:
                 atomic_write_json(run / "plan.json", plan_to_json(self.plan))
                 if not (run / "plan.toml").exists():
@@ -551,7 +571,7 @@ def fault_point(where: str, stage: int, step: int) -> None:
     """Deterministic fault injection for the reliability tests.
 
     ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
-    ``sigint@step:2:7`` sends SIGINT (Ctrl-C); ``kill@checkpoint:2:6`` dies halfway through writing the
+    ``sigint@step:2:7`` sends SIGINT (Ctrl-C), ``sigterm@...`` SIGTERM; ``kill@checkpoint:2:6`` dies halfway through writing the
     step-6 checkpoint of stage 2. ``GROWLM_FAULT_RANK=R`` limits the fault to data-parallel rank R.
     Unset in normal use: the check is one dict lookup.
     """
@@ -560,7 +580,8 @@ def fault_point(where: str, stage: int, step: int) -> None:
         return
     action, _, point = spec.partition("@")
     if point == f"{where}:{stage}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGINT)
+        sig = {"kill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[action]
+        os.kill(os.getpid(), sig)
 
 
 def _latest_checkpoint(root: Path) -> Path | None:
