@@ -106,10 +106,6 @@ def check_batch(batch_size: int, world_size: int) -> None:
                           f"the global batch is split evenly across ranks")
 
 
-def is_rank0() -> bool:
-    return world()[0] == 0
-
-
 def run_dir_ready(path: Path) -> None:
     """Wait until rank 0 has created ``path`` (shared filesystem)."""
     barrier()
