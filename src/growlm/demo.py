@@ -282,10 +282,10 @@ def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
         for st in _stage_dirs(runs[name]):
             m = read_meta(st)
             key = f"{name}/{st.name}"
-            stage_rows.append([name, st.name, m["config"]["n_layers"], m["params_active"],
+            stage_rows.append([name, st.name, m["config"]["n_layers"], m["params_active"], m["metrics"]["valid_loss"],
                                *(ppl[key][g]["loss"] for g in langs), *(ppl[key][g]["bits_per_byte"] for g in langs)])
-    stage_table = markdown_table(["run", "stage", "depth", "active params", "loss en", "loss ru", "loss zh",
-                                  "bpb en", "bpb ru", "bpb zh"], stage_rows)
+    stage_table = markdown_table(["run", "stage", "depth", "active params", "valid loss (mix)", "loss en", "loss ru",
+                                  "loss zh", "bpb en", "bpb ru", "bpb zh"], stage_rows)
 
     # experts x domains
     ed_rows = []
