@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from growlm.compose import Mixture, Router, make_rule  # noqa: E402
 from growlm.model import GrowLM, ModelConfig  # noqa: E402
+from timing import once  # noqa: E402
 
 
 def make_expert(cfg: ModelConfig, seed: int) -> GrowLM:
@@ -48,19 +48,6 @@ def mixtures(experts: list[GrowLM]) -> dict[str, Mixture]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t
-
-
 def median_ratio(mix_fn: Callable[[], object], one_fns: list[Callable[[], object]], repeats: int,
                  device: torch.device) -> dict:
     """Median of (mixture time) / (sum of the single experts' times), interleaved."""
@@ -70,8 +57,8 @@ def median_ratio(mix_fn: Callable[[], object], one_fns: list[Callable[[], object
             f()
     mix_t, one_t, ratios = [], [], []
     for _ in range(repeats):
-        a = timed(mix_fn, device)
-        b = sum(timed(f, device) for f in one_fns)
+        a = once(mix_fn, device)
+        b = sum(once(f, device) for f in one_fns)
         mix_t.append(a)
         one_t.append(b)
         ratios.append(a / b)

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
+from timing import once  # noqa: E402
 
 
 def make_model(cfg: ModelConfig, seed: int = 0) -> GrowLM:
@@ -81,9 +81,7 @@ def measure(d_model: int, layers: int, new: int, vocab: int, batch: int, context
             f(x, y)
     for _ in range(repeats):
         for name, f in runs.items():
-            t0 = time.perf_counter()
-            f(x, y)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(once(lambda f=f: f(x, y)))
     med = {k: statistics.median(v) for k, v in times.items()}
     pb, h = block_param_count(cfg), head_param_count(cfg)
     L, k = layers, new

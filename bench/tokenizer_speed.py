@@ -20,9 +20,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,6 +28,7 @@ import tokenizers  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from growlm.tokenizer import Tokenizer, build_preset, build_tokenizer  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 NGRAM_LIST = Path(__file__).resolve().parents[2] / "shared/data/bvv241/ngrams-2-3.txt"
 
@@ -104,13 +103,7 @@ def byte_level_bpe(lines: list[str], vocab_size: int = 32_000) -> tokenizers.Tok
 
 def mb_per_s(fn: Callable[[], object], n_bytes: int, repeats: int) -> float:
     """Median throughput of ``fn`` over ``repeats`` timed runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n_bytes / statistics.median(times) / 1e6
+    return n_bytes / median_seconds(fn, repeats, warmup=1) / 1e6
 
 
 def main() -> None:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,18 +29,7 @@ from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, flop_per_token  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
 from stage_cost import make_model, stepper  # noqa: E402
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` after a warm-up."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from timing import median_seconds as timed  # noqa: E402
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:

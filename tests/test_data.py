@@ -272,7 +272,7 @@ def test_batches_errors(tok, corpus_dir, tmp_path):
     _raises(r"source 1 \(.*short.txt\) has only \d+ tokens; at least context\+1 = 65",
             _batches, tok, corpus_dir, tmp_path, context=64,
             sources=[Source([corpus_dir / "en.txt"]), Source([short])])
-    _raises("batch_size 6 is not divisible by world_size 4", _batches, tok, corpus_dir, tmp_path,
+    _raises("batch_size 6 is not divisible by the world size 4", _batches, tok, corpus_dir, tmp_path,
             batch_size=6, world_size=4)
     _raises("source 0 .*en.txt.* has weight 0", _batches, tok, corpus_dir, tmp_path,
             sources=[Source([corpus_dir / "en.txt"], 0.0)])

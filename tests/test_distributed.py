@@ -68,7 +68,7 @@ def test_indivisible_batch_is_a_clear_error(corpus_dir, tmp_path):
     plan = write_plan(tmp_path, SMALL_PLAN.replace("batch_size = 4", "batch_size = 3"), corpus_dir)
     r = torchrun(plan, tmp_path / "run")
     assert r.returncode != 0
-    assert "batch_size=3 is not divisible by the world size 2" in r.stderr
+    assert "batch_size 3 is not divisible by the world size 2" in r.stderr
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -21,8 +21,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from cli_util import REPO, SMALL_PLAN, growlm, tensors_equal, write_plan
-from growlm.checkpoint import model_fingerprint
-from growlm.hashing import sha256_file, sha256_tensors
+from growlm.checkpoint import block_sha256, model_fingerprint
+from growlm.hashing import sha256_file
 from growlm.train import train
 
 
@@ -231,7 +231,7 @@ def test_verify_passes_a_clean_run_and_finds_drift(tmp_path, ref_run):
     w["blocks.0.attn.qkv.weight"] = w["blocks.0.attn.qkv.weight"] + 1e-3
     save_file(w, str(st2 / "model.safetensors"))
     meta = json.loads((st2 / "model.json").read_text())
-    meta["blocks"][0]["sha256"] = sha256_tensors({k[len("blocks.0."):]: v for k, v in w.items() if k.startswith("blocks.0.")})
+    meta["blocks"][0]["sha256"] = block_sha256(w, 0)
     meta["files"]["model.safetensors"] = sha256_file(st2 / "model.safetensors")
     adapters = load_file(str(st2 / "adapters.safetensors"))
     meta["fingerprint"] = model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"],

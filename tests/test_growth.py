@@ -116,10 +116,10 @@ def test_active_count_is_new_blocks_plus_head(issue_run):
 
 
 def test_paper_9l_unicode_active_count_per_stage():
-    plan, _ = load_plan(REPO / "configs/paper/9l-unicode.toml", check_paths=False)
+    plan = load_plan(REPO / "configs/paper/9l-unicode.toml", check_paths=False)
     cfg = ModelConfig(vocab_size=65536, d_model=1024, n_heads=32, context=1024)
     assert plan_active_params(plan, cfg) == [104_899_584] * 3
-    mono, _ = load_plan(REPO / "configs/paper/9l-unicode-monolith.toml", check_paths=False)
+    mono = load_plan(REPO / "configs/paper/9l-unicode-monolith.toml", check_paths=False)
     assert plan_active_params(mono, cfg) == [180_476_928]
 
 

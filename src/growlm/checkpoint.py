@@ -14,6 +14,7 @@ truncated or bit-flipped file is refused with its name before any tensor is used
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +40,15 @@ TOKENIZER_DIR = "tokenizer"
 # Hashes
 
 
-def block_hashes(model: GrowLM) -> list[dict]:
-    """sha256 of every block's base tensors (adapters excluded), in block order."""
-    return [{"index": i, "sha256": sha256_tensors(base_state(blk))} for i, blk in enumerate(model.blocks)]
+def block_sha256(weights: dict[str, torch.Tensor], index: int) -> str:
+    """sha256 of block ``index``'s base tensors, from a model's weights (as saved in model.safetensors)."""
+    prefix = f"blocks.{index}."
+    return sha256_tensors({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
 
 
-def base_state(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+def base_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state without LoRA adapters, under the plain (pre-adapter) names."""
-    out = {}
-    for name, t in module.state_dict().items():
-        if ".lora_" in name:
-            continue
-        out[prefix + name.replace(".base_layer.", ".")] = t
-    return out
+    return {name.replace(".base_layer.", "."): t for name, t in module.state_dict().items() if ".lora_" not in name}
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,8 +59,6 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def model_fingerprint(config: dict, substrate_fp: str, tokenizer_fp: str, weights: dict[str, torch.Tensor],
                       adapters: dict[str, torch.Tensor]) -> str:
     """sha256 over config, interface fingerprints and every tensor: equal iff the model computes the same."""
-    import hashlib
-
     h = hashlib.sha256(canonical_json({"config": config, "substrate": substrate_fp, "tokenizer": tokenizer_fp}))
     h.update(sha256_tensors(weights).encode())
     h.update(sha256_tensors(adapters).encode())
@@ -114,7 +109,7 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
         "substrate": substrate,
         "substrate_fingerprint": substrate["fingerprint"],
         "tokenizer_fingerprint": tok.fingerprint,
-        "blocks": block_hashes(model),
+        "blocks": [{"index": i, "sha256": block_sha256(weights, i)} for i in range(len(model.blocks))],
         "fingerprint": fp,
         "lineage": list(lineage or []),
         "lora": list(model.lora_records) or None,

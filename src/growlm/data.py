@@ -356,6 +356,13 @@ class Source:
         self.paths = [Path(p) for p in self.paths]
 
 
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """The global batch is split evenly across data-parallel ranks, or it is an error."""
+    if batch_size % world_size:
+        raise GrowlmError(f"batch_size {batch_size} is not divisible by the world size {world_size}; "
+                          f"the global batch is split evenly across ranks")
+
+
 class Batches:
     """Fixed-length packed sequences from weighted sources, in a deterministic order from the seed.
 
@@ -374,8 +381,7 @@ class Batches:
             raise GrowlmError(f"context and batch_size must be positive, got context={context}, batch_size={batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise GrowlmError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
-        if batch_size % world_size:
-            raise GrowlmError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        check_batch_split(batch_size, world_size)
         for i, s in enumerate(sources):
             if not s.paths:
                 raise GrowlmError(f"source {i} has no files")

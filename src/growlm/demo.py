@@ -240,6 +240,11 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
     return {"ppl": ppl, "bench": bench, "samples": samples}
 
 
+def _mean_bpb(scores: dict[str, dict]) -> float:
+    """Bits/byte averaged over the domains of one model's scores."""
+    return sum(v["bits_per_byte"] for v in scores.values()) / len(scores)
+
+
 def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     from rich.table import Table
 
@@ -250,29 +255,25 @@ def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     langs = ("en", "ru", "zh")
     curves = {n: read_metrics(r) for n, r in runs.items() if not n.startswith("specialist")}
     plot_loss_curves(curves, out / "loss_curves.png")
+    compared = ("grown-glyph", "grown-binary16", "monolithic-glyph", "monolithic-trainable")
     depth_series: dict[str, list[tuple[int, float]]] = {}
-    for name in ("grown-glyph", "grown-binary16"):
-        for st in _stage_dirs(runs[name]):
-            depth = read_meta(st)["config"]["n_layers"]
-            bpb = sum(ppl[f"{name}/{st.name}"][g]["bits_per_byte"] for g in langs) / len(langs)
-            depth_series.setdefault(name, []).append((depth, bpb))
-    for name in ("monolithic-glyph", "monolithic-trainable"):
-        st = _stage_dirs(runs[name])[-1]
-        depth_series[name] = [(read_meta(st)["config"]["n_layers"],
-                               sum(ppl[f"{name}/{st.name}"][g]["bits_per_byte"] for g in langs) / len(langs))]
+    for name in compared:
+        stages = _stage_dirs(runs[name])
+        for st in stages if name.startswith("grown") else stages[-1:]:
+            depth_series.setdefault(name, []).append((read_meta(st)["config"]["n_layers"],
+                                                      _mean_bpb(ppl[f"{name}/{st.name}"])))
     plot_vs_depth(depth_series, "validation bits/byte (mean over en, ru, zh)", out / "bpb_vs_depth.png",
                   "bits/byte vs depth")
 
     # grown vs monolithic
     rows = []
-    for name in ("grown-glyph", "grown-binary16", "monolithic-glyph", "monolithic-trainable"):
+    for name in compared:
         stages = _stage_dirs(runs[name])
         metas = [read_meta(st) for st in stages]
         key = f"{name}/{stages[-1].name}"
         rows.append([name, metas[-1]["config"]["n_layers"], max(m["params_active"] for m in metas),
                      sum(m["metrics"]["tokens"] for m in metas), f"{sum(m['metrics']['wall_s'] for m in metas):.1f}",
-                     *(ppl[key][g]["loss"] for g in langs),
-                     sum(ppl[key][g]["bits_per_byte"] for g in langs) / len(langs)])
+                     *(ppl[key][g]["loss"] for g in langs), _mean_bpb(ppl[key])])
     gvm_headers = ["model", "depth", "max active params", "tokens", "train s", "loss en", "loss ru", "loss zh", "bpb (mean)"]
     gvm = markdown_table(gvm_headers, rows)
 
@@ -365,6 +366,6 @@ Change in validation loss on the old domains (the forgetting, or its absence): e
     for h in ("model", "en", "ru", "zh", "bpb"):
         table.add_column(h, justify="right" if h != "model" else "left")
     for name, d in ppl.items():
-        table.add_row(name, *(f"{d[g]['loss']:.3f}" for g in langs), f"{sum(d[g]['bits_per_byte'] for g in langs) / 3:.3f}")
+        table.add_row(name, *(f"{d[g]['loss']:.3f}" for g in langs), f"{_mean_bpb(d):.3f}")
     console.print(table)
     return path

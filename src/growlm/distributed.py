@@ -12,13 +12,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-
-from growlm.errors import GrowlmError
 
 T = TypeVar("T")
 
@@ -53,8 +50,9 @@ def wrap(model: torch.nn.Module, kind: str, device: torch.device) -> torch.nn.Mo
     """Wrap for gradient synchronisation of the trainable parameters only.
 
     DDP registers reducer hooks only on parameters that require grad, so the frozen trunk is
-    never synchronised. FSDP2 (``fully_shard``, per parameter) shards each trainable block and the
-    head; frozen tensors stay plain, replicated on every rank.
+    never synchronised. FSDP2 (``fully_shard``, per parameter) gives each trainable block its own
+    group; the root group holds the rest (head, final norm, and the frozen trunk, gathered for the
+    forward; frozen tensors get no gradient, so they have nothing to reduce).
     """
     if not dist.is_initialized():
         return model
@@ -98,19 +96,6 @@ def launch(plan: str, out: str, nproc: int, *, resume: bool = False) -> int:
               f"are intact; continue with: growlm train {plan} --out {out} --nproc {nproc} --resume",
               file=sys.stderr)
     return r.returncode
-
-
-def check_batch(batch_size: int, world_size: int) -> None:
-    if batch_size % world_size:
-        raise GrowlmError(f"train.batch_size={batch_size} is not divisible by the world size {world_size}; "
-                          f"the global batch is split evenly across ranks")
-
-
-def run_dir_ready(path: Path) -> None:
-    """Wait until rank 0 has created ``path`` (shared filesystem)."""
-    barrier()
-    if not path.exists():
-        raise GrowlmError(f"rank {world()[0]}: {path} is not visible; data-parallel ranks need a shared filesystem")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -157,8 +157,8 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def load_plan(path: str | Path, *, check_paths: bool = True) -> tuple[Plan, dict]:
-    """Parse and validate a plan file; returns the plan (paths absolute) and its raw TOML dict.
+def load_plan(path: str | Path, *, check_paths: bool = True) -> Plan:
+    """Parse and validate a plan file; returns the plan, its paths absolute.
 
     ``check_paths=False`` skips the file checks (to inspect a plan's shape, e.g. its active
     parameter counts, without its data).
@@ -178,7 +178,7 @@ def load_plan(path: str | Path, *, check_paths: bool = True) -> tuple[Plan, dict
         raise GrowlmError(f"plan {path}: {_loc(err['loc'])}: {msg}") from None
     if check_paths:
         plan = _resolve_paths(plan, path.parent.resolve(), path)
-    return plan, raw
+    return plan
 
 
 def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:

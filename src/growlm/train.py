@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from growlm import distributed
 from growlm.checkpoint import load_model, load_tensors, save_model
-from growlm.data import Batches, Source, validation_batches
+from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
 from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
@@ -185,7 +185,6 @@ class StageState:
     wall_s: float = 0.0
     last_loss: float = float("nan")
     valid_loss: float | None = None
-    history: list[dict] = field(default_factory=list)
 
 
 def lr_at(step: int, n_steps: int, lr: float, warmup: float, min_ratio: float) -> float:
@@ -308,7 +307,6 @@ class Loop:
                            "lr": cur_lr, "tokens_per_s": round(tps, 1), "params_active": active}
                     if spec.eval_every and state.step % spec.eval_every == 0:
                         rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
-                    state.history.append(rec)
                     self._append_metrics(rec)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
                 if state.step % spec.checkpoint_every == 0 and state.step < n_steps:
@@ -363,7 +361,7 @@ class Loop:
             fault_point("checkpoint", stage, state.step)
             atomic_save_tensors(tmp / "rng.safetensors", {"cpu": torch.get_rng_state()})
             info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
-                    "history": state.history, "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
+                    "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
                     "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
                     "files": {}}
             for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
@@ -407,7 +405,7 @@ class Loop:
         torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
         batches.load_state_dict(info["data"])
         state.step, state.tokens, state.wall_s = info["step"], info["tokens"], info["wall_s"]
-        state.last_loss, state.history = info["last_loss"], info["history"]
+        state.last_loss = info["last_loss"]
         self._truncate_metrics(stage, state.step)
         self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
 
@@ -416,8 +414,8 @@ class Loop:
         f = self.run / "metrics.jsonl"
         if self.rank != 0 or not f.exists():
             return
-        keep = [ln for ln in f.read_text().splitlines()
-                if ln.strip() and not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > step)]
+        recs = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+        keep = [json.dumps(r) for r in recs if not (r["stage"] == stage and r["step"] > step)]
         atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
@@ -427,13 +425,13 @@ class Trainer(Loop):
     def __init__(self, plan_path: Path, run: Path, *, resume: bool = False, progress: bool = True,
                  log=print) -> None:
         self.plan_path = Path(plan_path)
-        self.plan, self.raw = load_plan(plan_path)
+        self.plan = load_plan(plan_path)
         super().__init__(run, self.plan.train, resume=resume, progress=progress, log=log)
 
     def run_all(self) -> list[Path]:
         """Train every stage not yet complete; returns the stage dirs."""
         run = self.run
-        distributed.check_batch(self.plan.train.batch_size, self.world)
+        check_batch_split(self.plan.train.batch_size, self.world)  # before any work
         if self.rank == 0:
             self._check_fresh_or_resumable()
         lock = run_lock(run) if self.rank == 0 else contextlib.nullcontext()
@@ -442,10 +440,9 @@ class Trainer(Loop):
                 atomic_write_json(run / "plan.json", plan_to_json(self.plan))
                 if not (run / "plan.toml").exists():
                     shutil.copyfile(self.plan_path, run / "plan.toml")
-                prepare_substrate(self.plan, run, prepare_tokenizer(self.plan, run))
-            distributed.run_dir_ready(run / "substrate")
-            tok = prepare_tokenizer(self.plan, run)
-            sub = prepare_substrate(self.plan, run, tok)
+            # rank 0 builds the docking port; the other ranks load what it wrote
+            tok = distributed.rank0_first(lambda: prepare_tokenizer(self.plan, run))
+            sub = distributed.rank0_first(lambda: prepare_substrate(self.plan, run, tok))
             model, lineage = initial_model(self.plan, tok, sub)
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
             self.tokenizer, self.substrate = tok, sub
@@ -488,16 +485,14 @@ class Trainer(Loop):
         model.to(device)
         depth_before = len(model.blocks)
         gen = torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i))
-        new = grow(model, st.grow, st.init, gen)
-        model.to(device)
+        new = grow(model, st.grow, st.init, gen)  # new blocks land on the model's device
         set_trainable(model, st, new)
         if st.lora is not None:
             rank = st.lora.rank
             rec = add_lora(model, f"stage{i}", rank=rank, alpha=st.lora.alpha or 2.0 * rank,
                            blocks=lora_blocks(st.lora, depth_before, len(model.blocks)),
                            targets=list(st.lora.targets), generator_seed=_seed(plan.train.seed, "lora", i))
-            model.lora_records.append(rec)
-            model.to(device)
+            model.lora_records.append(rec)  # peft puts adapters on their base layer's device
         counts = model.param_counts()
         active, total = counts["params_active"], counts["params_total"]
         what = (f"grow {st.grow} ({st.init})" if st.grow else "no growth") + (f", train {st.train}" if st.train != "new" else "") \
@@ -506,22 +501,20 @@ class Trainer(Loop):
                  f"frozen {total - active:,} | total {total:,}")
 
         sources, valid = stage_sources(plan, st)
-        cache = run / "cache" / "shards"
+        shards = run / "cache" / "shards"
         ctx, bs = plan.model.context, plan.train.batch_size
         batches = distributed.rank0_first(lambda: Batches(
             sources, self.tokenizer, context=ctx, batch_size=bs, seed=_seed(plan.train.seed, "data", i),
-            cache_dir=cache, rank=self.rank, world_size=self.world))
+            cache_dir=shards, rank=self.rank, world_size=self.world))
         vbatches = distributed.rank0_first(lambda: validation_batches(
-            valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=cache,
+            valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=shards,
             max_batches=plan.train.eval_batches) if valid else [])
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
-        cache = None
-        if plan.train.trunk_cache:
-            cache = self._trunk_cache(model, batches, depth_before, lineage, i)
+        trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
-                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume", trunk_cache=cache)
-        if cache is not None:
-            self.log(f"stage {i}: trunk cache served {cache.hits:,} sequences, computed {cache.misses:,}")
+                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume", trunk_cache=trunk)
+        if trunk is not None:
+            self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
 
         sharded = self.world > 1 and plan.train.parallel == "fsdp"
         if sharded:  # gather the shards (every rank), then save an ordinary copy

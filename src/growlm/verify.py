@@ -12,9 +12,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from growlm.checkpoint import ADAPTERS, WEIGHTS, load_tensors, model_fingerprint, read_meta, verify_files
+from growlm.checkpoint import (
+    ADAPTERS,
+    WEIGHTS,
+    block_sha256,
+    load_tensors,
+    model_fingerprint,
+    read_meta,
+    verify_files,
+)
 from growlm.errors import GrowlmError
-from growlm.hashing import sha256_tensors
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -30,8 +37,7 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
     weights = load_tensors(path / WEIGHTS)
     adapters = load_tensors(path / ADAPTERS) if (path / ADAPTERS).is_file() else {}
     for blk in meta["blocks"]:
-        prefix = f"blocks.{blk['index']}."
-        got = sha256_tensors({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        got = block_sha256(weights, blk["index"])
         if got != blk["sha256"]:
             problems.append(f"{path}: block {blk['index']} sha256 {got[:12]} differs from the recorded {blk['sha256'][:12]}")
     sub = meta["substrate"]

@@ -1,0 +1,29 @@
+"""The one way the benchmarks time things: synchronised wall clock, median after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def once(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    """Seconds for one call of ``fn``, waiting for queued GPU work before and after."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
+                   device: torch.device | None = None) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(once(fn, device) for _ in range(repeats))
