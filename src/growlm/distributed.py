@@ -98,12 +98,16 @@ def launch(plan: str, out: str, nproc: int, *, resume: bool = False) -> int:
     return r.returncode
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A tensor gathered whole on CPU: collective when ``t`` is an FSDP2 shard (every rank must call)."""
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor on ``t``'s device: collective when ``t`` is an FSDP2 DTensor (every rank must call)."""
     from torch.distributed.tensor import DTensor
 
-    t = t.detach()
-    return (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor gathered whole on CPU: collective when ``t`` is an FSDP2 shard (every rank must call)."""
+    return whole(t.detach()).cpu()
 
 
 def like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -216,12 +216,39 @@ def evaluate_loss(model: GrowLM, batches: list[tuple[torch.Tensor, torch.Tensor]
         return None
     was = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros((), device=device)
     for x, y in batches:
         with autocast:
-            total += float(model(x.to(device), targets=y.to(device)))
+            total += model(x.to(device), targets=y.to(device)).float()
     model.train(was)
-    return total / len(batches)
+    return float(total) / len(batches)  # one host read for the whole evaluation
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as every stage uses it. Fused on CPU and CUDA: one kernel per step, and it honours
+    ``found_inf``, which lets ``optimizer_step`` skip an update without the host looking at the loss."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+
+
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                   grad_clip: float, halted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward, clip and update, with a non-finite guard that needs no host sync.
+
+    Once a step's global loss or gradient norm is not finite, ``halted`` (a 0-d device tensor) stays
+    set and this and every later update is skipped on the device, so the weights keep their last good
+    values until the host next reads the losses. Returns this step's global loss (NaN for a bad
+    step; every rank holds the same value, so all agree on a stop) and the new ``halted``.
+    """
+    global_loss = distributed.mean_across_ranks(loss.detach())
+    loss.backward()
+    finite = torch.isfinite(global_loss)
+    if grad_clip > 0:  # the norm is global too: DDP reduced the gradients, FSDP2 reduces the norm
+        finite &= torch.isfinite(distributed.whole(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+    halted = torch.maximum(halted, (~finite).float())
+    opt.found_inf = halted
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return torch.where(finite, global_loss.float(), torch.nan), halted
 
 
 class Loop:
@@ -258,8 +285,7 @@ class Loop:
         forward = distributed.wrap(model, spec.parallel, device)
         params = [p for p in model.parameters() if p.requires_grad]
         active = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay,
-                                fused=device.type == "cuda")
+        opt = make_optimizer(params, lr, spec.weight_decay)
         state = StageState()
         ckpt_root = self.run / "checkpoints" / key
         if self.resume:
@@ -271,10 +297,16 @@ class Loop:
         bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
                    desc=key, disable=None if self.progress else True, dynamic_ncols=True, leave=False)
         t_last, tok_last = time.perf_counter(), state.tokens
+        # The host reads the losses only when it logs, checkpoints or ends the stage (see optimizer_step),
+        # and then names the first bad step.
+        halted = torch.zeros((), device=device)
+        pending: list[torch.Tensor] = []
         try:
             while state.step < n_steps:
                 t0 = time.perf_counter()
                 x, y = batches.next()
+                if device.type == "cuda":  # pinned pages let the copy overlap the previous step
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 cur_lr = lr_at(state.step, n_steps, lr, spec.warmup, spec.min_lr_ratio)
                 for g in opt.param_groups:
@@ -285,35 +317,33 @@ class Loop:
                     else:
                         h = trunk_cache.trunk(model, x, batches.last_sequence_ids)
                         loss = forward(x, targets=y, trunk=h, trunk_depth=trunk_cache.depth)
-                # the global batch's loss: every rank sees the same value, so all agree on a NaN stop
-                loss_value = float(distributed.mean_across_ranks(loss.detach()))
-                if not math.isfinite(loss_value):
-                    self._nonfinite(stage, state, ckpt_root, lr)
-                loss.backward()
-                if spec.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                step_loss, halted = optimizer_step(loss, params, opt, spec.grad_clip, halted)
+                pending.append(step_loss)
                 state.step += 1
                 state.tokens += tokens_per_step
-                state.last_loss = loss_value
                 state.wall_s += time.perf_counter() - t0
                 bar.update(tokens_per_step)
-                if state.step % spec.log_every == 0 or state.step == n_steps:
+                log_now = state.step % spec.log_every == 0 or state.step == n_steps
+                checkpoint_now = state.step % spec.checkpoint_every == 0 and state.step < n_steps
+                if log_now or checkpoint_now:
+                    self._check_finite(pending, stage, state, ckpt_root, lr)
+                if log_now:
                     now = time.perf_counter()
                     tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
                     t_last, tok_last = now, state.tokens
-                    rec = {"stage": stage, "step": state.step, "tokens": state.tokens, "loss": round(loss_value, 6),
-                           "lr": cur_lr, "tokens_per_s": round(tps, 1), "params_active": active}
+                    rec = {"stage": stage, "step": state.step, "tokens": state.tokens,
+                           "loss": round(state.last_loss, 6), "lr": cur_lr, "tokens_per_s": round(tps, 1),
+                           "params_active": active}
                     if spec.eval_every and state.step % spec.eval_every == 0:
                         rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
                     self._append_metrics(rec)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
-                if state.step % spec.checkpoint_every == 0 and state.step < n_steps:
+                    bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                if checkpoint_now:
                     self._checkpoint(ckpt_root, model, opt, batches, state, stage)
                 fault_point("step", stage, state.step)
         except KeyboardInterrupt:
             bar.close()
+            self._check_finite(pending, stage, state, ckpt_root, lr)  # never checkpoint past a bad step
             path = self._checkpoint(ckpt_root, model, opt, batches, state, stage)
             raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
                               f"continue with: {resume_hint}") from None
@@ -321,11 +351,24 @@ class Loop:
         state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
         return state
 
-    def _nonfinite(self, i: int, state: StageState, ckpt_root: Path, lr: float) -> None:
-        last = _latest_checkpoint(ckpt_root)
-        where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
-        raise GrowlmError(f"stage {i} step {state.step + 1}: loss is not finite; {where}; "
-                          f"lower the learning rate (now {lr:g}) or set train.grad_clip")
+    def _check_finite(self, pending: list[torch.Tensor], i: int, state: StageState, ckpt_root: Path,
+                      lr: float) -> None:
+        """Read the losses of the steps since the last read (one host sync) and stop at a non-finite one.
+
+        The updates from the first bad step on were skipped on the device, so nothing trained is lost.
+        """
+        if not pending:
+            return
+        losses = torch.stack(pending).tolist()
+        pending.clear()
+        first = state.step - len(losses) + 1
+        for n, value in enumerate(losses):
+            if not math.isfinite(value):
+                last = _latest_checkpoint(ckpt_root)
+                where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
+                raise GrowlmError(f"stage {i} step {first + n}: the loss or gradient norm is not finite; {where}; "
+                                  f"lower the learning rate (now {lr:g}) or set train.grad_clip")
+        state.last_loss = losses[-1]
 
     def _append_metrics(self, rec: dict) -> None:
         if self.rank == 0:

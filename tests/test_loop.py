@@ -1,0 +1,121 @@
+"""The training loop's step itself: the on-device non-finite guard, host reads per step, torch.compile.
+
+Plan-level behaviour (stages, resume, faults through the CLI) is in test_growth.py and test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from growlm.errors import GrowlmError
+from growlm.growth import set_trainable
+from growlm.model import GrowLM, ModelConfig
+from growlm.plan import StageSpec, TrainSpec
+from growlm.train import Loop
+
+CFG = ModelConfig(vocab_size=256, d_model=64, n_heads=2, n_layers=2, context=32)
+
+
+class FixedBatches:
+    """Seeded random token batches with the interface ``Loop.fit`` reads (no tokenizer needed)."""
+
+    def __init__(self, batch_size: int = 4, seed: int = 0) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.batch_size, self.last_sequence_ids = batch_size, []
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * CFG.context
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, CFG.vocab_size, (self.batch_size, CFG.context + 1), generator=self.g)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+class PoisonAt(torch.nn.Module):
+    """The model, except that the loss of forward call ``at`` (1-based) is NaN."""
+
+    def __init__(self, model: GrowLM, at: int) -> None:
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = self.model(x, targets=targets)
+        return loss * float("nan") if self.calls == self.at else loss
+
+
+def fresh_model() -> GrowLM:
+    torch.manual_seed(0)
+    model = GrowLM(CFG)
+    g = torch.Generator().manual_seed(0)
+    for b in model.blocks:
+        b.init_weights(g)
+    set_trainable(model, StageSpec(grow=0, train="all", tokens=1), [])
+    return model
+
+
+def fit(tmp_path, module: torch.nn.Module, n_steps: int, **spec) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    loop = Loop(tmp_path, TrainSpec(device="cpu", dtype="fp32", **spec), progress=False, log=lambda *a: None)
+    loop.fit("stage-1", module, FixedBatches(), [], n_steps=n_steps, lr=1e-2, stage=1, resume_hint="-")
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_nan_step_is_named_and_no_update_after_it_lands(tmp_path):
+    """The host looks at the losses only every ``log_every`` steps, yet the error names the first bad step
+    and the weights are exactly those after the last good one: later updates were skipped on the device."""
+    flat = {"warmup": 0.0, "min_lr_ratio": 1.0, "checkpoint_every": 100}  # the same lr at every step
+    clean = fresh_model()
+    fit(tmp_path / "clean", clean, n_steps=3, log_every=100, **flat)
+    poisoned = PoisonAt(fresh_model(), at=4)
+    with pytest.raises(GrowlmError, match="stage 1 step 4: the loss or gradient norm is not finite"):
+        fit(tmp_path / "poisoned", poisoned, n_steps=10, log_every=8, **flat)
+    assert poisoned.calls == 8  # it ran on to the next host read...
+    after, expected = weights(poisoned.model), weights(clean)
+    for k in expected:  # ...but steps 4-8 changed nothing
+        assert torch.equal(after[k], expected[k]), k
+    assert not (tmp_path / "poisoned" / "checkpoints").exists()
+
+
+def test_checkpoint_is_never_written_past_a_bad_step(tmp_path):
+    poisoned = PoisonAt(fresh_model(), at=2)
+    with pytest.raises(GrowlmError, match="step 2"):
+        fit(tmp_path, poisoned, n_steps=10, log_every=100, checkpoint_every=3)
+    assert poisoned.calls == 3 and not any((tmp_path / "checkpoints").glob("*/step-*"))
+
+
+def test_step_does_not_read_the_device_every_step(tmp_path, monkeypatch):
+    """Host reads (``.item()``, ``float()``, ``.tolist()``, ``bool()``) happen per log interval, not per step."""
+    reads = []
+    for name in ("item", "__float__", "tolist", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: reads.append(_n) or _o(self, *a))
+    fit(tmp_path, fresh_model(), n_steps=24, log_every=12, checkpoint_every=100)
+    assert len(reads) <= 24 // 12 + 1, reads
+
+
+def test_compiled_step_matches_eager(tmp_path):
+    """``train.compile = true`` (the CUDA default) on CPU: the same losses as eager within float tolerance."""
+    eager, compiled = fresh_model(), fresh_model()
+    fit(tmp_path / "eager", eager, n_steps=3, log_every=1, compile=False)
+    fit(tmp_path / "compiled", compiled, n_steps=3, log_every=1, compile=True)
+    a, b = weights(eager), weights(compiled)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)  # Adam magnifies float noise in tiny grads
+    la, lb = (losses(tmp_path / run / "metrics.jsonl") for run in ("eager", "compiled"))
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)
+
+
+def losses(metrics: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
