@@ -114,3 +114,27 @@ def test_chunked_cross_entropy_equals_the_plain_one():
 def test_bad_configs_are_clear_errors(bad, match):
     with pytest.raises(GrowlmError, match=match):
         ModelConfig(**{"vocab_size": 10, **bad})
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_flop_model_matches_torch_flop_counter(frozen):
+    """``flop_per_token`` (the MFU numerator) against the matmul and attention FLOPs torch counts in a real
+    training step: monolithic, and a grow stage whose first ``frozen`` blocks run forward only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from growlm.growth import set_trainable
+    from growlm.model import flop_per_token
+    from growlm.plan import StageSpec
+
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_layers=3, context=32)
+    model = GrowLM(cfg)
+    spec = StageSpec(grow=3 - frozen, tokens=1) if frozen else StageSpec(grow=0, train="all", tokens=1)
+    set_trainable(model, spec, list(range(frozen, 3)))
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.context))
+    # the math backend runs attention as matmuls the counter sees (it has no rule for the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, targets=x).backward()
+    counted = counter.get_total_flops() / x.numel()
+    # the model counts biases and norm weights as parameters (6 FLOPs each): 1.6% at d 64, 0.1% at d 1024
+    assert counted == pytest.approx(flop_per_token(cfg, frozen=frozen), rel=0.02)
