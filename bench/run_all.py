@@ -74,6 +74,15 @@ def rows(res: dict) -> list[tuple[str, str, str, float | None, str, bool | None]
         out.append(("tokenizer encode, mixed en/ru/zh, 1 core", f"{tk['ours_lines_mb_s']:.1f} MB/s",
                      f"raw BPE {tk['raw_bpe_lines_mb_s']:.1f} MB/s", tk["ours_lines_mb_s"] / tk["raw_bpe_lines_mb_s"],
                      "≥ 5 MB/s", tk["ours_lines_mb_s"] >= 5))
+    for name, stages in res.get("gpu_speed", {}).get("presets", {}).items():
+        g = res["gpu_speed"]
+        mono = stages[-1]  # the full-depth monolithic step is timed beside the last grow stage
+        out.append((f"GPU MFU, {name} monolithic ({g['device']})", f"{mono['mono_tokens_per_s']:,.0f} tok/s",
+                     f"bf16 mm peak {g['peak_tflops']:.0f} TFLOP/s", mono["mono_mfu"], "≥ 0.40", mono["mono_mfu"] >= 0.40))
+        worst = max(stages, key=lambda r: r["ratio_over_model"])
+        out.append((f"GPU grow stage, {name} (worst of 3)", f"{worst['measured_ratio']:.3f} of mono ({worst['frozen']}+{worst['new']})",
+                     f"FLOP model {worst['flop_ratio_head']:.3f}", worst["ratio_over_model"], "≤ 1.15× model",
+                     worst["ratio_over_model"] <= 1.15))
     if "cold_s" in sb:
         out.append(("glyph substrate, 65,536 tokens at d 1024", f"{sb['cold_s']:.1f} s (cached basis {sb['cached_s']:.1f} s)",
                      "—", None, "≤ 120 s", sb["cold_s"] <= 120))
@@ -91,6 +100,8 @@ def main() -> None:
         "tokenizer": run("tokenizer_speed.py", *(("--mb", "1") if quick else ())),
         "substrate": run("substrate_build.py"),
     }
+    if torch.cuda.is_available():  # the GPU half: the paper's 9-layer presets, bf16 + torch.compile
+        res["gpu_speed"] = run("gpu_speed.py", *(("--repeats", "3", "--presets", "paper-9l-16bit") if quick else ()))
     table = rows(res)
     res["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

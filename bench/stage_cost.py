@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
-from timing import once  # noqa: E402
+from growlm.train import make_optimizer, optimizer_step  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def make_model(cfg: ModelConfig, seed: int = 0) -> GrowLM:
@@ -42,53 +42,56 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> GrowLM:
     return m
 
 
-def stepper(model: GrowLM, trunk: torch.Tensor | None = None, trunk_depth: int | None = None):
-    """One optimizer step (forward, backward, AdamW) on fixed data, as the training loop does it."""
+def stepper(model: GrowLM, trunk: torch.Tensor | None = None, trunk_depth: int | None = None,
+            lr: float = 1e-4, autocast: torch.dtype | None = None, compile: bool = False):
+    """One training step exactly as ``growlm train`` takes it: the loop's optimizer and ``optimizer_step``
+    (forward, backward, clip 1.0, fused AdamW with the on-device non-finite guard)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params, lr, weight_decay=0.0)
+    device = params[0].device
+    halted = torch.zeros((), device=device)
+    forward = torch.compile(model) if compile else model
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = model(x, targets=y, trunk=trunk, trunk_depth=trunk_depth)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal halted
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = forward(x, targets=y, trunk=trunk, trunk_depth=trunk_depth)
+        step_loss, halted = optimizer_step(loss, params, opt, 1.0, halted)
+        return step_loss
 
     return step
 
 
-def measure(d_model: int, layers: int, new: int, vocab: int, batch: int, context: int, repeats: int,
-            threads: int | None = None) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_heads=max(1, d_model // 64), n_layers=layers + new,
-                      context=context)
+def measure(cfg: ModelConfig, layers: int, new: int, batch: int, repeats: int, device: torch.device | None = None,
+            autocast: torch.dtype | None = None, compile: bool = False) -> dict:
+    """Interleaved timings of monolithic, grow and trunk-cached steps of ``cfg`` (``layers + new`` blocks)."""
+    device = device or torch.device("cpu")
+    context, vocab = cfg.context, cfg.vocab_size
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, vocab, (batch, context), generator=g)
-    y = torch.randint(0, vocab, (batch, context), generator=g)
+    x = torch.randint(0, vocab, (batch, context), generator=g).to(device)
+    y = torch.randint(0, vocab, (batch, context), generator=g).to(device)
 
-    mono = make_model(cfg)
+    mono = make_model(cfg).to(device)
     set_trainable(mono, StageSpec(grow=0, train="all", tokens=1), [])
-    grown = make_model(cfg)
+    grown = make_model(cfg).to(device)
     set_trainable(grown, StageSpec(grow=new, tokens=1), list(range(layers, layers + new)))
-    cached = make_model(cfg)
+    cached = make_model(cfg).to(device)
     set_trainable(cached, StageSpec(grow=new, tokens=1), list(range(layers, layers + new)))
-    trunk = cached.trunk(x, layers)
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        trunk = cached.trunk(x, layers)
 
-    runs = {"mono": stepper(mono), "grow": stepper(grown), "cached": stepper(cached, trunk, layers)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(2):  # warm-up: allocator, kernels, optimizer state
-        for f in runs.values():
-            f(x, y)
-    for _ in range(repeats):
-        for name, f in runs.items():
-            times[name].append(once(lambda f=f: f(x, y)))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    opts = {"autocast": autocast, "compile": compile}
+    runs = {"mono": stepper(mono, **opts), "grow": stepper(grown, **opts), "cached": stepper(cached, trunk, layers, **opts)}
+    fns = {name: (lambda f=f: f(x, y)) for name, f in runs.items()}
+    # warm-up: compilation, allocator, kernels, optimizer state
+    med = interleaved_medians(fns, repeats, warmup=3 if compile else 2, device=device)
     pb, h = block_param_count(cfg), head_param_count(cfg)
     L, k = layers, new
     tokens = batch * context
     return {
-        "config": {"d_model": d_model, "layers_frozen": L, "new": k, "vocab": vocab, "batch": batch,
-                   "context": context, "repeats": repeats, "threads": torch.get_num_threads()},
+        "config": {"d_model": cfg.d_model, "layers_frozen": L, "new": k, "vocab": vocab, "batch": batch,
+                   "context": context, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
+                   "autocast": str(autocast) if autocast else None, "compile": compile},
         "mono_s_per_token": med["mono"] / tokens,
         "grow_s_per_token": med["grow"] / tokens,
         "cached_s_per_token": med["cached"] / tokens,
@@ -114,7 +117,9 @@ def main() -> None:
     a = ap.parse_args()
     repeats = a.repeats or (5 if a.quick else 15)
     context = min(a.context, 128) if a.quick else a.context
-    r = measure(a.d_model, a.layers, a.new, a.vocab, a.batch, context, repeats)
+    cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_heads=max(1, a.d_model // 64), n_layers=a.layers + a.new,
+                      context=context)
+    r = measure(cfg, a.layers, a.new, a.batch, repeats)
     if a.json:
         keys = ("measured_ratio", "flop_ratio", "flop_ratio_head", "cached_ratio", "flop_ratio_cached")
         print(json.dumps({k: round(r[k], 4) for k in keys}))

@@ -27,3 +27,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
     for _ in range(warmup):
         fn()
     return statistics.median(once(fn, device) for _ in range(repeats))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                        device: torch.device | None = None) -> dict[str, float]:
+    """Median seconds of each of ``fns``, timed in turn within every repeat so machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(once(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}

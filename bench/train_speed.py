@@ -29,6 +29,7 @@ from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, flop_per_token  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
 from stage_cost import make_model, stepper  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
 
 
@@ -75,18 +76,11 @@ def bf16_vs_fp32(cfg: ModelConfig, batch: int, repeats: int, steps: int) -> dict
     res = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         model = monolithic(cfg)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-
-        def step(x: torch.Tensor, m=model, o=opt, dt=dtype) -> None:
-            with torch.autocast("cpu", dtype=dt, enabled=dt is not None):
-                loss = m(x[:, :-1], targets=x[:, 1:])
-            loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-
-        t = timed(lambda s=step: s(rows[:batch]), repeats)
+        step = stepper(model, lr=3e-3, autocast=dtype)
+        t = timed(lambda s=step: s(rows[:batch, :-1], rows[:batch, 1:]), repeats)
         for i in range(steps):
-            step(rows[i * batch:(i + 1) * batch])
+            batch_rows = rows[i * batch:(i + 1) * batch]
+            step(batch_rows[:, :-1], batch_rows[:, 1:])
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             vl = float(model(valid[:, :-1], targets=valid[:, 1:]))
         res[name] = {"tokens_per_s": batch * cfg.context / t, "valid_loss": vl}
@@ -110,17 +104,18 @@ def vs_transformers(cfg: ModelConfig, batch: int, repeats: int) -> dict:
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**hf_config(cfg, cfg.n_layers, bos_id=1, eos_id=2, pad_id=0,
                                                        dtype=torch.float32)))
     hf.train()
-    hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)  # the same optimizer kernel as ours
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
 
-    def hf_step() -> None:
+    def hf_step() -> None:  # as HF's Trainer steps: clip 1.0 (its max_grad_norm), then AdamW
         hf(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hopt.step()
         hopt.zero_grad(set_to_none=True)
 
     ours = stepper(monolithic(cfg))
-    t_ours = timed(lambda: ours(x, x), repeats)
-    t_hf = timed(hf_step, repeats)
+    med = interleaved_medians({"ours": lambda: ours(x, x), "hf": hf_step}, repeats)
+    t_ours, t_hf = med["ours"], med["hf"]
     return {"ours_tokens_per_s": batch * cfg.context / t_ours, "hf_tokens_per_s": batch * cfg.context / t_hf,
             "ratio": t_hf / t_ours, "goal": 1.0}
 
