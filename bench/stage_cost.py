@@ -80,6 +80,8 @@ def measure(cfg: ModelConfig, layers: int, new: int, batch: int, repeats: int, d
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         trunk = cached.trunk(x, layers)
 
+    if compile:
+        torch._dynamo.reset()  # three new graphs per call; stay far from dynamo's recompile limit
     opts = {"autocast": autocast, "compile": compile}
     runs = {"mono": stepper(mono, **opts), "grow": stepper(grown, **opts), "cached": stepper(cached, trunk, layers, **opts)}
     fns = {name: (lambda f=f: f(x, y)) for name, f in runs.items()}

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("compile", [False, True])
 def test_training_step_makes_no_host_sync(compile):
     """The issue's "no host syncs in the step": CUDA raises on any synchronising call while the steps run."""
-    cfg = ModelConfig(vocab_size=1024, d_model=128, n_heads=4, n_layers=3, context=64)
+    cfg = ModelConfig(vocab_size=1024, d_model=128, n_heads=4, n_layers=3, context=64, embed_dim=16)  # lifted ×8
     model = GrowLM(cfg).cuda()
     set_trainable(model, StageSpec(grow=1, tokens=1), [2])  # a grow stage: trunk without autograd
     params = [p for p in model.parameters() if p.requires_grad]

@@ -291,6 +291,9 @@ class Loop:
         if self.resume:
             self._restore(ckpt_root, stage, model, opt, batches, state)
         if spec.compile if spec.compile is not None else device.type == "cuda":
+            # each stage is a new graph (depth, trainable set) of the same forward code; without a reset a
+            # plan of more than dynamo's recompile limit (8) stages would silently run eager from then on
+            torch._dynamo.reset()
             forward = torch.compile(forward)
         tokens_per_step = batches.tokens_per_batch
         model.train()
