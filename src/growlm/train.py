@@ -324,12 +324,13 @@ class Loop:
                 pending.append(step_loss)
                 state.step += 1
                 state.tokens += tokens_per_step
-                state.wall_s += time.perf_counter() - t0
                 bar.update(tokens_per_step)
                 log_now = state.step % spec.log_every == 0 or state.step == n_steps
                 checkpoint_now = state.step % spec.checkpoint_every == 0 and state.step < n_steps
                 if log_now or checkpoint_now:
                     self._check_finite(pending, stage, state, ckpt_root, lr)
+                # after the read: on CUDA the step above only queued work, and the read waits for it
+                state.wall_s += time.perf_counter() - t0
                 if log_now:
                     now = time.perf_counter()
                     tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
