@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from growlm.growth import set_trainable  # noqa: E402
-from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count  # noqa: E402
+from growlm.model import GrowLM, ModelConfig, block_param_count, compiled_blocks, head_param_count  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
 from growlm.train import make_optimizer, optimizer_step  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
@@ -43,19 +43,18 @@ def make_model(cfg: ModelConfig, seed: int = 0) -> GrowLM:
 
 
 def stepper(model: GrowLM, trunk: torch.Tensor | None = None, trunk_depth: int | None = None,
-            lr: float = 1e-4, autocast: torch.dtype | None = None, compile: bool = False):
+            lr: float = 1e-4, autocast: torch.dtype | None = None):
     """One training step exactly as ``growlm train`` takes it: the loop's optimizer and ``optimizer_step``
     (forward, backward, clip 1.0, fused AdamW with the on-device non-finite guard)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr, weight_decay=0.0)
     device = params[0].device
     halted = torch.zeros((), device=device)
-    forward = torch.compile(model) if compile else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nonlocal halted
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss = forward(x, targets=y, trunk=trunk, trunk_depth=trunk_depth)
+            loss = model(x, targets=y, trunk=trunk, trunk_depth=trunk_depth)
         step_loss, halted = optimizer_step(loss, params, opt, 1.0, halted)
         return step_loss
 
@@ -80,13 +79,13 @@ def measure(cfg: ModelConfig, layers: int, new: int, batch: int, repeats: int, d
     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         trunk = cached.trunk(x, layers)
 
-    if compile:
-        torch._dynamo.reset()  # three new graphs per call; stay far from dynamo's recompile limit
-    opts = {"autocast": autocast, "compile": compile}
-    runs = {"mono": stepper(mono, **opts), "grow": stepper(grown, **opts), "cached": stepper(cached, trunk, layers, **opts)}
+    runs = {"mono": stepper(mono, autocast=autocast), "grow": stepper(grown, autocast=autocast),
+            "cached": stepper(cached, trunk, layers, autocast=autocast)}
     fns = {name: (lambda f=f: f(x, y)) for name, f in runs.items()}
-    # warm-up: compilation, allocator, kernels, optimizer state
-    med = interleaved_medians(fns, repeats, warmup=3 if compile else 2, device=device)
+    # as the training loop compiles: per block, so the three models share their block graphs
+    with compiled_blocks(torch.nn.ModuleList([mono, grown, cached]), compile):
+        # warm-up: compilation, allocator, kernels, optimizer state
+        med = interleaved_medians(fns, repeats, warmup=3 if compile else 2, device=device)
     pb, h = block_param_count(cfg), head_param_count(cfg)
     L, k = layers, new
     tokens = batch * context

@@ -14,6 +14,7 @@ parameter run under ``torch.no_grad()``; autograd only records the trainable top
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -283,6 +284,27 @@ class GrowLM(nn.Module):
         trainable = total - (0 if self.cfg.trainable_embedding else substrate)
         active = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable, "params_active": active}
+
+
+@contextlib.contextmanager
+def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """``torch.compile`` every transformer block inside ``model`` in place while the context is open.
+
+    Per block, as torchtitan does: blocks share their compiled graphs (one per kind: trainable, frozen,
+    with LoRA), so compile time stays flat with depth and across a plan's stages, where a whole-model
+    graph would be recompiled for every new depth. On exit the blocks are eager again, so evaluation,
+    KV-cached generation and the next stage's growth see a plain model.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block)] if enabled else []
+    if blocks:
+        torch._dynamo.reset()  # a fresh recompile budget: a long plan would otherwise exhaust it and run eager
+    for blk in blocks:
+        blk.compile()
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk._compiled_call_impl = None  # what Module.compile() set; torch has no public undo
 
 
 def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,

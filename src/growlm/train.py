@@ -40,7 +40,7 @@ from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_bytes, a
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
 from growlm.hashing import sha256_file
 from growlm.lora import add_lora
-from growlm.model import GrowLM, ModelConfig
+from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
 from growlm.trunk_cache import TrunkCache
 
@@ -290,69 +290,66 @@ class Loop:
         ckpt_root = self.run / "checkpoints" / key
         if self.resume:
             self._restore(ckpt_root, stage, model, opt, batches, state)
-        if spec.compile if spec.compile is not None else device.type == "cuda":
-            # each stage is a new graph (depth, trainable set) of the same forward code; without a reset a
-            # plan of more than dynamo's recompile limit (8) stages would silently run eager from then on
-            torch._dynamo.reset()
-            forward = torch.compile(forward)
-        tokens_per_step = batches.tokens_per_batch
-        model.train()
-        bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
-                   desc=key, disable=None if self.progress else True, dynamic_ncols=True, leave=False)
-        t_last, tok_last = time.perf_counter(), state.tokens
-        # The host reads the losses only when it logs, checkpoints or ends the stage (see optimizer_step),
-        # and then names the first bad step.
-        halted = torch.zeros((), device=device)
-        pending: list[torch.Tensor] = []
-        try:
-            while state.step < n_steps:
-                t0 = time.perf_counter()
-                x, y = batches.next()
-                if device.type == "cuda":  # pinned pages let the copy overlap the previous step
-                    x, y = x.pin_memory(), y.pin_memory()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                cur_lr = lr_at(state.step, n_steps, lr, spec.warmup, spec.min_lr_ratio)
-                for g in opt.param_groups:
-                    g["lr"] = cur_lr
-                with self.autocast():
-                    if trunk_cache is None:
-                        loss = forward(x, targets=y)
-                    else:
-                        h = trunk_cache.trunk(model, x, batches.last_sequence_ids)
-                        loss = forward(x, targets=y, trunk=h, trunk_depth=trunk_cache.depth)
-                step_loss, halted = optimizer_step(loss, params, opt, spec.grad_clip, halted)
-                pending.append(step_loss)
-                state.step += 1
-                state.tokens += tokens_per_step
-                bar.update(tokens_per_step)
-                log_now = state.step % spec.log_every == 0 or state.step == n_steps
-                checkpoint_now = state.step % spec.checkpoint_every == 0 and state.step < n_steps
-                if log_now or checkpoint_now:
-                    self._check_finite(pending, stage, state, ckpt_root, lr)
-                # after the read: on CUDA the step above only queued work, and the read waits for it
-                state.wall_s += time.perf_counter() - t0
-                if log_now:
-                    now = time.perf_counter()
-                    tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, state.tokens
-                    rec = {"stage": stage, "step": state.step, "tokens": state.tokens,
-                           "loss": round(state.last_loss, 6), "lr": cur_lr, "tokens_per_s": round(tps, 1),
-                           "params_active": active}
-                    if spec.eval_every and state.step % spec.eval_every == 0:
-                        rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
-                    self._append_metrics(rec)
-                    bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
-                if checkpoint_now:
-                    self._checkpoint(ckpt_root, model, opt, batches, state, stage)
-                fault_point("step", stage, state.step)
-        except KeyboardInterrupt:
+        compile_blocks = spec.compile if spec.compile is not None else device.type == "cuda"
+        with compiled_blocks(model, compile_blocks):
+            tokens_per_step = batches.tokens_per_batch
+            model.train()
+            bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
+                       desc=key, disable=None if self.progress else True, dynamic_ncols=True, leave=False)
+            t_last, tok_last = time.perf_counter(), state.tokens
+            # The host reads the losses only when it logs, checkpoints or ends the stage (see optimizer_step),
+            # and then names the first bad step.
+            halted = torch.zeros((), device=device)
+            pending: list[torch.Tensor] = []
+            try:
+                while state.step < n_steps:
+                    t0 = time.perf_counter()
+                    x, y = batches.next()
+                    if device.type == "cuda":  # pinned pages let the copy overlap the previous step
+                        x, y = x.pin_memory(), y.pin_memory()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    cur_lr = lr_at(state.step, n_steps, lr, spec.warmup, spec.min_lr_ratio)
+                    for g in opt.param_groups:
+                        g["lr"] = cur_lr
+                    with self.autocast():
+                        if trunk_cache is None:
+                            loss = forward(x, targets=y)
+                        else:
+                            h = trunk_cache.trunk(model, x, batches.last_sequence_ids)
+                            loss = forward(x, targets=y, trunk=h, trunk_depth=trunk_cache.depth)
+                    step_loss, halted = optimizer_step(loss, params, opt, spec.grad_clip, halted)
+                    pending.append(step_loss)
+                    state.step += 1
+                    state.tokens += tokens_per_step
+                    bar.update(tokens_per_step)
+                    log_now = state.step % spec.log_every == 0 or state.step == n_steps
+                    checkpoint_now = state.step % spec.checkpoint_every == 0 and state.step < n_steps
+                    if log_now or checkpoint_now:
+                        self._check_finite(pending, stage, state, ckpt_root, lr)
+                    # after the read: on CUDA the step above only queued work, and the read waits for it
+                    state.wall_s += time.perf_counter() - t0
+                    if log_now:
+                        now = time.perf_counter()
+                        tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
+                        t_last, tok_last = now, state.tokens
+                        rec = {"stage": stage, "step": state.step, "tokens": state.tokens,
+                               "loss": round(state.last_loss, 6), "lr": cur_lr, "tokens_per_s": round(tps, 1),
+                               "params_active": active}
+                        if spec.eval_every and state.step % spec.eval_every == 0:
+                            rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
+                        self._append_metrics(rec)
+                        bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                    if checkpoint_now:
+                        self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+                    fault_point("step", stage, state.step)
+            except KeyboardInterrupt:
+                bar.close()
+                self._check_finite(pending, stage, state, ckpt_root, lr)  # never checkpoint past a bad step
+                path = self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+                raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
+                                  f"continue with: {resume_hint}") from None
             bar.close()
-            self._check_finite(pending, stage, state, ckpt_root, lr)  # never checkpoint past a bad step
-            path = self._checkpoint(ckpt_root, model, opt, batches, state, stage)
-            raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
-                              f"continue with: {resume_hint}") from None
-        bar.close()
-        state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
+            state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
         return state
 
     def _check_finite(self, pending: list[torch.Tensor], i: int, state: StageState, ckpt_root: Path,
