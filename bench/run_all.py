@@ -78,7 +78,7 @@ def rows(res: dict) -> list[tuple[str, str, str, float | None, str, bool | None]
         g = res["gpu_speed"]
         mono = stages[-1]  # the full-depth monolithic step is timed beside the last grow stage
         out.append((f"GPU MFU, {name} monolithic ({g['device']})", f"{mono['mono_tokens_per_s']:,.0f} tok/s",
-                     f"bf16 mm peak {g['peak_tflops']:.0f} TFLOP/s", mono["mono_mfu"], "≥ 0.40", mono["mono_mfu"] >= 0.40))
+                     f"{g['dtype'].removeprefix('torch.')} mm peak {g['peak_tflops']:.0f} TFLOP/s", mono["mono_mfu"], "≥ 0.40", mono["mono_mfu"] >= 0.40))
         worst = max(stages, key=lambda r: r["ratio_over_model"])
         out.append((f"GPU grow stage, {name} (worst of 3)", f"{worst['measured_ratio']:.3f} of mono ({worst['frozen']}+{worst['new']})",
                      f"FLOP model {worst['flop_ratio_head']:.3f}", worst["ratio_over_model"], "≤ 1.15× model",
