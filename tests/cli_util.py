@@ -49,9 +49,16 @@ def write_plan(d: Path, text: str, corpus_dir: Path) -> Path:
     return plan
 
 
+def child_env(*first: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that imports growlm from this checkout: ``first`` and
+    ``src`` go before any PYTHONPATH already set (a GPU machine's carried packages, say), never instead."""
+    path = [str(p) for p in (*first, REPO / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
 def growlm(*args: str, env: dict | None = None, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run the real CLI as a user would."""
-    e = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})}
+    e = child_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "growlm", *args], capture_output=True, text=True, env=e, check=check, **kw)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_util import REPO, SMALL_PLAN, growlm, write_plan
+from cli_util import REPO, SMALL_PLAN, child_env, growlm, write_plan
 from growlm.train import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -30,7 +29,7 @@ def close(a: Path, b: Path, rtol: float = 1e-5) -> bool:
 
 
 def torchrun(plan: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'audit'}:{REPO / 'src'}", **(env or {})}
+    e = child_env(REPO / "tests" / "audit", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "growlm", "train", str(plan), "--out", str(out), "--no-progress", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)

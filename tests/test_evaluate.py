@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_util import child_env
 from growlm.errors import GrowlmError
 from growlm.evaluate import load_any
 from growlm.evaluate import protocols as P
@@ -389,8 +389,7 @@ def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
         "try:\n    load_items('mmlu', 'hf:cais/mmlu:all')\n"
         "except GrowlmError as e:\n    print('ERR', e)\n"
     )
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = child_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     first, err = r.stdout.strip().splitlines()[0], r.stdout.strip().splitlines()[-1]

@@ -9,7 +9,6 @@ another substrate. See docs/reliability.md for the whole map.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cli_util import REPO, SMALL_PLAN, growlm, tensors_equal, write_plan
+from cli_util import REPO, SMALL_PLAN, child_env, growlm, tensors_equal, write_plan
 from growlm.checkpoint import block_sha256, model_fingerprint
 from growlm.hashing import sha256_file
 from growlm.train import train
@@ -78,7 +77,7 @@ def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_p
 def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, ref_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     first = subprocess.Popen([sys.executable, "-m", "growlm", "train", str(plan), "--out", str(tmp_path / "run"),
-                              "--no-progress"], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+                              "--no-progress"], env=child_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "run" / "plan.json").exists() and time.time() < deadline:
@@ -102,7 +101,7 @@ def test_disk_full_leaves_earlier_stages_and_no_partial_files(corpus_dir, tmp_pa
     plan = write_plan(tmp_path, SMALL_PLAN.replace("checkpoint_every = 3", "checkpoint_every = 1000"), corpus_dir)
     cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -m growlm train {plan} --out {tmp_path / 'run'} --no-progress"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                       env=child_env())
     one_line_error(r, "could not write", "stage-2")
     assert (tmp_path / "run" / "stage-1" / "model.json").is_file()
     assert not (tmp_path / "run" / "stage-2").exists()
@@ -191,7 +190,7 @@ def _run_measuring_peak_rss(args: list[str]) -> tuple[subprocess.CompletedProces
             "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1]\n"
             "    print('VmHWM', hwm, file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                       env=child_env())
     hwm = [ln for ln in r.stderr.splitlines() if ln.startswith("VmHWM")][-1].split()[1]
     return r, int(hwm) / 1024
 
