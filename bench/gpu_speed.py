@@ -30,16 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from growlm.model import ModelConfig, flop_per_token, preset_config  # noqa: E402
 from stage_cost import measure  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import matmul_peak  # noqa: E402
 
 STAGES = ((0, 3), (3, 3), (6, 3))  # (frozen, new) of configs/paper/9l-*.toml
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of a square ``torch.mm`` in ``dtype``: the device's attainable matmul peak."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, warmup=3, device=device)
 
 
 def preset_figures(cfg: ModelConfig, batch: int, repeats: int, device: torch.device, dtype: torch.dtype | None,

@@ -24,9 +24,14 @@ def once(fn: Callable[[], object], device: torch.device | None = None) -> float:
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
                    device: torch.device | None = None) -> float:
     """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(once(fn, device) for _ in range(repeats))
+    return interleaved_medians({"fn": fn}, repeats, warmup, device)["fn"]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of a square ``torch.mm`` in ``dtype`` on ``device``: the attainable matmul peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, warmup=3, device=device)
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,

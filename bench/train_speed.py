@@ -29,13 +29,8 @@ from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, flop_per_token  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
 from stage_cost import make_model, stepper  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, matmul_peak  # noqa: E402
 from timing import median_seconds as timed  # noqa: E402
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, repeats)
 
 
 def config(d: int, layers: int, vocab: int, context: int) -> ModelConfig:
@@ -53,7 +48,7 @@ def utilisation(cfg: ModelConfig, batch: int, repeats: int) -> dict:
     step = stepper(monolithic(cfg))
     t = timed(lambda: step(x, x), repeats)
     achieved = flop_per_token(cfg) * batch * cfg.context / t
-    peak = matmul_peak()
+    peak = matmul_peak(torch.device("cpu"), torch.float32, 2048)
     return {"achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9, "ratio": achieved / peak, "goal": 0.60}
 
 
@@ -73,17 +68,20 @@ def bf16_vs_fp32(cfg: ModelConfig, batch: int, repeats: int, steps: int) -> dict
     data = markov_data(cfg.vocab_size, (steps + 4) * batch * (cfg.context + 1) + 1)
     rows = data[: (len(data) - 1) // (cfg.context + 1) * (cfg.context + 1)].view(-1, cfg.context + 1)
     valid = rows[-4 * batch:]
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    models = {name: monolithic(cfg) for name in dtypes}
+    step_fns = {name: stepper(models[name], lr=3e-3, autocast=dt) for name, dt in dtypes.items()}
+    first = rows[:batch]
+    med = interleaved_medians({name: (lambda s=s: s(first[:, :-1], first[:, 1:])) for name, s in step_fns.items()},
+                              repeats)
     res = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        model = monolithic(cfg)
-        step = stepper(model, lr=3e-3, autocast=dtype)
-        t = timed(lambda s=step: s(rows[:batch, :-1], rows[:batch, 1:]), repeats)
+    for name, dtype in dtypes.items():  # then equal tokens of training each, and the validation loss
         for i in range(steps):
             batch_rows = rows[i * batch:(i + 1) * batch]
-            step(batch_rows[:, :-1], batch_rows[:, 1:])
+            step_fns[name](batch_rows[:, :-1], batch_rows[:, 1:])
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            vl = float(model(valid[:, :-1], targets=valid[:, 1:]))
-        res[name] = {"tokens_per_s": batch * cfg.context / t, "valid_loss": vl}
+            vl = float(models[name](valid[:, :-1], targets=valid[:, 1:]))
+        res[name] = {"tokens_per_s": batch * cfg.context / med[name], "valid_loss": vl}
     return {"speedup": res["bf16"]["tokens_per_s"] / res["fp32"]["tokens_per_s"],
             "loss_rel_diff": abs(res["bf16"]["valid_loss"] - res["fp32"]["valid_loss"]) / res["fp32"]["valid_loss"],
             "cpu_has_bf16": torch.backends.mkldnn.is_available() and "avx512_bf16" in _cpu_flags(), **res}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -75,10 +74,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         from growlm.distributed import launch
 
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
+    from growlm.distributed import world
     from growlm.train import train
 
     dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress)
-    if os.environ.get("RANK", "0") == "0":
+    if world()[0] == 0:  # under torchrun, one line, not one per rank
         print(f"done: {len(dirs)} stages in {a.out}")
 
 

@@ -425,14 +425,13 @@ def block_param_count(cfg: ModelConfig) -> int:
     return 12 * d * d + 13 * d
 
 
-def flop_per_token(cfg: ModelConfig, n_layers: int | None = None, frozen: int = 0) -> float:
+def flop_per_token(cfg: ModelConfig, frozen: int = 0) -> float:
     """Matmul FLOPs per token of a training step, for MFU figures (the PaLM/nanoGPT count).
 
     Trained blocks and the head cost 6 FLOPs per parameter (forward and backward) plus 12·d·T for
     attention; the first ``frozen`` blocks of a grow stage run forward only: 2 per parameter plus 4·d·T.
     """
-    n_layers = cfg.n_layers if n_layers is None else n_layers
-    attention = cfg.d_model * cfg.context
+    n_layers, attention = cfg.n_layers, cfg.d_model * cfg.context
     trained = (n_layers - frozen) * block_param_count(cfg) + cfg.vocab_size * cfg.d_model
     return 6 * trained + 12 * (n_layers - frozen) * attention + frozen * (2 * block_param_count(cfg) + 4 * attention)
 

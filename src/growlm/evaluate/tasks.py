@@ -342,12 +342,8 @@ def load_items(task: str, data: str | Path | Iterable[str | Path] | None = None)
     if task not in TASKS:
         raise GrowlmError(f"unknown benchmark {task!r}; known: {', '.join(TASKS)}")
     spec = TASKS[task]
-    if data is None:
-        paths = [offline_source(task)]
-    elif isinstance(data, str | Path):
-        paths = [data if str(data).startswith(HF_PREFIX) else Path(data)]
-    else:
-        paths = [p if str(p).startswith(HF_PREFIX) else Path(p) for p in data]
+    # read_records takes a path or an hf:NAME spec as it is
+    paths = [offline_source(task)] if data is None else [data] if isinstance(data, str | Path) else list(data)
     items: list[Item] = []
     for path in paths:
         for rec, f in read_records(path, spec.split):
