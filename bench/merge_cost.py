@@ -1,8 +1,8 @@
 """Cost of a mixture: one N-expert forward vs N forwards of one expert, side by side.
 
-The mixture runs every expert, so N × one expert is the floor; the figure is the median ratio
-(goal <= 1.1x), i.e. what stacking and combining the logits adds. Both run in one process,
-interleaved repeat by repeat so machine noise hits them alike. Measured for a full-window forward
+The mixture runs every expert, so N × one expert is the floor; the figure is the ratio of the
+medians (goal <= 1.1x), i.e. what combining the logits adds. Every rule and the single experts run
+in one process, in turn within each repeat, so machine noise hits them alike. Measured for a full-window forward
 and for one KV-cached decoding step, for each combine rule.
 
     python bench/merge_cost.py [--quick] [--json] [--experts 2 --d-model 256 --layers 4 --vocab 8192]
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from growlm.compose import Mixture, Router, make_rule  # noqa: E402
 from growlm.model import GrowLM, ModelConfig  # noqa: E402
-from timing import once  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def make_expert(cfg: ModelConfig, seed: int) -> GrowLM:
@@ -48,24 +47,6 @@ def mixtures(experts: list[GrowLM]) -> dict[str, Mixture]:
     return out
 
 
-def median_ratio(mix_fn: Callable[[], object], one_fns: list[Callable[[], object]], repeats: int,
-                 device: torch.device) -> dict:
-    """Median of (mixture time) / (sum of the single experts' times), interleaved."""
-    for _ in range(2):  # warm-up
-        mix_fn()
-        for f in one_fns:
-            f()
-    mix_t, one_t, ratios = [], [], []
-    for _ in range(repeats):
-        a = once(mix_fn, device)
-        b = sum(once(f, device) for f in one_fns)
-        mix_t.append(a)
-        one_t.append(b)
-        ratios.append(a / b)
-    return {"mixture_ms": round(1e3 * statistics.median(mix_t), 3), "n_single_ms": round(1e3 * statistics.median(one_t), 3),
-            "ratio": round(statistics.median(ratios), 4)}
-
-
 def decode_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """One KV-cached generation step: the last token of ``x`` after a cached prompt of the rest."""
     cache = model.make_cache(x.shape[0], x.shape[1])
@@ -80,20 +61,30 @@ def decode_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]
     return step
 
 
+def side_by_side(mixes: dict[str, Mixture], experts: list[GrowLM], make: Callable, repeats: int,
+                 device: torch.device) -> dict[str, dict]:
+    """Every rule's mixture and the N single experts, timed in turn in each round so that noise, and the
+    allocator's state, which one call leaves to the next, fall on all alike. ``make(model)`` gives the
+    call to time."""
+    singles = [make(e) for e in experts]
+    fns = {"N x one": lambda: [f() for f in singles], **{name: make(mix) for name, mix in mixes.items()}}
+    med = interleaved_medians(fns, repeats, device=device)
+    one = med.pop("N x one")
+    return {name: {"mixture_ms": round(1e3 * t, 3), "n_single_ms": round(1e3 * one, 3), "ratio": round(t / one, 4)}
+            for name, t in med.items()}
+
+
 @torch.no_grad()
 def measure(n: int, d_model: int, layers: int, vocab: int, batch: int, context: int, repeats: int,
             device: torch.device) -> dict:
     cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_heads=max(1, d_model // 64), n_layers=layers,
                       context=context, embed_dim=d_model)
     experts = [make_expert(cfg, s).to(device) for s in range(n)]
+    mixes = {name: mix.to(device) for name, mix in mixtures(experts).items()}
     x = torch.randint(0, vocab, (batch, context), device=device)
-    rows = {}
-    for name, mix in mixtures(experts).items():
-        mix.to(device)
-        full = median_ratio(lambda m=mix: m(x), [lambda e=e: e(x) for e in experts], repeats, device)
-
-        step = median_ratio(decode_step(mix, x), [decode_step(e, x) for e in experts], repeats, device)
-        rows[name] = {"forward": full, "decode_step": step}
+    full = side_by_side(mixes, experts, lambda m: (lambda: m(x)), repeats, device)
+    step = side_by_side(mixes, experts, lambda m: decode_step(m, x), repeats, device)
+    rows = {name: {"forward": full[name], "decode_step": step[name]} for name in mixes}
     return {"device": str(device), "experts": n, "d_model": d_model, "layers": layers, "vocab": vocab,
             "batch": batch, "context": context, "repeats": repeats, "threads": torch.get_num_threads(),
             "rules": rows}

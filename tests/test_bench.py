@@ -32,3 +32,13 @@ def test_gpu_speed_runs_its_figures_on_cpu():
     assert [(s["frozen"], s["new"]) for s in rows] == [(0, 3), (3, 3), (6, 3)]
     assert r["peak_tflops"] > 0 and all(0 < s["mono_mfu"] < 1.5 and 0 < s["grow_mfu"] < 1.5 for s in rows)
     assert rows[-1]["measured_ratio"] < 0.9  # 3 new blocks over 6 frozen cost well under a 9-block step
+
+
+def test_merge_cost_times_every_rule_against_the_same_singles():
+    """Every combine rule is timed in turn with one set of single-expert runs; a mixture runs every expert."""
+    r = run_json("merge_cost.py", "--quick", "--experts", "3")
+    assert set(r["rules"]) == {"mean-logits", "mean-probs", "weighted-probs", "router"}
+    for what in ("forward", "decode_step"):
+        rows = [rule[what] for rule in r["rules"].values()]
+        assert len({row["n_single_ms"] for row in rows}) == 1  # one reference, measured in the same rounds
+        assert all(row["ratio"] > 0.7 for row in rows)  # much faster than N experts would mean one was skipped

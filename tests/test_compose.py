@@ -120,6 +120,32 @@ def test_combine_logits_autograd_and_inputs_untouched(space, n):
         assert (again - want).abs().max().item() <= 1e-6 and (out.detach() - want).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("space", ["logits", "probs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_logits_reusing_the_inputs(space, dtype, monkeypatch):
+    import growlm.compose as compose
+
+    monkeypatch.setattr(compose, "_CPU_CHUNK", 4 * 7)  # four rows per chunk: the 6 rows fold in a full and a part chunk
+    n, g = 3, torch.Generator().manual_seed(7)
+    ls = [torch.randn(2, 3, 7, generator=g).to(dtype) for _ in range(n)]
+    gate = torch.softmax(torch.randn(2, 3, n, generator=g), -1).permute(2, 0, 1)
+    for weights in (None, torch.tensor([0.5, 0.3, 0.2]), gate):
+        with torch.no_grad():
+            want = compose.combine_logits(iter(ls), weights, space)
+            given = [t.clone() for t in ls]
+            got = compose.combine_logits(iter(given), weights, space, reuse_inputs=True)
+        # bf16 logits: the fused in-place ops round once where the reference rounds twice (values ~1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 if got.dtype == torch.bfloat16 else 1e-6)
+        # the result lives in the first expert's memory, no fresh [B, T, V] tensor, unless it is wider (bf16 in,
+        # fp32 out: log-probabilities, and logits under per-token fp32 weights)
+        assert (got.data_ptr() == given[0].data_ptr()) == (got.dtype == dtype)
+    # under autograd the inputs are never reused: they stay as given and the gradient flows
+    leaves = [t.float().requires_grad_() for t in ls]
+    copies = [t.detach().clone() for t in leaves]
+    compose.combine_logits(iter(leaves), gate, space, reuse_inputs=True).sum().backward()
+    assert all(torch.equal(t.detach(), c) and t.grad is not None for t, c in zip(leaves, copies, strict=True))
+
+
 def test_round_trip_info_and_cached_generation(experts, idx, tmp_path):
     out = merge(experts[:2], tmp_path / "mix")
     desc = json.loads((out / MIXTURE_JSON).read_text())

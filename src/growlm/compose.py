@@ -110,7 +110,8 @@ def make_rule(combine: str, n: int, weights: Sequence[float] | None = None, spac
     return Rule("weighted", space, tuple(w / total for w in ws))
 
 
-def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None, space: str) -> torch.Tensor:
+def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None, space: str, *,
+                   reuse_inputs: bool = False) -> torch.Tensor:
     """Combine N expert logits ``[B, T, V]`` into one ``[B, T, V]`` usable as logits.
 
     ``weights`` is ``[N]`` (fixed) or ``[N, B, T]`` (per token), summing to 1 over N; ``None``
@@ -118,14 +119,26 @@ def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None,
     already normalised, so softmax/cross-entropy over it give the mixture itself. The experts are
     folded in one at a time (a running sum / log-sum-exp), so ``logits`` may be a generator and
     only one expert's logits need exist at once: no [N, B, T, V] stack, no extra pass over it.
+
+    The inputs are left untouched unless ``reuse_inputs``: then, outside autograd, the caller hands
+    over temporaries (a mixture's expert outputs) and the result is folded into their memory. On a
+    CPU every fresh [B, T, V] tensor is page-faulted in anew, which costs more than the arithmetic.
     """
+    in_place = reuse_inputs and not torch.is_grad_enabled()
     acc, n = None, 0
     for i, lg in enumerate(logits):
         w = None if weights is None else weights[i] if weights.dim() == 1 else weights[i].unsqueeze(-1)
-        if space == "logits":
+        if space == "logits" and in_place:
+            if acc is None:  # the first expert's memory takes the sum, unless the weights widen its dtype
+                acc = lg if w is None else lg * w if torch.result_type(lg, w) != lg.dtype else lg.mul_(w)
+            else:
+                acc = acc.add_(lg) if w is None else acc.addcmul_(lg, w)
+        elif space == "logits":
             term = lg if w is None else lg * w
             # from the first sum on the accumulator is ours: add in place (the inputs stay untouched)
             acc = term if acc is None else acc + term if n == 1 else acc.add_(term)
+        elif in_place:
+            acc = _fold_log_probs_(acc, lg, None if w is None else w.float().log())
         else:
             term = F.log_softmax(lg.float(), dim=-1)
             term = term if w is None else term + w.float().log()
@@ -136,6 +149,40 @@ def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None,
     if weights is not None or n == 1:
         return acc
     return acc.div_(n) if space == "logits" else acc.sub_(math.log(n))
+
+
+# rows per chunk of the in-place fold on a CPU: 1 MB of fp32 scratch, which stays in cache
+_CPU_CHUNK = 1 << 18
+
+
+def _fold_log_probs_(acc: torch.Tensor | None, lg: torch.Tensor, log_w: torch.Tensor | None) -> torch.Tensor:
+    """``logaddexp(acc, log_softmax(lg) + log_w)`` into ``acc`` (or into ``lg`` for the first expert).
+
+    Outside autograd only. On a CPU the rows go in chunks through one small scratch buffer, so no
+    temporary is allocated per chunk: the allocator would hand each one out as fresh pages. On a GPU
+    (a caching allocator) the whole tensor is one chunk, so the kernels stay few.
+    """
+    vocab = lg.shape[-1]
+    if acc is None:
+        own = lg.dtype == torch.float32 and lg.is_contiguous()
+        out = lg if own else torch.empty(lg.shape, dtype=torch.float32, device=lg.device)
+    else:
+        out = acc
+    src, dst = lg.reshape(-1, vocab), out.view(-1, vocab)
+    per_row = log_w is not None and log_w.dim() > 0
+    lw = log_w.reshape(-1, 1) if per_row else log_w
+    rows = min(src.shape[0], max(1, _CPU_CHUNK // vocab) if lg.device.type == "cpu" else src.shape[0])
+    scratch = torch.empty(rows, vocab, dtype=torch.float32, device=lg.device)
+    for s in range(0, src.shape[0], rows):
+        part = dst[s:s + rows]
+        term = torch.log_softmax(src[s:s + rows], -1, dtype=torch.float32, out=scratch[:part.shape[0]])
+        if lw is not None:
+            term.add_(lw[s:s + rows] if per_row else lw)
+        if acc is None:
+            part.copy_(term)
+        else:
+            torch.logaddexp(part, term, out=part)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +241,10 @@ class Mixture(nn.Module):
         if len(vocab) != 1:
             raise GrowlmError(f"experts disagree on the vocabulary size: {sorted(vocab)}")
         self.cfg = MixtureConfig(len(experts), vocab.pop(), min(e.cfg.context for e in experts))
-        # a buffer, so .to(device) moves the fixed weights with the experts
-        w = torch.tensor(rule.weights, dtype=torch.float32) if rule.weights is not None else None
+        # a buffer, so .to(device) moves the fixed weights with the experts; mean-probs holds its uniform
+        # weights explicitly, so each expert's pass adds log(1/N) instead of a pass of its own at the end
+        fixed = rule.prior(len(experts)) if rule.combine == "mean-probs" else rule.weights
+        w = torch.tensor(fixed, dtype=torch.float32) if fixed is not None else None
         self.register_buffer("weights", w, persistent=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -204,7 +253,7 @@ class Mixture(nn.Module):
         caches = cache.caches if cache is not None else [None] * len(self.experts)
         logits = (e(idx, cache=c) for e, c in zip(self.experts, caches, strict=True))
         if self.router is None:
-            out = combine_logits(logits, self.weights, self.rule.space)
+            out = combine_logits(logits, self.weights, self.rule.space, reuse_inputs=True)
         else:  # the gate needs every expert's final hidden state before any logits can be weighted
             hidden: list[torch.Tensor] = []
             hooks = [e.ln_f.register_forward_hook(lambda _m, _i, h: hidden.append(h)) for e in self.experts]
@@ -213,7 +262,8 @@ class Mixture(nn.Module):
             finally:
                 for h in hooks:
                     h.remove()
-            out = combine_logits(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space)
+            out = combine_logits(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space,
+                                 reuse_inputs=True)
         if cache is not None:
             cache.pos += idx.shape[1]
         if targets is None:
