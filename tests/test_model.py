@@ -90,19 +90,39 @@ def test_kv_cache_matches_uncached_forward_and_generation():
     assert torch.equal(a, b) and a.shape == (2, 35)
 
 
-def test_chunked_cross_entropy_equals_the_plain_one():
-    from growlm.model import chunked_cross_entropy
+@pytest.mark.parametrize("torch_op", [True, False], ids=["linear_cross_entropy", "checkpointed"])
+def test_chunked_cross_entropy_equals_the_plain_one(torch_op, monkeypatch):
+    import growlm.model as model
 
+    if torch_op and model._LINEAR_CE_OPTIONS is None:
+        pytest.skip("this torch has no chunked linear_cross_entropy (2.13 on)")
+    if not torch_op:  # the fallback for an older torch (a GPU machine keeps its own build)
+        monkeypatch.setattr(model, "_LINEAR_CE_OPTIONS", None)
+    calls = []
+    real_op = torch.nn.functional.linear_cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real_op(*a, **k))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 50, 16, generator=g, requires_grad=True)
     w = torch.randn(300, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 300, (4, 50), generator=g)
-    a = chunked_cross_entropy(x, w, t, chunk_rows=37)
+    t[0, :7] = -100  # ignored positions (padding) count in neither the sum nor the mean
+    a = model.chunked_cross_entropy(x, w, t, chunk_rows=37)
     ga = torch.autograd.grad(a, (x, w))
     b = torch.nn.functional.cross_entropy((x @ w.t()).reshape(-1, 300), t.reshape(-1))
     gb = torch.autograd.grad(b, (x, w))
     assert abs(float(a.detach()) - float(b.detach())) < 1e-5
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ga, gb, strict=True))
+    assert len(calls) == int(torch_op)
+    # under bf16 autocast the chunks compute bf16 logits and an fp32 loss, as the unchunked path does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a16 = model.chunked_cross_entropy(x, w, t, chunk_rows=37)
+        b16 = model.chunked_cross_entropy(x, w, t, chunk_rows=1000)
+    ga16, gb16 = torch.autograd.grad(a16, (x, w)), torch.autograd.grad(b16, (x, w))
+    assert a16.dtype == torch.float32 and abs(a16.item() - b16.item()) < 1e-5 and len(calls) == int(torch_op)
+    assert abs(a16.item() - b.item()) > 1e-4  # bf16 really ran
+    # the weight gradient sums bf16 products chunk by chunk: equal to bf16 rounding (0.3% of its largest entry)
+    assert all(p.dtype == torch.float32 and (p - q).abs().max() <= 1e-2 * q.abs().max()
+               for p, q in zip(ga16, gb16, strict=True))
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -307,21 +307,40 @@ def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             blk._compiled_call_impl = None  # what Module.compile() set; torch has no public undo
 
 
+# torch's chunked linear cross-entropy, where this torch has it (2.13 on); None selects the fallback
+_LINEAR_CE_OPTIONS = getattr(nn, "LinearCrossEntropyOptions", None)
+
+
 def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
                           chunk_rows: int = 8192, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy of ``x @ head_weight.T`` against ``targets``.
 
-    For a 65,536-wide head the full logits of a batch are gigabytes; beyond ``chunk_rows`` rows the
-    logits of each chunk are recomputed in the backward pass (activation checkpointing) instead of
-    being kept, so peak memory is one chunk of logits.
+    For a 65,536-wide head the full logits of a batch are gigabytes. Up to ``chunk_rows`` rows they
+    are computed at once (fastest); beyond, torch's chunked ``linear_cross_entropy`` (torch >= 2.13,
+    fp32) takes the batch in pieces and computes the gradients during the forward, so peak memory is
+    one chunk of logits and nothing is recomputed. Under autocast, or on an older torch, each chunk
+    is checkpointed instead, and the backward recomputes its logits.
     """
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    n_valid = (t2 != ignore_index).sum().clamp(min=1)
     if x2.shape[0] <= chunk_rows:
         return F.cross_entropy((x2 @ head_weight.t()).float(), t2, ignore_index=ignore_index)
-    total = x2.new_zeros((), dtype=torch.float32)
-    for s in range(0, x2.shape[0], chunk_rows):
-        xs, ts = x2[s:s + chunk_rows], t2[s:s + chunk_rows]
+    if _LINEAR_CE_OPTIONS is not None and not torch.is_autocast_enabled(x2.device.type):
+        return F.linear_cross_entropy(x2, head_weight, t2, ignore_index=ignore_index,
+                                      options=_LINEAR_CE_OPTIONS()).float()
+    # torch's op returns the loss in its inputs' dtype: in bf16 about 1% off, too coarse for the perplexities
+    # we report, and fp32 inputs would give up bf16's matmul speed, so under autocast the chunks checkpoint
+    return checkpointed_cross_entropy(x2, head_weight, t2, chunk_rows, ignore_index)
+
+
+def checkpointed_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of rows ``x`` [N, d] by chunks of ``chunk_rows``, each chunk's logits recomputed in
+    the backward (activation checkpointing): one chunk of logits in memory on a torch without
+    ``linear_cross_entropy``."""
+    n_valid = (targets != ignore_index).sum().clamp(min=1)
+    total = x.new_zeros((), dtype=torch.float32)
+    for s in range(0, x.shape[0], chunk_rows):
+        xs, ts = x[s:s + chunk_rows], targets[s:s + chunk_rows]
         total = total + torch.utils.checkpoint.checkpoint(_ce_sum, xs, head_weight, ts, ignore_index, use_reentrant=False)
     return total / n_valid
 
