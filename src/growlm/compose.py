@@ -171,7 +171,7 @@ def _fold_log_probs_(acc: torch.Tensor | None, lg: torch.Tensor, log_w: torch.Te
     src, dst = lg.reshape(-1, vocab), out.view(-1, vocab)
     per_row = log_w is not None and log_w.dim() > 0
     lw = log_w.reshape(-1, 1) if per_row else log_w
-    rows = min(src.shape[0], max(1, _CPU_CHUNK // vocab) if lg.device.type == "cpu" else src.shape[0])
+    rows = max(1, min(src.shape[0], _CPU_CHUNK // vocab if lg.device.type == "cpu" else src.shape[0]))
     scratch = torch.empty(rows, vocab, dtype=torch.float32, device=lg.device)
     for s in range(0, src.shape[0], rows):
         part = dst[s:s + rows]

@@ -329,14 +329,13 @@ def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: t
                                       options=_LINEAR_CE_OPTIONS()).float()
     # torch's op returns the loss in its inputs' dtype: in bf16 about 1% off, too coarse for the perplexities
     # we report, and fp32 inputs would give up bf16's matmul speed, so under autocast the chunks checkpoint
-    return checkpointed_cross_entropy(x2, head_weight, t2, chunk_rows, ignore_index)
+    return _checkpointed_cross_entropy(x2, head_weight, t2, chunk_rows, ignore_index)
 
 
-def checkpointed_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                               chunk_rows: int, ignore_index: int = -100) -> torch.Tensor:
+def _checkpointed_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                                chunk_rows: int, ignore_index: int) -> torch.Tensor:
     """Mean cross-entropy of rows ``x`` [N, d] by chunks of ``chunk_rows``, each chunk's logits recomputed in
-    the backward (activation checkpointing): one chunk of logits in memory on a torch without
-    ``linear_cross_entropy``."""
+    the backward (activation checkpointing), so one chunk of logits is in memory at a time."""
     n_valid = (targets != ignore_index).sum().clamp(min=1)
     total = x.new_zeros((), dtype=torch.float32)
     for s in range(0, x.shape[0], chunk_rows):
