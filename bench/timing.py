@@ -27,11 +27,18 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
     return interleaved_medians({"fn": fn}, repeats, warmup, device)["fn"]
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of a square ``torch.mm`` in ``dtype`` on ``device``: the attainable matmul peak."""
+def square_mm(n: int, device: torch.device | None = None,
+              dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], float]:
+    """A square ``torch.mm`` to time and its FLOPs: FLOPs over its time is the attainable matmul peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, warmup=3, device=device)
+    return (lambda: a @ b), 2.0 * n**3
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of a square ``torch.mm`` in ``dtype`` on ``device``, timed alone."""
+    mm, flops = square_mm(n, device, dtype)
+    return flops / median_seconds(mm, repeats, warmup=3, device=device)
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,

@@ -29,7 +29,7 @@ from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, flop_per_token  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
 from stage_cost import make_model, stepper  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, square_mm  # noqa: E402
 
 
 def config(d: int, layers: int, vocab: int, context: int) -> ModelConfig:
@@ -45,11 +45,10 @@ def monolithic(cfg: ModelConfig) -> GrowLM:
 def utilisation(cfg: ModelConfig, batch: int, repeats: int) -> dict:
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.context))
     step = stepper(monolithic(cfg))
-    n = 2048  # the peak: a large fp32 torch.mm, timed in turn with the step so noise hits both alike
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    med = interleaved_medians({"step": lambda: step(x, x), "mm": lambda: a @ b}, repeats)
+    mm, mm_flops = square_mm(2048)  # the peak, timed in turn with the step so noise hits both alike
+    med = interleaved_medians({"step": lambda: step(x, x), "mm": mm}, repeats)
     achieved = flop_per_token(cfg) * batch * cfg.context / med["step"]
-    peak = 2 * n**3 / med["mm"]
+    peak = mm_flops / med["mm"]
     return {"achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9, "ratio": achieved / peak, "goal": 0.60}
 
 

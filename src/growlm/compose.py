@@ -129,10 +129,12 @@ def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None,
     for i, lg in enumerate(logits):
         w = None if weights is None else weights[i] if weights.dim() == 1 else weights[i].unsqueeze(-1)
         if space == "logits" and in_place:
-            if acc is None:  # the first expert's memory takes the sum, unless the weights widen its dtype
-                acc = lg if w is None else lg * w if torch.result_type(lg, w) != lg.dtype else lg.mul_(w)
-            else:
+            if acc is not None:
                 acc = acc.add_(lg) if w is None else acc.addcmul_(lg, w)
+            elif w is None:
+                acc = lg
+            else:  # the first expert's memory takes the sum, unless the weights widen its dtype
+                acc = lg.mul_(w) if torch.result_type(lg, w) == lg.dtype else lg * w
         elif space == "logits":
             term = lg if w is None else lg * w
             # from the first sum on the accumulator is ours: add in place (the inputs stay untouched)
