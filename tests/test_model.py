@@ -125,6 +125,28 @@ def test_chunked_cross_entropy_equals_the_plain_one(torch_op, monkeypatch):
                for p, q in zip(ga16, gb16, strict=True))
 
 
+def test_cross_entropy_takes_torchs_chunked_op_from_one_cpu_chunk_on(monkeypatch):
+    import growlm.model as model
+
+    if model._LINEAR_CE_OPTIONS is None:
+        pytest.skip("this torch has no chunked linear_cross_entropy (2.13 on)")
+    chunks = []
+    real_op = torch.nn.functional.linear_cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy",
+                        lambda *a, options, **k: chunks.append(options.batch_chunk_size) or real_op(*a, options=options, **k))
+    w = torch.randn(64, 8, requires_grad=True)
+    for rows, expect in ((model._LINEAR_CE_CPU_CHUNK - 1, []), (model._LINEAR_CE_CPU_CHUNK, [model._LINEAR_CE_CPU_CHUNK])):
+        chunks.clear()
+        x = torch.randn(rows, 8, requires_grad=True)
+        t = torch.randint(0, 64, (rows,))
+        loss = model.chunked_cross_entropy(x, w, t)
+        assert chunks == expect
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(x @ w.t(), t), atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the plain bf16 path, at any size
+            model.chunked_cross_entropy(x, w, t)
+        assert chunks == expect
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"d_model": 30, "n_heads": 4}, "not divisible"),
     ({"d_model": 32, "n_heads": 32}, "must be even"),

@@ -309,27 +309,39 @@ def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 # torch's chunked linear cross-entropy, where this torch has it (2.13 on); None selects the fallback
 _LINEAR_CE_OPTIONS = getattr(nn, "LinearCrossEntropyOptions", None)
+# rows per chunk of torch's op on CPU: its own pick for fp32 there is a few dozen rows, slower than the plain loss,
+# while 256-1024 rows were 1.2-2.2x faster than it from 512 rows up to 16,384 (bench/NOTES.md #12)
+_LINEAR_CE_CPU_CHUNK = 512
+# the most rows whose logits are computed at once where torch's op does not apply (or is unmeasured)
+_PLAIN_MAX_ROWS = 8192
 
 
 def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int = 8192, ignore_index: int = -100) -> torch.Tensor:
+                          chunk_rows: int | None = None, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy of ``x @ head_weight.T`` against ``targets``.
 
-    For a 65,536-wide head the full logits of a batch are gigabytes. Up to ``chunk_rows`` rows they
-    are computed at once (fastest); beyond, torch's chunked ``linear_cross_entropy`` (torch >= 2.13,
-    fp32) takes the batch in pieces and computes the gradients during the forward, so peak memory is
-    one chunk of logits and nothing is recomputed. Under autocast, or on an older torch, each chunk
-    is checkpointed instead, and the backward recomputes its logits.
+    For a 65,536-wide head the full logits of a batch are gigabytes, so they are made a chunk at a
+    time. Outside autocast, torch's chunked ``linear_cross_entropy`` (torch >= 2.13) computes the
+    gradients during the forward, so nothing is recomputed: on CPU from one chunk of 512 rows on, elsewhere
+    beyond 8,192 rows with torch's own chunk size. Otherwise up to 8,192 rows are computed at once and larger
+    batches are checkpointed chunk by chunk (the backward recomputes each chunk's logits). ``chunk_rows``
+    overrides the rows per chunk of whichever path runs.
     """
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    if x2.shape[0] <= chunk_rows:
-        return F.cross_entropy((x2 @ head_weight.t()).float(), t2, ignore_index=ignore_index)
+    rows = x2.shape[0]
     if _LINEAR_CE_OPTIONS is not None and not torch.is_autocast_enabled(x2.device.type):
-        return F.linear_cross_entropy(x2, head_weight, t2, ignore_index=ignore_index,
-                                      options=_LINEAR_CE_OPTIONS()).float()
+        # None: torch's own chunk size, and only where the plain path would chunk (off CPU it is unmeasured here)
+        chunk = chunk_rows or (_LINEAR_CE_CPU_CHUNK if x2.device.type == "cpu" else None)
+        if rows >= (chunk or _PLAIN_MAX_ROWS + 1):
+            options = _LINEAR_CE_OPTIONS() if chunk is None else _LINEAR_CE_OPTIONS(chunking_method=None,
+                                                                                     batch_chunk_size=chunk)
+            return F.linear_cross_entropy(x2, head_weight, t2, ignore_index=ignore_index, options=options).float()
     # torch's op returns the loss in its inputs' dtype: in bf16 about 1% off, too coarse for the perplexities
-    # we report, and fp32 inputs would give up bf16's matmul speed, so under autocast the chunks checkpoint
-    return _checkpointed_cross_entropy(x2, head_weight, t2, chunk_rows, ignore_index)
+    # we report, and fp32 inputs would give up bf16's matmul speed, so under autocast the plain path stays
+    chunk = chunk_rows or _PLAIN_MAX_ROWS
+    if rows <= chunk:
+        return F.cross_entropy((x2 @ head_weight.t()).float(), t2, ignore_index=ignore_index)
+    return _checkpointed_cross_entropy(x2, head_weight, t2, chunk, ignore_index)
 
 
 def _checkpointed_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
