@@ -310,7 +310,7 @@ def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 # torch's chunked linear cross-entropy, where this torch has it (2.13 on); None selects the fallback
 _LINEAR_CE_OPTIONS = getattr(nn, "LinearCrossEntropyOptions", None)
 # rows per chunk of torch's op on CPU: its own pick for fp32 there is a few dozen rows, slower than the plain loss,
-# while 256-1024 rows were 1.2-2.2x faster than it from 512 rows up to 16,384 (bench/NOTES.md #12)
+# while 512-row chunks were 1.1-2.2x faster than the plain loss from 512 to 8,192 rows (bench/NOTES.md #12)
 _LINEAR_CE_CPU_CHUNK = 512
 # the most rows whose logits are computed at once where torch's op does not apply (or is unmeasured)
 _PLAIN_MAX_ROWS = 8192
@@ -337,7 +337,7 @@ def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: t
                                                                                      batch_chunk_size=chunk)
             return F.linear_cross_entropy(x2, head_weight, t2, ignore_index=ignore_index, options=options).float()
     # torch's op returns the loss in its inputs' dtype: in bf16 about 1% off, too coarse for the perplexities
-    # we report, and fp32 inputs would give up bf16's matmul speed, so under autocast the plain path stays
+    # we report, and fp32 inputs would give up bf16's matmul speed, so autocast keeps our own paths
     chunk = chunk_rows or _PLAIN_MAX_ROWS
     if rows <= chunk:
         return F.cross_entropy((x2 @ head_weight.t()).float(), t2, ignore_index=ignore_index)
