@@ -90,17 +90,28 @@ def test_kv_cache_matches_uncached_forward_and_generation():
     assert torch.equal(a, b) and a.shape == (2, 35)
 
 
+@pytest.fixture
+def lce_chunks(monkeypatch) -> list:
+    """The rows per chunk of every call of torch's ``linear_cross_entropy`` (None: torch's own pick)."""
+    chunks: list = []
+    real_op = getattr(torch.nn.functional, "linear_cross_entropy", None)  # absent before torch 2.13
+
+    def recording(*a, options, **k):
+        chunks.append(options.batch_chunk_size)
+        return real_op(*a, options=options, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", recording, raising=False)
+    return chunks
+
+
 @pytest.mark.parametrize("torch_op", [True, False], ids=["linear_cross_entropy", "checkpointed"])
-def test_chunked_cross_entropy_equals_the_plain_one(torch_op, monkeypatch):
+def test_chunked_cross_entropy_equals_the_plain_one(torch_op, monkeypatch, lce_chunks):
     import growlm.model as model
 
     if torch_op and model._LINEAR_CE_OPTIONS is None:
         pytest.skip("this torch has no chunked linear_cross_entropy (2.13 on)")
     if not torch_op:  # the fallback for an older torch (a GPU machine keeps its own build)
         monkeypatch.setattr(model, "_LINEAR_CE_OPTIONS", None)
-    calls = []
-    real_op = torch.nn.functional.linear_cross_entropy
-    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real_op(*a, **k))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 50, 16, generator=g, requires_grad=True)
     w = torch.randn(300, 16, generator=g, requires_grad=True)
@@ -112,28 +123,25 @@ def test_chunked_cross_entropy_equals_the_plain_one(torch_op, monkeypatch):
     gb = torch.autograd.grad(b, (x, w))
     assert abs(float(a.detach()) - float(b.detach())) < 1e-5
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ga, gb, strict=True))
-    assert len(calls) == int(torch_op)
+    assert lce_chunks == ([37] if torch_op else [])
     # under bf16 autocast the chunks compute bf16 logits and an fp32 loss, as the unchunked path does
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a16 = model.chunked_cross_entropy(x, w, t, chunk_rows=37)
         b16 = model.chunked_cross_entropy(x, w, t, chunk_rows=1000)
     ga16, gb16 = torch.autograd.grad(a16, (x, w)), torch.autograd.grad(b16, (x, w))
-    assert a16.dtype == torch.float32 and abs(a16.item() - b16.item()) < 1e-5 and len(calls) == int(torch_op)
+    assert a16.dtype == torch.float32 and abs(a16.item() - b16.item()) < 1e-5 and len(lce_chunks) == int(torch_op)
     assert abs(a16.item() - b.item()) > 1e-4  # bf16 really ran
     # the weight gradient sums bf16 products chunk by chunk: equal to bf16 rounding (0.3% of its largest entry)
     assert all(p.dtype == torch.float32 and (p - q).abs().max() <= 1e-2 * q.abs().max()
                for p, q in zip(ga16, gb16, strict=True))
 
 
-def test_cross_entropy_takes_torchs_chunked_op_from_one_cpu_chunk_on(monkeypatch):
+def test_cross_entropy_takes_torchs_chunked_op_from_one_cpu_chunk_on(lce_chunks):
     import growlm.model as model
 
     if model._LINEAR_CE_OPTIONS is None:
         pytest.skip("this torch has no chunked linear_cross_entropy (2.13 on)")
-    chunks = []
-    real_op = torch.nn.functional.linear_cross_entropy
-    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy",
-                        lambda *a, options, **k: chunks.append(options.batch_chunk_size) or real_op(*a, options=options, **k))
+    chunks = lce_chunks
     w = torch.randn(64, 8, requires_grad=True)
     for rows, expect in ((model._LINEAR_CE_CPU_CHUNK - 1, []), (model._LINEAR_CE_CPU_CHUNK, [model._LINEAR_CE_CPU_CHUNK])):
         chunks.clear()
