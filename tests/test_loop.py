@@ -55,6 +55,8 @@ def fresh_model() -> GrowLM:
     torch.manual_seed(0)
     model = GrowLM(CFG)
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a substrate is never all zeros: with one, block 0's first norm could not train
+        model.embed.weight.normal_(generator=g)
     for b in model.blocks:
         b.init_weights(g)
     set_trainable(model, StageSpec(grow=0, train="all", tokens=1), [])
@@ -64,7 +66,8 @@ def fresh_model() -> GrowLM:
 def fit(tmp_path, module: torch.nn.Module, n_steps: int, **spec) -> None:
     tmp_path.mkdir(parents=True, exist_ok=True)
     loop = Loop(tmp_path, TrainSpec(device="cpu", dtype="fp32", **spec), progress=False, log=lambda *a: None)
-    loop.fit("stage-1", module, FixedBatches(), [], n_steps=n_steps, lr=1e-2, stage=1, resume_hint="-")
+    loop.fit("stage-1", module, FixedBatches(), [], n_steps=n_steps, lr=1e-2, stage=1, resume_hint="-",
+             declared={n for n, p in module.named_parameters() if p.requires_grad})
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

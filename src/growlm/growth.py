@@ -2,17 +2,19 @@
 
 A grow stage stacks ``k`` new blocks on top and trains only them, the LM head and the final norm;
 the substrate and every earlier block are frozen forever (``requires_grad=False``, left out of
-the optimizer, bytes unchanged). ``train = "all"`` is monolithic training (the baselines, and the
-paper's "unfrozen-constructive" first stage when the substrate is ``trainable``); ``"head"`` trains
-only the head and final norm.
+the optimizer, bytes unchanged). A LoRA stage adds adapters beside the frozen blocks and trains
+them together with whatever the stage's ``train`` names (see :func:`trainable_names`).
+``train = "all"`` is monolithic training (the baselines, and the paper's "unfrozen-constructive"
+first stage when the substrate is ``trainable``); ``"head"`` trains only the head and final norm;
+``"adapters"`` only the stage's LoRA adapters.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn as nn
 
 from growlm.errors import GrowlmError
 from growlm.lora import lora_param_count
@@ -48,22 +50,41 @@ def grow(model: GrowLM, k: int, init: str, generator: torch.Generator) -> list[i
     return new
 
 
-def set_trainable(model: GrowLM, stage: StageSpec, new_blocks: list[int]) -> list[nn.Parameter]:
-    """Freeze everything, then unfreeze what ``stage`` trains; returns the trainable parameters in order."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if stage.train == "all":
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                continue
-            p.requires_grad_(name != "embed.weight" or model.cfg.trainable_embedding)
-    else:
-        for i in new_blocks:
-            for p in model.blocks[i].parameters():
-                p.requires_grad_(True)
-        for p in (*model.head.parameters(), *model.ln_f.parameters()):
-            p.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+def trainable_names(names: Iterable[str], *, train: str, new_blocks: Sequence[int], adapter: str | None,
+                    trainable_embedding: bool) -> set[str]:
+    """The parameter names a stage trains, decided from the plan alone, never from ``requires_grad``.
+
+    ``new`` (default): the blocks this stage grows, the LM head and the final norm; ``all``: every
+    block, head and norm (and a ``trainable`` substrate); ``head``: head and final norm only;
+    ``adapters``: nothing but this stage's LoRA adapters. This stage's adapters (``adapter``) train
+    in every mode; earlier stages' adapters never do. Pure over names, so ``growlm verify`` applies
+    the same rule to a saved stage that training applied to the live model.
+    """
+    grown = tuple(f"blocks.{i}." for i in new_blocks)
+    mine = (f".lora_A.{adapter}.", f".lora_B.{adapter}.") if adapter else ()
+    out = set()
+    for n in names:
+        if ".lora_" in n:
+            trains = any(m in n for m in mine)
+        elif n == "embed.weight":
+            trains = train == "all" and trainable_embedding
+        elif n.startswith(("head.", "ln_f.")):
+            trains = train != "adapters"
+        else:
+            trains = train == "all" or (train == "new" and n.startswith(grown))
+        if trains:
+            out.add(n)
+    return out
+
+
+def set_trainable(model: GrowLM, stage: StageSpec, new_blocks: list[int], adapter: str | None = None) -> set[str]:
+    """Make exactly the parameters ``stage`` trains require grad (call it after any LoRA injection,
+    which freezes every other parameter); returns their names."""
+    names = trainable_names((n for n, _ in model.named_parameters()), train=stage.train, new_blocks=new_blocks,
+                            adapter=adapter, trainable_embedding=model.cfg.trainable_embedding)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return names
 
 
 def lora_blocks(spec: LoraSpec, n_before: int, n_after: int) -> list[int]:
@@ -76,12 +97,18 @@ def lora_blocks(spec: LoraSpec, n_before: int, n_after: int) -> list[int]:
 
 
 def stage_active_params(cfg: ModelConfig, stage: StageSpec, depth_before: int, trainable_embedding: bool) -> int:
-    """Active trainable parameters of a stage, computed from shapes alone (no model needed)."""
+    """Active trainable parameters of a stage, computed from shapes alone (no model needed).
+
+    Training checks that the live model's trainable count equals this, so the LoRA budget check,
+    which runs before any training, judges the number that really trains.
+    """
     depth = depth_before + stage.grow
-    if stage.train == "all":
-        n = depth * block_param_count(cfg) + head_param_count(cfg)
-        return n + (cfg.vocab_size * cfg.embed_dim if trainable_embedding else 0)
-    n = stage.grow * block_param_count(cfg) + head_param_count(cfg)
+    n = {"all": depth * block_param_count(cfg) + head_param_count(cfg),
+         "new": stage.grow * block_param_count(cfg) + head_param_count(cfg),
+         "head": head_param_count(cfg),
+         "adapters": 0}[stage.train]
+    if stage.train == "all" and trainable_embedding:
+        n += cfg.vocab_size * cfg.embed_dim
     if stage.lora is not None:
         n += lora_param_count(cfg.d_model, stage.lora.rank, len(lora_blocks(stage.lora, depth_before, depth)),
                               stage.lora.targets)

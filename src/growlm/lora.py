@@ -38,9 +38,10 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def add_lora(model: nn.Module, name: str, *, rank: int, alpha: float, blocks: list[int],
              targets: list[str], generator_seed: int = 0) -> dict:
-    """Attach a new trainable adapter ``name`` to ``targets`` of ``blocks``; returns its record for model.json.
+    """Attach a new adapter ``name`` to ``targets`` of ``blocks``; returns its record for model.json.
 
-    Earlier adapters stay active (their sum is applied) but frozen; only the new one trains.
+    Earlier adapters stay applied (their sum is). peft's injection leaves every adapter trainable and
+    freezes everything else, so the caller then sets what trains (``growth.set_trainable``).
     """
     if not blocks:
         raise GrowlmError(f"LoRA stage {name}: there are no blocks to adapt")
@@ -53,11 +54,6 @@ def add_lora(model: nn.Module, name: str, *, rank: int, alpha: float, blocks: li
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator_seed)
         _inject(model, record)
-    for _, mod in lora_layers(model):
-        for adapter, a in mod.lora_A.items():
-            trainable = adapter == name
-            a.weight.requires_grad_(trainable)
-            mod.lora_B[adapter].weight.requires_grad_(trainable)
     return record
 
 

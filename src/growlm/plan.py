@@ -115,7 +115,9 @@ class StageSpec(_Spec):
     grow: Annotated[int, Field(ge=0)] = 0
     init: Literal["random", "zero-out", "copy-top"] = "random"
     tokens: Pos
-    train: Literal["new", "all", "head"] = "new"
+    # What trains besides this stage's LoRA adapters (growth.trainable_names): "new" = the grown blocks
+    # plus the LM head and final norm (the paper trains the head at every stage, LoRA-only stages too)
+    train: Literal["new", "all", "head", "adapters"] = "new"
     lora: LoraSpec | None = None
     lr: PosFloat | None = None
     data: StageData | None = None
@@ -124,6 +126,13 @@ class StageSpec(_Spec):
     def _does_something(self) -> StageSpec:
         if self.grow == 0 and self.train == "new" and self.lora is None:
             raise ValueError("a stage must grow blocks, train all/head, or train LoRA adapters")
+        if self.train == "adapters" and self.lora is None:
+            raise ValueError('train = "adapters" needs a lora table')
+        if self.train in ("head", "adapters") and self.grow:
+            raise ValueError(f'train = "{self.train}" would leave the {self.grow} grown block(s) untrained; '
+                             f'use train = "new"')
+        if self.train == "all" and self.lora is not None:
+            raise ValueError('train = "all" already trains every block; drop the lora table')
         return self
 
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -32,12 +33,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from growlm import distributed
+from growlm import audit, distributed
 from growlm.checkpoint import load_model, load_tensors, save_model
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
-from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
-from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable
+from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable, stage_active_params
 from growlm.hashing import sha256_file
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
@@ -78,8 +79,11 @@ def stop_signals(world: int) -> Iterator[None]:
 @contextlib.contextmanager
 def run_lock(run: Path) -> Iterator[None]:
     """Hold ``RUN/.lock`` so a second process cannot write the same run."""
-    run.mkdir(parents=True, exist_ok=True)
-    fh = open(run / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fh = open(run / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+    except OSError as e:
+        raise GrowlmError(f"cannot write the run dir {run}: {e.strerror or e}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -185,6 +189,7 @@ class StageState:
     wall_s: float = 0.0
     last_loss: float = float("nan")
     valid_loss: float | None = None
+    audit: dict | None = None  # the trainable-set audit, once the stage has ended
 
 
 def lr_at(step: int, n_steps: int, lr: float, warmup: float, min_ratio: float) -> float:
@@ -275,12 +280,19 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
-            stage: int, resume_hint: str, trunk_cache: TrunkCache | None = None) -> StageState:
+            stage: int, resume_hint: str, declared: set[str], trunk_cache: TrunkCache | None = None) -> StageState:
         """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state.
 
+        ``declared`` names the parameters the stage is meant to train: exactly those must require
+        grad, and when the stage ends exactly those must have changed (``state.audit``, see audit.py).
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
         """
         spec, device = self.spec, self.device
+        live = {n for n, p in model.named_parameters() if p.requires_grad}
+        if live != declared:
+            raise GrowlmError(f"{key}: the parameters set to train differ from what the stage declares "
+                              f"({', '.join(sorted(live ^ declared)[:4])}); nothing was trained")
+        start = audit.digests(model.named_parameters())  # before a resume: the stage's true start
         # wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those
         forward = distributed.wrap(model, spec.parallel, device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -350,6 +362,7 @@ class Loop:
                                   f"continue with: {resume_hint}") from None
             bar.close()
             state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
+        state.audit = audit.audit(start, audit.digests(model.named_parameters()), declared, state.step, key)
         return state
 
     def _check_finite(self, pending: list[torch.Tensor], i: int, state: StageState, ckpt_root: Path,
@@ -372,9 +385,18 @@ class Loop:
         state.last_loss = losses[-1]
 
     def _append_metrics(self, rec: dict) -> None:
-        if self.rank == 0:
-            with open(self.run / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+        """One line, all or nothing: a write that fails (a full disk) is cut back to the line before."""
+        if self.rank != 0:
+            return
+        f = self.run / "metrics.jsonl"
+        with open(f, "ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write((json.dumps(rec) + "\n").encode())
+                fh.flush()
+            except OSError as e:
+                fh.truncate(size)
+                raise WriteError(f, str(e.strerror or e)) from e
 
     # -- in-stage checkpoints --------------------------------------------------------------------
 
@@ -421,12 +443,19 @@ class Loop:
     def _restore(self, root: Path, stage: int, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
                  state: StageState) -> None:
         ck = _latest_checkpoint(root)
-        if ck is None:
+        if ck is None:  # killed before the first checkpoint: the stage starts over, and so do its metrics
+            self._truncate_metrics(stage, 0)
             return
-        info = json.loads((ck / "state.json").read_text())
-        for f, digest in info["files"].items():
-            if sha256_file(ck / f) != digest:
-                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch)")
+        try:
+            info = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+            files = {str(f): str(d) for f, d in info["files"].items()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e}); remove {ck} to restart "
+                              f"this stage from its beginning (completed stages are intact)") from None
+        for f, digest in files.items():
+            if "/" in f or f.startswith(".") or not (ck / f).is_file() or sha256_file(ck / f) != digest:
+                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch); remove {ck} to "
+                                  f"restart this stage from its beginning (completed stages are intact)")
         trainable = load_tensors(ck / "trainable.safetensors")
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -447,19 +476,31 @@ class Loop:
         groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
         opt.load_state_dict({"state": st, "param_groups": groups})
         torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
-        batches.load_state_dict(info["data"])
-        state.step, state.tokens, state.wall_s = info["step"], info["tokens"], info["wall_s"]
-        state.last_loss = info["last_loss"]
+        try:
+            batches.load_state_dict(info["data"])
+            state.step, state.tokens, state.wall_s = int(info["step"]), int(info["tokens"]), float(info["wall_s"])
+            state.last_loss = float(info["last_loss"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
+                              f"this stage from its beginning (completed stages are intact)") from None
         self._truncate_metrics(stage, state.step)
         self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
 
     def _truncate_metrics(self, stage: int, step: int) -> None:
-        """Drop metric lines the killed process logged after the checkpoint we resume from."""
+        """Drop metric lines the killed process logged after the point we resume from, and any line a
+        kill or a full disk tore (a torn line is not JSON, or a record without its stage and step)."""
         f = self.run / "metrics.jsonl"
         if self.rank != 0 or not f.exists():
             return
-        recs = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
-        keep = [json.dumps(r) for r in recs if not (r["stage"] == stage and r["step"] > step)]
+        keep = []
+        for ln in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+                mine = rec["stage"] == stage and rec["step"] > step
+            except (ValueError, TypeError, KeyError):
+                continue
+            if not mine:
+                keep.append(ln)
         atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
@@ -477,19 +518,23 @@ class Trainer(Loop):
         run = self.run
         check_batch_split(self.plan.train.batch_size, self.world)  # before any work
         if self.rank == 0:
-            self._check_fresh_or_resumable()
+            self._check_out()
         lock = run_lock(run) if self.rank == 0 else contextlib.nullcontext()
         with lock, stop_signals(self.world):
             if self.rank == 0:
+                self._check_fresh_or_resumable()
                 atomic_write_json(run / "plan.json", plan_to_json(self.plan))
-                if not (run / "plan.toml").exists():
-                    shutil.copyfile(self.plan_path, run / "plan.toml")
+                if not (run / "plan.toml").is_file() or not (run / "plan.toml").stat().st_size:
+                    atomic_write_bytes(run / "plan.toml", self.plan_path.read_bytes())
             # rank 0 builds the docking port; the other ranks load what it wrote
             tok = distributed.rank0_first(lambda: prepare_tokenizer(self.plan, run))
             sub = distributed.rank0_first(lambda: prepare_substrate(self.plan, run, tok))
             model, lineage = initial_model(self.plan, tok, sub)
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
             self.tokenizer, self.substrate = tok, sub
+            todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not (run / f"stage-{i}").exists()]
+            for i, st in todo:  # every stage's data is read and checked before the first stage trains
+                self._stage_data(i, st)
             dirs = []
             for i, st in enumerate(self.plan.stage, 1):
                 sdir = run / f"stage-{i}"
@@ -512,16 +557,49 @@ class Trainer(Loop):
         return TrunkCache(self.run / "cache" / "trunk", lineage[-1], [s.n_sequences for s in batches.sources],
                           self.plan.model.context, self.plan.model.d_model, depth)
 
-    def _check_fresh_or_resumable(self) -> None:
+    def _check_out(self) -> None:
+        """``--out`` must be a directory (or not exist yet) outside any model, mixture or run."""
         run = self.run
-        started = run.exists() and any(run.glob("stage-*")) or (run / "checkpoints").exists()
+        if run.exists() and not run.is_dir():
+            raise GrowlmError(f"--out {run} is a file, not a directory")
+        for parent in (run.resolve(), *run.resolve().parents):
+            if any((parent / marker).is_file() for marker in ("model.json", "mixture.json")) or \
+                    (parent != run.resolve() and (parent / "plan.json").is_file() and (parent / ".lock").exists()):
+                raise GrowlmError(f"--out {run} is inside the growlm model, mixture or run {parent}; choose a "
+                                  f"directory outside it")
+
+    def _check_fresh_or_resumable(self) -> None:
+        """Under the lock: a fresh run needs an empty ``--out``; ``--resume`` needs the run started with this
+        very plan. Anything a failed start left behind counts as started."""
+        run = self.run
+        started = any(p.name != ".lock" for p in run.iterdir())
         if started and not self.resume:
-            raise GrowlmError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-        if self.resume and (run / "plan.json").exists():
-            recorded = json.loads((run / "plan.json").read_text())
+            raise GrowlmError(f"{run} is not empty (it holds a run, or what a failed start left); pass --resume to "
+                              f"continue it with the same plan, or choose another --out")
+        if self.resume and started:
+            try:
+                recorded = json.loads((run / "plan.json").read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise GrowlmError(f"{run} is not a growlm run (no plan.json); choose another --out") from None
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
             if recorded != plan_to_json(self.plan):
                 raise GrowlmError(f"the plan {self.plan_path} differs from the one {run} was started with "
                                   f"({run / 'plan.json'}); resume with the same plan")
+
+    def _stage_data(self, i: int, st: StageSpec) -> tuple[Batches, list]:
+        """A stage's training batches and fixed validation batches (token shards cached in the run)."""
+        plan = self.plan
+        sources, valid = stage_sources(plan, st)
+        shards = self.run / "cache" / "shards"
+        ctx, bs = plan.model.context, plan.train.batch_size
+        batches = distributed.rank0_first(lambda: Batches(
+            sources, self.tokenizer, context=ctx, batch_size=bs, seed=_seed(plan.train.seed, "data", i),
+            cache_dir=shards, rank=self.rank, world_size=self.world))
+        vbatches = distributed.rank0_first(lambda: validation_batches(
+            valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=shards,
+            max_batches=plan.train.eval_batches) if valid else [])
+        return batches, vbatches
 
     def run_stage(self, i: int, st: StageSpec, model: GrowLM, lineage: list[str]) -> tuple[GrowLM, list[str]]:
         """Grow (and/or attach LoRA), train, and write the immutable RUN/stage-i."""
@@ -530,33 +608,33 @@ class Trainer(Loop):
         depth_before = len(model.blocks)
         gen = torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i))
         new = grow(model, st.grow, st.init, gen)  # new blocks land on the model's device
-        set_trainable(model, st, new)
+        adapter = None
         if st.lora is not None:
-            rank = st.lora.rank
-            rec = add_lora(model, f"stage{i}", rank=rank, alpha=st.lora.alpha or 2.0 * rank,
+            adapter, rank = f"stage{i}", st.lora.rank
+            rec = add_lora(model, adapter, rank=rank, alpha=st.lora.alpha or 2.0 * rank,
                            blocks=lora_blocks(st.lora, depth_before, len(model.blocks)),
                            targets=list(st.lora.targets), generator_seed=_seed(plan.train.seed, "lora", i))
             model.lora_records.append(rec)  # peft puts adapters on their base layer's device
+        # after the injection: peft freezes every parameter that is not an adapter
+        declared = set_trainable(model, st, new, adapter)
         counts = model.param_counts()
         active, total = counts["params_active"], counts["params_total"]
+        expected = stage_active_params(model.cfg, st, depth_before, model.cfg.trainable_embedding)
+        if active != expected:  # the LoRA budget was checked against `expected` before training
+            raise GrowlmError(f"stage {i}: {active:,} parameters are set to train but the plan's stage trains "
+                              f"{expected:,}; nothing was trained")
         what = (f"grow {st.grow} ({st.init})" if st.grow else "no growth") + (f", train {st.train}" if st.train != "new" else "") \
             + (f", LoRA r{st.lora.rank} on {len(model.lora_records[-1]['blocks'])} blocks" if st.lora else "")
         self.log(f"stage {i}/{len(plan.stage)}: {what} | depth {len(model.blocks)} | active {active:,} | "
                  f"frozen {total - active:,} | total {total:,}")
 
-        sources, valid = stage_sources(plan, st)
-        shards = run / "cache" / "shards"
-        ctx, bs = plan.model.context, plan.train.batch_size
-        batches = distributed.rank0_first(lambda: Batches(
-            sources, self.tokenizer, context=ctx, batch_size=bs, seed=_seed(plan.train.seed, "data", i),
-            cache_dir=shards, rank=self.rank, world_size=self.world))
-        vbatches = distributed.rank0_first(lambda: validation_batches(
-            valid, self.tokenizer, context=ctx, batch_size=bs, cache_dir=shards,
-            max_batches=plan.train.eval_batches) if valid else [])
+        batches, vbatches = self._stage_data(i, st)
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
         trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
-                         stage=i, resume_hint=f"growlm train {self.plan_path} --out {run} --resume", trunk_cache=trunk)
+                         stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path), "--out", str(run),
+                                                          "--resume"]),
+                         declared=declared, trunk_cache=trunk)
         if trunk is not None:
             self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
 
@@ -569,11 +647,12 @@ class Trainer(Loop):
         extra = {
             "plan": plan_to_json(plan),
             "stage": {"index": i, "name": st.name, "grow": st.grow, "init": st.init, "train": st.train,
-                      "lora": st.lora.model_dump() if st.lora else None, "tokens": st.tokens, "steps": n_steps,
-                      "new_blocks": new},
+                      "lora": st.lora.model_dump() if st.lora else None, "adapter": adapter, "tokens": st.tokens,
+                      "steps": n_steps, "new_blocks": new},
             "metrics": {"train_loss": state.last_loss, "valid_loss": state.valid_loss, "tokens": state.tokens,
                         "wall_s": round(state.wall_s, 3), "steps": state.step},
             "params_active": active,
+            "audit": state.audit,
         }
         sdir = run / f"stage-{i}"
         substrate = {"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint, "recipe": self.substrate.recipe}
@@ -587,8 +666,10 @@ class Trainer(Loop):
         if sharded:  # the next stage grows an ordinary model; every rank starts it from the saved stage
             model = load_model(sdir).model
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
+        au = state.audit
         self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
-                 f"valid loss {vl}, {state.wall_s:.1f} s -> {sdir}")
+                 f"valid loss {vl}, {state.wall_s:.1f} s; audit: {au['trained_tensors']} tensors trained "
+                 f"({', '.join(au['trained'])}), {au['frozen_tensors']} unchanged -> {sdir}")
         return model, lineage + [meta["fingerprint"]]
 
 
