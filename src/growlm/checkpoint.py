@@ -9,25 +9,43 @@ A model dir is immutable once written and self-contained::
     DIR/tokenizer/          the tokenizer it speaks
 
 Weights are never pickled; loading checks every file's sha256 against model.json first, so a
-truncated or bit-flipped file is refused with its name before any tensor is used.
+truncated or bit-flipped file is refused with its name before any tensor is used. model.json is
+checked too: its config (types, and the tensor shapes it implies), its file names (plain names
+inside the dir), and its docking port: the tokenizer's own fingerprint and, for frozen substrates,
+the fingerprint recomputed from the embedding must equal the recorded ones. A dir holding a
+symlink or any other non-regular file is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 import shutil
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
-from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_json, read_descriptor
+from growlm.fileio import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_json,
+    check_name,
+    check_tree,
+    field,
+    read_descriptor,
+)
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.model import GrowLM, ModelConfig
+
+if TYPE_CHECKING:
+    from growlm.tokenizer import Tokenizer
 
 FORMAT = "growlm-model"
 MODEL_JSON = "model.json"
@@ -76,15 +94,20 @@ class SavedModel:
     model: GrowLM
     meta: dict
     path: Path
-    tokenizer_dir: Path = field(init=False)
+    tokenizer_dir: Path = dataclasses.field(init=False)
+    # loaded (and checked against model.json) by load_model; loading it again would re-parse the vocabulary
+    _tokenizer: Tokenizer | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.tokenizer_dir = self.path / TOKENIZER_DIR
 
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (the one its model.json names)."""
         from growlm.tokenizer import Tokenizer
 
-        return Tokenizer.load(self.tokenizer_dir)
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_dir)
+        return self._tokenizer
 
 
 def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: dict, extra: dict | None = None,
@@ -128,17 +151,73 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
     return meta
 
 
+def stage_dirs(run: Path) -> list[tuple[int, Path]]:
+    """A run's ``stage-<N>`` dirs as ``(N, dir)`` in stage order; any other ``stage-*`` entry (a
+    user's ``stage-old`` backup, say) is not a stage and is left out."""
+    found = ((re.fullmatch(r"stage-(\d+)", p.name), p) for p in Path(run).glob("stage-*"))
+    return sorted((int(m[1]), p) for m, p in found if m and p.is_dir())
+
+
 def read_meta(path: Path) -> dict:
-    """model.json of a model dir, or a one-line GrowlmError saying why the dir is not a model."""
+    """model.json of a model dir, or a one-line GrowlmError saying why the dir is not a model.
+
+    Refuses a dir holding a symlink or special file, and a model.json whose fields have the wrong
+    types, whose config cannot build a model, or whose ``files`` reach outside the dir.
+    """
     path = Path(path)
     if not path.exists():
         raise GrowlmError(f"model not found: {path}")
-    return read_descriptor(path / MODEL_JSON, FORMAT, "model")
+    check_tree(path, "model")
+    f = path / MODEL_JSON
+    meta = read_descriptor(f, FORMAT, "model")
+    cfg = model_config(meta, f)
+    for key in ("substrate_fingerprint", "tokenizer_fingerprint", "fingerprint"):
+        field(meta, key, (str,), f)
+    sub = field(meta, "substrate", (dict,), f)
+    field(sub, "kind", (str,), f, "substrate.")
+    field(sub, "recipe", (dict,), f, "substrate.")
+    for key in ("params_total", "params_trainable"):
+        field(meta, key, (int,), f)
+    if not all(isinstance(fp, str) for fp in field(meta, "lineage", (list,), f)):
+        raise GrowlmError(f"{f} is corrupt: lineage is not a list of fingerprints")
+    if "lora" in meta:
+        field(meta, "lora", (list, type(None)), f)
+    blocks = field(meta, "blocks", (list,), f)
+    if len(blocks) != cfg.n_layers:
+        raise GrowlmError(f"{f} is inconsistent: {cfg.n_layers} layers but {len(blocks)} block hashes")
+    for i, blk in enumerate(blocks):
+        where = f"blocks[{i}]."
+        if not isinstance(blk, dict) or field(blk, "index", (int,), f, where) != i:
+            raise GrowlmError(f"{f} is corrupt: blocks[{i}] is not the record of block {i}")
+        field(blk, "sha256", (str,), f, where)
+    files = field(meta, "files", (dict,), f)
+    for name in files:
+        check_name(name, f"{f} files")
+        field(files, name, (str,), f, "the checksum of ")
+    if WEIGHTS not in files:
+        raise GrowlmError(f"{f} is corrupt: it records no checksum for {WEIGHTS}")
+    return meta
+
+
+def model_config(meta: dict, f: Path) -> ModelConfig:
+    """The :class:`ModelConfig` in model.json ``f``, or a one-line error naming the key at fault."""
+    raw = field(meta, "config", (dict,), f)
+    hints = typing.get_type_hints(ModelConfig)
+    for fld in dataclasses.fields(ModelConfig):
+        kinds = typing.get_args(hints[fld.name]) or (hints[fld.name],)  # int | None -> (int, NoneType)
+        field(raw, fld.name, kinds, f, "config.")
+    try:
+        return ModelConfig.from_dict(raw)
+    except GrowlmError as e:
+        raise GrowlmError(f"{f} is corrupt: {e}") from None
 
 
 def verify_files(path: Path, meta: dict) -> None:
-    """Check every weight file against the sha256 recorded in model.json."""
-    for name, digest in meta.get("files", {}).items():
+    """Check every weight file against the sha256 recorded in model.json (read by :func:`read_meta`)."""
+    files = meta["files"]
+    if ADAPTERS not in files and (Path(path) / ADAPTERS).exists():
+        raise GrowlmError(f"{Path(path) / ADAPTERS} is not recorded in {MODEL_JSON}: the dir was modified")
+    for name, digest in files.items():
         f = Path(path) / name
         if not f.is_file():
             raise GrowlmError(f"missing weight file {f}")
@@ -154,25 +233,99 @@ def load_tensors(f: Path) -> dict[str, torch.Tensor]:
         raise GrowlmError(f"{f} is not a valid safetensors file: {e}") from e
 
 
+def checked_skeleton(path: Path, meta: dict, weights: dict[str, torch.Tensor]) -> GrowLM:
+    """The model model.json's config builds (on the meta device, no memory), once ``weights`` are
+    checked to be exactly its tensors: every name, no other, each of the shape the config gives."""
+    f = Path(path) / WEIGHTS
+    with torch.device("meta"):
+        model = GrowLM(model_config(meta, Path(path) / MODEL_JSON))
+    want = model.state_dict()
+    missing = set(want) - set(weights)
+    if missing:
+        raise GrowlmError(f"{f} lacks tensors: {', '.join(sorted(missing)[:5])}")
+    extra = set(weights) - set(want)
+    if extra:
+        raise GrowlmError(f"{f} holds tensors the config in {MODEL_JSON} has no place for: {', '.join(sorted(extra)[:5])}")
+    for name in sorted(want):
+        if weights[name].shape != want[name].shape:
+            raise GrowlmError(f"{f}: tensor {name} has shape {list(weights[name].shape)}, but the config in "
+                              f"{MODEL_JSON} gives {list(want[name].shape)}")
+    return model
+
+
+def embedding_fingerprint(meta: dict, table: torch.Tensor) -> str | None:
+    """The substrate fingerprint of the embedding ``table`` under model.json's recipe, or ``None``
+    for a trainable substrate (its embedding moves in training, so only the starting point is recorded)."""
+    from growlm.substrate.base import substrate_fingerprint
+
+    sub = meta["substrate"]
+    if sub["kind"] == "trainable":
+        return None
+    return substrate_fingerprint(sub["recipe"], table)
+
+
+def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
+    """The docking port a model dir really has, against the one its model.json records.
+
+    Loads the tokenizer (its fingerprint is computed from its own vocabulary) and recomputes the
+    substrate fingerprint from the embedding (``embedding``, or read from the weights file; the
+    one pass over it that load and verify make). Returns the tokenizer (``None`` when it does not
+    load) and the problems found, each one line.
+    """
+    from growlm.tokenizer import Tokenizer
+
+    path = Path(path)
+    problems = []
+    try:
+        tok = Tokenizer.load(path / TOKENIZER_DIR)
+    except GrowlmError as e:
+        tok = None
+        problems.append(str(e))
+    if tok is not None and tok.fingerprint != meta["tokenizer_fingerprint"]:
+        problems.append(f"{path}: tokenizer/ has fingerprint {tok.fingerprint[:12]}, but {MODEL_JSON} records "
+                        f"{meta['tokenizer_fingerprint'][:12]}: the tokenizer was replaced")
+    if meta["substrate"]["kind"] == "trainable" and not meta["config"]["trainable_embedding"]:
+        problems.append(f"{path}: {MODEL_JSON} names a trainable substrate but its config freezes the embedding")
+    elif meta["substrate"]["kind"] != "trainable":
+        if embedding is None:
+            embedding = _read_embedding(path / WEIGHTS)
+        fp = embedding_fingerprint(meta, embedding)
+        if fp != meta["substrate_fingerprint"]:
+            problems.append(f"{path}: the embedding does not match substrate fingerprint "
+                            f"{meta['substrate_fingerprint'][:12]} (got {fp[:12]})")
+    return tok, problems
+
+
+def _read_embedding(f: Path) -> torch.Tensor:
+    """Only ``embed.weight`` of a weights file: the port check needs no other tensor."""
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return st.get_tensor("embed.weight")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GrowlmError(f"{f} is not a valid safetensors file with an embed.weight: {e}") from e
+
+
 def load_model(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> SavedModel:
-    """Load a model dir written by :func:`save_model`; adapters, if any, are re-attached (not merged)."""
+    """Load a model dir written by :func:`save_model`; adapters, if any, are re-attached (not merged).
+
+    ``verify=False`` skips only the files' checksums (for a caller that just checked them); the
+    config, the tensor shapes and the docking port are always checked.
+    """
     path = Path(path)
     meta = read_meta(path)
     if verify:
         verify_files(path, meta)
-    cfg = ModelConfig.from_dict(meta["config"])
-    with torch.device("meta"):
-        model = GrowLM(cfg)
     weights = load_tensors(path / WEIGHTS)
-    missing = set(model.state_dict()) - set(weights)
-    if missing:
-        raise GrowlmError(f"{path / WEIGHTS} lacks tensors: {', '.join(sorted(missing)[:5])}")
+    model = checked_skeleton(path, meta, weights)
+    tok, problems = check_port(path, meta, weights["embed.weight"])
+    if problems:
+        raise GrowlmError(problems[0])
     model.load_state_dict(weights, strict=True, assign=True)
-    model.embed.weight.requires_grad_(cfg.trainable_embedding)
+    model.embed.weight.requires_grad_(model.cfg.trainable_embedding)
     if (path / ADAPTERS).is_file() and meta.get("lora"):
         from growlm.lora import attach_adapters
 
         attach_adapters(model, meta["lora"], load_tensors(path / ADAPTERS))
         model.lora_records = list(meta["lora"])
     model.to(device)
-    return SavedModel(model=model, meta=meta, path=path)
+    return SavedModel(model=model, meta=meta, path=path, _tokenizer=tok)

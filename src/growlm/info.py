@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from growlm.checkpoint import read_meta
-from growlm.errors import GrowlmError
+from growlm.checkpoint import read_meta, stage_dirs
 from growlm.model import count_params_meta, preset_config
 
 
@@ -26,9 +25,9 @@ def info_model(path: Path) -> dict:
         from growlm.compose import info_mixture
 
         return info_mixture(path)
-    if not (path / "model.json").is_file() and any(path.glob("stage-*")):
-        stages = sorted(path.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
-        return {"run": str(path), "stages": [info_model(s) for s in stages]}
+    stages = stage_dirs(path)
+    if not (path / "model.json").is_file() and stages:
+        return {"run": str(path), "stages": [info_model(s) for _, s in stages]}
     meta = read_meta(path)
     cfg = meta["config"]
     out = {
@@ -43,6 +42,4 @@ def info_model(path: Path) -> dict:
     for k in ("stage", "metrics", "merged_from"):
         if k in meta:
             out[k] = meta[k]
-    if out["n_layers"] != len(out["blocks"]):
-        raise GrowlmError(f"{path / 'model.json'} is inconsistent: {out['n_layers']} layers but {len(out['blocks'])} block hashes")
     return out

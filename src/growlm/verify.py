@@ -25,32 +25,35 @@ from growlm.errors import GrowlmError
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
-    """Check one model dir; returns (its model.json, report lines, problems)."""
+    """Check one model dir; returns (its model.json, report lines, problems).
+
+    Everything load_model refuses is a problem here too (the same checks: config and tensor
+    shapes, tokenizer and recomputed substrate fingerprints), so verify never vouches for a dir
+    that will not load.
+    """
+    from growlm.checkpoint import check_port, checked_skeleton
+
     lines, problems = [], []
     meta = read_meta(path)
     try:
         verify_files(path, meta)
-        lines.append(f"{path}: {len(meta.get('files', {}))} file checksum(s) ok")
+        lines.append(f"{path}: {len(meta['files'])} file checksum(s) ok")
+        weights = load_tensors(path / WEIGHTS)
+        checked_skeleton(path, meta, weights)
     except GrowlmError as e:
         problems.append(str(e))
         return meta, lines, problems
-    weights = load_tensors(path / WEIGHTS)
     adapters = load_tensors(path / ADAPTERS) if (path / ADAPTERS).is_file() else {}
     for blk in meta["blocks"]:
         got = block_sha256(weights, blk["index"])
         if got != blk["sha256"]:
             problems.append(f"{path}: block {blk['index']} sha256 {got[:12]} differs from the recorded {blk['sha256'][:12]}")
-    sub = meta["substrate"]
-    if sub["kind"] != "trainable":
-        from growlm.substrate.base import substrate_fingerprint
-
-        lift = meta["config"]["d_model"] // meta["config"]["embed_dim"]
-        table = weights["embed.weight"]
-        fp = substrate_fingerprint(sub["recipe"], table if table.shape[1] * lift == meta["config"]["d_model"] else table[:, ::lift])
-        if fp != meta["substrate_fingerprint"]:
-            problems.append(f"{path}: the embedding does not match substrate fingerprint {meta['substrate_fingerprint'][:12]} (got {fp[:12]})")
-        else:
-            lines.append(f"{path}: substrate {sub['kind']} fingerprint {fp[:12]} ok")
+    _, port = check_port(path, meta, weights["embed.weight"])
+    problems += port
+    if not port:
+        lines.append(f"{path}: tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} ok")
+        if meta["substrate"]["kind"] != "trainable":
+            lines.append(f"{path}: substrate {meta['substrate']['kind']} fingerprint {meta['substrate_fingerprint'][:12]} ok")
     fp = model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"], weights, adapters)
     if fp != meta["fingerprint"]:
         problems.append(f"{path}: model fingerprint {fp[:12]} differs from the recorded {meta['fingerprint'][:12]}")
@@ -71,8 +74,13 @@ def verify(path: Path) -> dict:
             lines.append(f"{path}: mixture checksums and fingerprints ok")
         except GrowlmError as e:
             problems.append(str(e))
-        for expert in sorted((path / "experts").iterdir()):
-            _, ln, pr = verify_model(expert)
+        experts = path / "experts"
+        # a missing or symlinked experts/ is already a problem above; never walk where it points
+        for expert in sorted(experts.iterdir()) if experts.is_dir() and not experts.is_symlink() else []:
+            try:
+                _, ln, pr = verify_model(expert)
+            except GrowlmError as e:  # not a model dir at all: one more problem of the mixture
+                ln, pr = [], [str(e)]
             lines += ln
             problems += pr
         return {"ok": not problems, "lines": lines, "problems": problems}
