@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import math
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +37,24 @@ import torch.nn.functional as F
 
 from growlm.checkpoint import (
     TOKENIZER_DIR,
+    check_port,
     load_model,
     load_tensors,
     read_meta,
     verify_files,
 )
 from growlm.errors import GrowlmError
-from growlm.fileio import atomic_dir, atomic_save_tensors, atomic_write_json, read_descriptor
+from growlm.fileio import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_json,
+    check_name,
+    check_tree,
+    field,
+    read_descriptor,
+    remove_stale_temp_dirs,
+    scratch_dir,
+)
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
@@ -321,7 +331,15 @@ def _expand(inputs: Sequence[Path]) -> list[_Expert]:
 
 
 def _check_port(experts: list[_Expert]) -> None:
-    """Refuse experts whose substrate or tokenizer differs from the first expert's."""
+    """Refuse experts whose substrate or tokenizer differs from the first expert's.
+
+    Each expert's recorded fingerprints are first checked against its own tokenizer and embedding
+    (recomputed), so an edited model.json cannot pass two different ports off as one.
+    """
+    for e in experts:
+        _, problems = check_port(e.path, e.meta)
+        if problems:
+            raise GrowlmError(f"cannot merge: {problems[0]}")
     ref = experts[0]
     for e in experts[1:]:
         for what in ("substrate", "tokenizer"):
@@ -340,38 +358,101 @@ def mixture_fingerprint(rule: Rule, expert_fps: Sequence[str], substrate_fp: str
     return h.hexdigest()
 
 
-def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
-    """sha256 of every file under ``root`` except mixture.json and the expert weight files, which
-    the experts' own model.json checksums (so each byte is hashed once per verification)."""
+def _checked_names(root: Path, expert_paths: Sequence[str]) -> list[str]:
+    """Every file under ``root`` that mixture.json checksums: all but mixture.json itself and the
+    expert weight files, which the experts' own model.json checksums (so each byte is hashed once
+    per verification)."""
     skip = {MIXTURE_JSON}
     for rel in expert_paths:
-        skip |= {f"{rel}/{name}" for name in read_meta(root / rel).get("files", {})}
-    return {f.relative_to(root).as_posix(): sha256_file(f) for f in sorted(root.rglob("*"))
-            if f.is_file() and f.relative_to(root).as_posix() not in skip}
+        skip |= {f"{rel}/{name}" for name in read_meta(root / rel)["files"]}
+    names = (f.relative_to(root).as_posix() for f in sorted(root.rglob("*")) if f.is_file())
+    return [n for n in names if n not in skip]
+
+
+def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
+    """sha256 of every file :func:`_checked_names` lists."""
+    return {name: sha256_file(root / name) for name in _checked_names(root, expert_paths)}
 
 
 def _read_desc(path: Path) -> dict:
-    f = Path(path) / MIXTURE_JSON
+    """mixture.json of a mixture dir, checked to have every field, each of the right type, before
+    anything reads it; a dir holding a symlink or special file is refused."""
+    path = Path(path)
+    check_tree(path, "mixture")
+    f = path / MIXTURE_JSON
     desc = read_descriptor(f, FORMAT, "mixture")
     if desc.get("version") != VERSION:
         raise GrowlmError(f"{f} has version {desc.get('version')!r}; this growlm reads version {VERSION}")
+    _check_desc(f, desc)
     return desc
+
+
+def _numbers(values: list, f: Path, what: str) -> None:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise GrowlmError(f"{f} is corrupt: {what} are not all finite numbers")
+
+
+def _check_desc(f: Path, desc: dict) -> None:
+    """Refuse a mixture.json whose fields are missing, mistyped or name files outside the dir."""
+    for key in ("substrate_fingerprint", "tokenizer_fingerprint", "fingerprint"):
+        field(desc, key, (str,), f)
+    experts = field(desc, "experts", (list,), f)
+    if len(experts) < 2:
+        raise GrowlmError(f"{f} is corrupt: a mixture has at least two experts, it lists {len(experts)}")
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            raise GrowlmError(f"{f} is corrupt: experts[{i}] is not an object")
+        field(e, "path", (str,), f, f"experts[{i}].")
+        field(e, "fingerprint", (str,), f, f"experts[{i}].")
+    combine = field(desc, "combine", (str,), f)
+    if combine not in (*FIXED_RULES, "router"):
+        raise GrowlmError(f"{f} is corrupt: unknown combine rule {combine!r}")
+    if field(desc, "space", (str,), f) not in SPACES:
+        raise GrowlmError(f"{f} is corrupt: space is {desc['space']!r}, not one of {', '.join(SPACES)}")
+    weights = field(desc, "weights", (list, type(None)), f)
+    if weights is not None:
+        _numbers(weights, f, "weights")
+        if len(weights) != len(experts):
+            raise GrowlmError(f"{f} is corrupt: {len(weights)} weights for {len(experts)} experts")
+    router = field(desc, "router", (dict, type(None)), f)
+    if router is not None:
+        if field(router, "in_features", (int,), f, "router.") <= 0:
+            raise GrowlmError(f"{f} is corrupt: router.in_features must be positive")
+        prior = field(router, "prior", (list,), f, "router.")
+        _numbers(prior, f, "router.prior")
+        if len(prior) != len(experts):
+            raise GrowlmError(f"{f} is corrupt: router.prior has {len(prior)} entries for {len(experts)} experts")
+    for name in field(desc, "tensors", (list,), f):
+        if name not in (ROUTER, HEADS):
+            raise GrowlmError(f"{f} is corrupt: tensors lists {name!r}; a mixture stores only {ROUTER} and {HEADS}")
+    files = field(desc, "files", (dict,), f)
+    for name in files:
+        check_name(name, f"{f} files")
+        field(files, name, (str,), f, "the checksum of ")
+    for i, record in enumerate(field(desc, "tuning", (list,), f)):
+        if not isinstance(record, dict) or not isinstance(record.get("stage"), str):
+            raise GrowlmError(f"{f} is corrupt: tuning[{i}] is not a stage record")
 
 
 def _verify_mixture_dir(path: Path) -> dict:
     """Check every file and fingerprint of a mixture dir except its own tensors; returns mixture.json."""
     path = Path(path)
     desc = _read_desc(path)
+    rels = [e["path"] for e in desc["experts"]]
+    for i, rel in enumerate(rels):
+        if rel != f"{EXPERTS_DIR}/{i}":  # never follow a path out of the mixture dir
+            raise GrowlmError(f"mixture {path}: expert {i} has path {rel!r}, expected {EXPERTS_DIR}/{i}")
+    # a file dropped from the record would otherwise go unchecked (and unnoticed)
+    unrecorded = sorted(set(_checked_names(path, rels)) - set(desc["files"]))
+    if unrecorded:
+        raise GrowlmError(f"mixture {path} was modified: {unrecorded[0]} is not recorded in {MIXTURE_JSON}")
     for name, digest in desc["files"].items():
         f = path / name
         if not f.is_file():
             raise GrowlmError(f"mixture {path} is incomplete: {name} is missing")
         if sha256_file(f) != digest:
             raise GrowlmError(f"mixture {path} was modified: checksum mismatch in {name}")
-    for i, e in enumerate(desc["experts"]):
-        rel = e["path"]
-        if rel != f"{EXPERTS_DIR}/{i}":  # never follow a path out of the mixture dir
-            raise GrowlmError(f"mixture {path}: expert {i} has path {rel!r}, expected {EXPERTS_DIR}/{i}")
+    for rel, e in zip(rels, desc["experts"], strict=True):
         meta = read_meta(path / rel)
         verify_files(path / rel, meta)
         if meta["fingerprint"] != e["fingerprint"]:
@@ -447,12 +528,12 @@ def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, in
             "data": [{"name": p.name, "sha256": sha256_file(p)} for p in data]}
 
 
-def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, work_parent: Path
+def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, out: Path
           ) -> tuple[Rule, dict | None, dict[str, dict[str, torch.Tensor]], list[dict]]:
-    """Run the post-merge stages on the mixture being built in ``root``.
+    """Run the post-merge stages on the mixture being built in ``root`` (to become ``out``).
 
     Returns the final rule, the router description, the tensors to store (file -> tensors) and
-    the stage records. The loop's run dir (checkpoints, metrics) is a temp dir beside the output.
+    the stage records. The loop's run dir (checkpoints, metrics) is a scratch dir beside ``out``.
     """
     from growlm.tokenizer import Tokenizer
     from growlm.train import Loop
@@ -472,10 +553,10 @@ def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, work_parent: Path
     # no torch.compile: the router's feature hooks are registered per call
     spec = tuning.spec or TrainSpec(lr=tuning.lr, compile=False)
     stages = [k for k, on in (("router", tuning.router), ("head", tuning.head)) if on]
-    with tempfile.TemporaryDirectory(dir=work_parent, prefix=".merge-train.") as work:
-        loop = Loop(Path(work), spec, progress=tuning.progress)
+    with scratch_dir(out.parent, _train_dir_name(out)) as work:
+        loop = Loop(work, spec, progress=tuning.progress)
         mixture.to(loop.device)
-        records = [_tune_stage(loop, mixture, tok, tuning, k, i, Path(work)) for i, k in enumerate(stages, 1)]
+        records = [_tune_stage(loop, mixture, tok, tuning, k, i, work) for i, k in enumerate(stages, 1)]
     mixture.to("cpu")
     stored = {}
     if tuning.router:
@@ -503,13 +584,15 @@ def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", w
     out = Path(out)
     if out.exists():
         raise GrowlmError(f"refusing to overwrite existing {out}")
+    _check_apart(experts, out)
     sources = _expand(experts)
-    _check_port(sources)
     rule = make_rule(combine, len(sources), weights, space)
     if tuning is not None:
         tuning.check()
     for s in sources:
         verify_files(s.path, s.meta)
+    _check_port(sources)
+    remove_stale_temp_dirs(out.parent / _train_dir_name(out))  # a killed tuning merge's, even if this one trains nothing
     with atomic_dir(out) as tmp:
         rels = []
         for i, s in enumerate(sources):
@@ -520,7 +603,7 @@ def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", w
         shutil.copytree(sources[0].path / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
         router_desc, stored, records = None, {}, []
         if tuning is not None:
-            rule, router_desc, stored, records = _tune(tmp, len(sources), rule, tuning, out.parent)
+            rule, router_desc, stored, records = _tune(tmp, len(sources), rule, tuning, out)
         ref = sources[0].meta
         tensors = {k: v for t in stored.values() for k, v in t.items()}
         desc = {
@@ -622,6 +705,22 @@ def info_mixture(path: Path) -> dict:
         "substrate_fingerprint": desc["substrate_fingerprint"],
         "tokenizer_fingerprint": desc["tokenizer_fingerprint"], "fingerprint": desc["fingerprint"],
     }
+
+
+def _train_dir_name(out: Path) -> str:
+    return f"merge-train.{out.name}"
+
+
+def _check_apart(inputs: Sequence[Path], out: Path) -> None:
+    """Refuse an output inside (or equal to) an input, or an input inside the output: copying an
+    expert into itself would recurse until the path is too long."""
+    target = out.resolve()
+    for p in map(Path, inputs):
+        src = p.resolve()
+        if target == src or target.is_relative_to(src):
+            raise GrowlmError(f"--out {out} lies inside the input {p}; write the mixture somewhere else")
+        if src.is_relative_to(target):
+            raise GrowlmError(f"the input {p} lies inside --out {out}; write the mixture somewhere else")
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
