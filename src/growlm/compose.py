@@ -505,8 +505,9 @@ def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, in
     from growlm.data import Batches, Source, validation_batches
     from growlm.train import evaluate_loss
 
+    declared = {n for n, _ in mixture.named_parameters() if (n.startswith("router.") if kind == "router" else _is_head(n))}
     for name, p in mixture.named_parameters():
-        p.requires_grad_(name.startswith("router.") if kind == "router" else _is_head(name))
+        p.requires_grad_(name in declared)
     spec = loop.spec
     data = [Path(p) for p in tuning.data]
     cache = work / "cache"
@@ -519,12 +520,12 @@ def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, in
     before = evaluate_loss(mixture, fixed, loop.device, loop.autocast())
     n_steps = math.ceil(tuning.tokens / batches.tokens_per_batch)
     state = loop.fit(kind, mixture, batches, fixed, n_steps=n_steps, lr=tuning.lr, stage=index,
-                     resume_hint="run the merge again (post-merge stages do not resume)")
+                     resume_hint="run the merge again (post-merge stages do not resume)", declared=declared)
     for p in mixture.parameters():
         p.requires_grad_(False)
     return {"stage": kind, "tokens": state.tokens, "steps": state.step, "lr": tuning.lr,
             "loss_before": before, "loss_after": state.valid_loss, "train_loss": state.last_loss,
-            "wall_s": round(state.wall_s, 3),
+            "wall_s": round(state.wall_s, 3), "audit": {k: v for k, v in state.audit.items() if k != "start_sha256"},
             "data": [{"name": p.name, "sha256": sha256_file(p)} for p in data]}
 
 
