@@ -45,6 +45,9 @@ from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
 from growlm.trunk_cache import TrunkCache
 
+# an in-stage checkpoint: these files, with their sha256 in its state.json
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
 
 class Interrupted(GrowlmError):
     """Training stopped by the user (Ctrl-C / SIGTERM) after writing a checkpoint."""
@@ -430,7 +433,7 @@ class Loop:
                     "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
                     "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
                     "files": {}}
-            for f in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            for f in CHECKPOINT_FILES:
                 info["files"][f] = sha256_file(tmp / f)
             atomic_write_json(tmp / "state.json", info)
         for old in root.glob("step-*"):
@@ -447,15 +450,24 @@ class Loop:
             self._truncate_metrics(stage, 0)
             return
         try:
-            info = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-            files = {str(f): str(d) for f, d in info["files"].items()}
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e}); remove {ck} to restart "
+            self._load_checkpoint(ck, model, opt, batches, state)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
                               f"this stage from its beginning (completed stages are intact)") from None
-        for f, digest in files.items():
-            if "/" in f or f.startswith(".") or not (ck / f).is_file() or sha256_file(ck / f) != digest:
-                raise GrowlmError(f"checkpoint file {ck / f} is corrupted (checksum mismatch); remove {ck} to "
-                                  f"restart this stage from its beginning (completed stages are intact)")
+        self._truncate_metrics(stage, state.step)
+        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
+
+    def _load_checkpoint(self, ck: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
+                         state: StageState) -> None:
+        """Everything of checkpoint ``ck`` into the live objects, its files checked first (a malformed
+        state.json surfaces as KeyError/TypeError/ValueError, which the caller reports)."""
+        info = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        if set(info["files"]) != set(CHECKPOINT_FILES):
+            raise ValueError(f"it lists {sorted(info['files'])}, not {list(CHECKPOINT_FILES)}")
+        for f in CHECKPOINT_FILES:
+            if not (ck / f).is_file() or sha256_file(ck / f) != info["files"][f]:
+                raise GrowlmError(f"checkpoint file {ck / f} is missing or corrupted (checksum mismatch); remove "
+                                  f"{ck} to restart this stage from its beginning (completed stages are intact)")
         trainable = load_tensors(ck / "trainable.safetensors")
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -476,15 +488,9 @@ class Loop:
         groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
         opt.load_state_dict({"state": st, "param_groups": groups})
         torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
-        try:
-            batches.load_state_dict(info["data"])
-            state.step, state.tokens, state.wall_s = int(info["step"]), int(info["tokens"]), float(info["wall_s"])
-            state.last_loss = float(info["last_loss"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
-                              f"this stage from its beginning (completed stages are intact)") from None
-        self._truncate_metrics(stage, state.step)
-        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
+        batches.load_state_dict(info["data"])
+        state.step, state.tokens, state.wall_s = int(info["step"]), int(info["tokens"]), float(info["wall_s"])
+        state.last_loss = float(info["last_loss"])
 
     def _truncate_metrics(self, stage: int, step: int) -> None:
         """Drop metric lines the killed process logged after the point we resume from, and any line a

@@ -1,0 +1,146 @@
+"""The training side of the probe's catalogue: run dirs, resume, metrics and what a failed start leaves.
+
+Each test reproduces one defect the outside probe found (see docs/reliability.md) through the real
+CLI, and fails on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_util import SMALL_PLAN, child_env, growlm, write_plan
+from growlm.hashing import sha256_file
+
+NO_CHECKPOINT = SMALL_PLAN.replace("checkpoint_every = 3", "checkpoint_every = 1000").replace("log_every = 2",
+                                                                                              "log_every = 1")
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("growlm: error: "), (r.returncode, r.stderr)
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, NO_CHECKPOINT, corpus_dir)
+    run = tmp_path / "run"
+    r = growlm("train", str(plan), "--out", str(run), "--no-progress", env={"GROWLM_FAULT": "kill@step:1:4"})
+    assert r.returncode == -9 and len(_records(run)) == 4
+    with open(run / "metrics.jsonl", "a") as f:  # a disk that filled mid-line, or a kill mid-write
+        f.write('{"stage": 1, "step": 5, "tok')
+    r = growlm("train", str(plan), "--out", str(run), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    steps = [(x["stage"], x["step"]) for x in _records(run)]  # every line parses: no glued or torn record
+    assert steps == [(1, n) for n in range(1, 11)] + [(2, n) for n in range(1, 11)]
+
+
+def _full_disk(kb: int):
+    def limit() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (kb * 1024, kb * 1024))
+    return limit
+
+
+def test_disk_full_while_copying_the_plan_leaves_no_truncated_plan(corpus_dir, tmp_path):
+    text = SMALL_PLAN + "# " + "a long comment keeps this plan larger than the disk allows\n# " * 300
+    plan = write_plan(tmp_path, text, corpus_dir)
+    assert plan.stat().st_size > 16 * 1024
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "growlm", "train", str(plan), "--out", str(run), "--no-progress"],
+                       capture_output=True, text=True, env=child_env(), preexec_fn=_full_disk(16))
+    one_line_error(r, "could not write", "plan.toml")
+    assert not (run / "plan.toml").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    r = growlm("train", str(plan), "--out", str(run), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert (run / "plan.toml").read_text() == text
+
+
+def test_a_failed_start_is_not_reused_by_another_plan(corpus_dir, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8 " * 100)
+    text = SMALL_PLAN + '[stage.data]\ntrain = ["bad.txt"]\n'
+    plan = write_plan(tmp_path, text, corpus_dir)
+    run = tmp_path / "run"
+    one_line_error(growlm("train", str(plan), "--out", str(run), "--no-progress"), "bad.txt")
+    assert (run / "tokenizer").is_dir() and not list(run.glob("stage-*"))  # it failed after the docking port
+    other = tmp_path / "other.toml"
+    other.write_text(SMALL_PLAN.replace("d_model = 32", "d_model = 64"))
+    left = snapshot(run)
+    one_line_error(growlm("train", str(other), "--out", str(run), "--no-progress"), "not empty", "--resume")
+    one_line_error(growlm("train", str(other), "--out", str(run), "--resume", "--no-progress"), "differs")
+    assert snapshot(run) == left
+
+
+def test_every_stages_data_is_checked_before_the_first_stage_trains(corpus_dir, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine text\n" * 50 + b"\xff broken")
+    plan = write_plan(tmp_path, SMALL_PLAN + '[stage.data]\ntrain = ["bad.txt"]\n', corpus_dir)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress"), "bad.txt")
+    assert not list((tmp_path / "run").glob("stage-*"))
+
+
+@pytest.fixture(scope="module")
+def small_run(corpus_dir, tmp_path_factory) -> Path:
+    from growlm.train import train
+
+    d = tmp_path_factory.mktemp("small")
+    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
+    return d / "run"
+
+
+def test_out_inside_a_finished_stage_or_a_file_is_refused(small_run, tmp_path):
+    before = snapshot(small_run)
+    plan = small_run.parent / "plan.toml"
+    for out in (small_run / "stage-1", small_run / "stage-1" / "sub", small_run / "stage-2" / "tokenizer" / "x"):
+        one_line_error(growlm("train", str(plan), "--out", str(out), "--no-progress"), "inside")
+    one_line_error(growlm("train", str(plan), "--out", str(small_run / "plan.toml"), "--no-progress"), "is a file")
+    assert snapshot(small_run) == before
+
+
+def test_unwritable_out_is_one_line(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    # /proc refuses a new dir even to root, whom a read-only mode would not stop
+    one_line_error(growlm("train", str(plan), "--out", "/proc/growlm-test/run", "--no-progress"),
+                   "cannot write the run dir")
+
+
+def test_corrupt_state_json_on_resume_is_one_line_and_keeps_the_stages(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    run = tmp_path / "run"
+    assert growlm("train", str(plan), "--out", str(run), "--no-progress",
+                  env={"GROWLM_FAULT": "kill@step:2:7"}).returncode == -9
+    (state,) = (run / "checkpoints" / "stage-2").glob("step-*/state.json")
+    for corrupt in ('{"files": 3}', "{not json", '{"files": {}, "step": "x"}'):
+        state.write_text(corrupt)
+        before = snapshot(run)
+        one_line_error(growlm("train", str(plan), "--out", str(run), "--resume", "--no-progress"),
+                       "corrupt", str(state.parent))
+        assert snapshot(run) == before
+
+
+def test_the_printed_resume_command_is_shell_quoted(corpus_dir, tmp_path):
+    d = tmp_path / "my plans; rm -rf ~"
+    d.mkdir()
+    plan = write_plan(d, SMALL_PLAN, corpus_dir)
+    run = tmp_path / "a run"
+    r = growlm("train", str(plan), "--out", str(run), "--no-progress", env={"GROWLM_FAULT": "sigint@step:1:3"})
+    assert r.returncode == 130
+    command = r.stderr.split("continue with: ")[1].strip()
+    assert shlex.split(command) == ["growlm", "train", str(plan), "--out", str(run), "--resume"]
