@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from growlm import audit
 from growlm.checkpoint import (
     ADAPTERS,
     WEIGHTS,
@@ -22,6 +23,7 @@ from growlm.checkpoint import (
     verify_files,
 )
 from growlm.errors import GrowlmError
+from growlm.growth import trainable_names
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -85,19 +87,27 @@ def verify(path: Path) -> dict:
             problems += pr
         return {"ok": not problems, "lines": lines, "problems": problems}
     if (path / "model.json").is_file():
-        _, lines, problems = verify_model(path)
+        meta, lines, problems = verify_model(path)
+        if not problems and meta.get("audit") is not None:  # a run's stage: its audit, without the parent
+            ln, problems = _check_audit(_stage_index(meta), meta, _file_digests(path), None)
+            lines += ln
         return {"ok": not problems, "lines": lines, "problems": problems}
     stages = sorted((int(m.group(1)), p) for p in path.glob("stage-*") if (m := re.fullmatch(r"stage-(\d+)", p.name)))
     if not stages:
         raise GrowlmError(f"{path} is neither a model dir, a mixture nor a run (no model.json, mixture.json or stage-N)")
-    lines, problems, prev = [], [], None
+    lines, problems, prev, prev_digests = [], [], None, None
     for n, sdir in stages:
         meta, ln, pr = verify_model(sdir)
         lines += ln
         problems += pr
         if prev is not None:
             problems += _check_lineage(n, meta, prev)
-        prev = meta
+        now = None if pr else _file_digests(sdir)
+        if now is not None:
+            ln, pr = _check_audit(n, meta, now, prev_digests)
+            lines += ln
+            problems += pr
+        prev, prev_digests = meta, now
     if not problems:
         lines.append(f"{path}: lineage of {len(stages)} stage(s) ok: every frozen block unchanged since its stage")
     return {"ok": not problems, "lines": lines, "problems": problems}
@@ -121,3 +131,46 @@ def _check_lineage(n: int, meta: dict, parent: dict) -> list[str]:
         if now != blk["sha256"]:
             out.append(f"stage-{n}: frozen block {blk['index']} changed (sha256 {blk['sha256'][:12]} -> {now[:12]})")
     return out
+
+
+def _stage_index(meta: dict) -> int | str:
+    stage = meta.get("stage")
+    return stage.get("index", "?") if isinstance(stage, dict) else "?"
+
+
+def _file_digests(path: Path) -> dict[str, str]:
+    """The audit's per-tensor digests of a model dir's weight and adapter files."""
+    tensors = load_tensors(path / WEIGHTS)
+    if (path / ADAPTERS).is_file():
+        tensors.update(load_tensors(path / ADAPTERS))
+    return audit.digests(tensors.items())
+
+
+def _check_audit(n: int, meta: dict, now: dict[str, str], parent: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    """Re-check a stage's trainable-set audit from its files: what the plan trains changed since the
+    stage began, nothing else did, the stage began from its parent, and the record says so."""
+    stage, rec = meta.get("stage"), meta.get("audit")
+    if not isinstance(stage, dict):
+        return [], [f"stage-{n}: model.json has no stage record"]
+    if rec is None:
+        return [f"stage-{n}: no trainable-set audit recorded (written before growlm recorded audits)"], []
+    try:
+        start, steps = dict(rec["start_sha256"]), int(rec["steps"])
+        declared = trainable_names(now, train=stage["train"], new_blocks=list(stage["new_blocks"]),
+                                   adapter=stage.get("adapter"),
+                                   trainable_embedding=bool(meta["config"].get("trainable_embedding")))
+    except (KeyError, TypeError, ValueError) as e:
+        return [], [f"stage-{n}: the audit or stage record in model.json is malformed ({e!r})"]
+    problems = [f"stage-{n}: {p}" for p in audit.check(start, now, declared, steps)]
+    if parent is not None:
+        moved = sorted(k for k in set(start) & set(parent) if start[k] != parent[k])
+        if moved:
+            problems.append(f"stage-{n}: did not start from stage-{n - 1}: {len(moved)} tensor(s) differ, e.g. {moved[0]}")
+    if not problems:
+        again = audit.record(start, now, declared, steps)
+        if any(again[k] != rec.get(k) for k in ("trained", "frozen")):
+            problems.append(f"stage-{n}: the audit recorded in model.json does not match its files")
+    if problems:
+        return [], problems
+    return [f"stage-{n}: audit ok: {again['trained_tensors']} tensor(s) trained as the plan says "
+            f"({', '.join(again['trained'])}), {again['frozen_tensors']} unchanged"], []
