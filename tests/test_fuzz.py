@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -150,7 +151,8 @@ def check_outcome(res: Result) -> None:
     """Success, or one ``growlm: error:`` line (last on stderr) and a non-zero code; never a crash/hang."""
     note(f"argv: {res.argv}")
     note(f"stderr: {res.stderr[-2000:]}")
-    assert res.crash is None, f"growlm {' '.join(res.argv)!r} crashed: {crash_line(res)}\n{res.crash}"
+    if res.crash is not None:
+        raise AssertionError(f"growlm {' '.join(res.argv)!r} crashed: {crash_line(res)}\n{res.crash}")
     if res.argparse_exit:
         assert res.rc == 2 and "error:" in res.stderr, f"argparse exit {res.rc}: {res.stderr[-500:]}"
         return
@@ -232,7 +234,8 @@ def check_fs(before: dict, after: dict, res: Result, outs: list[Path], *, train:
             problems.append(f"pre-existing path {what}: {p}")
     new_dirs = [p for p in after if p not in before and after[p][0] == "d" and _under(p, frozen)]
     problems += [f"new dir inside a finished dir: {p}" for p in new_dirs]
-    assert not problems, (f"growlm {' '.join(res.argv)!r} (rc={res.rc}, ok={res.ok}) broke the file "
+    if problems:
+        raise AssertionError(f"growlm {' '.join(res.argv)!r} (rc={res.rc}, ok={res.ok}) broke the file "
                           f"contract:\n" + "\n".join(problems[:20]) + f"\nstderr: {res.stderr[-500:]}")
 
 
@@ -344,6 +347,8 @@ def json_edit(draw, doc: dict):
         parent[key] = draw(json_values)
     elif op == "perturb":
         parent[key] = perturb(old)
+        if isinstance(old, dict):
+            path = (*path, "zz_unknown")
     elif op == "add_key":
         target = old if isinstance(old, dict) else parent if isinstance(parent, dict) else None
         if target is None:
@@ -388,8 +393,17 @@ def json_file_edit(draw, doc: dict):
     return "top-level array", b"[" + raw + b"]", [()]
 
 
-def touches(paths: list[tuple], keys: set[str]) -> bool:
-    return any(p == () or (p and p[0] in keys) for p in paths)
+def _exists(doc, path: tuple) -> bool:
+    try:
+        get_at(doc, path)
+        return True
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def touches(paths: list[tuple], keys: set[str], doc: dict) -> bool:
+    """Whether an edit changed a recorded value under ``keys`` (adding an unknown key does not count)."""
+    return any(p == () or (p and p[0] in keys and _exists(doc, p)) for p in paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,8 +464,6 @@ def copy_pool_item(src: Path, dst: Path) -> Path:
 
 
 def toml_key(k: str) -> str:
-    import re
-
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_str(k)
 
 
@@ -683,7 +695,7 @@ def _model_json(path: Path) -> dict:
     return json.loads((path / "model.json").read_text())
 
 
-@budget(15)
+@budget(20)
 @given(data=st.data())
 def test_fuzz_model_json(pool, data):
     """Edits of model.json, then every command that reads a model dir: the property holds, the
@@ -699,7 +711,7 @@ def test_fuzz_model_json(pool, data):
         for argv, outs in model_commands(m, root, valid):
             res = run_checked(argv, root, [root], outs)
             if argv[0] == "verify" and res.ok and raw != dump_json(doc):
-                assert not touches(paths, MODEL_VERIFIED), f"verify passed a model.json with '{desc}'"
+                assert not touches(paths, MODEL_VERIFIED, doc), f"verify passed a model.json with '{desc}'"
             for o in outs:
                 shutil.rmtree(o, ignore_errors=True)
 
@@ -810,7 +822,7 @@ def test_fuzz_mixture_json(pool, data):
             res = run_checked(argv, root, [root])
             if argv[0] == "verify" and res.ok and raw != dump_json(doc):
                 checked = mixture_checked(paths) if target == "mixture.json" else paths
-                assert not touches(checked, verified), f"verify passed a mixture with {target}: '{desc}'"
+                assert not touches(checked, verified, doc), f"verify passed a mixture with {target}: '{desc}'"
 
 
 @pytest.mark.parametrize("case", ["expert_symlink", "expert_path_escape", "extra_file", "files_escape"])
@@ -850,7 +862,7 @@ def test_mixture_escapes(pool, case):
 # 2b. A finished run dir: damaged records, then verify / info / eval --per-stage / train --resume
 
 
-@budget(3)
+@budget(6)
 @given(data=st.data())
 def test_fuzz_run_dir(pool, data):
     """Damage one record of a finished run (a stage's model.json, plan.json, metrics, a stray dir)
@@ -894,10 +906,11 @@ def test_fuzz_run_dir(pool, data):
             (["verify", run], [], False),
             (["info", run, "--json"], [], False),
             (["eval", run, "--task", "ppl", "--data", root / "valid.txt", "--per-stage"], [], False),
-            (["train", root / "plan.toml", "--out", run, "--resume", "--no-progress"], [run], True),
+            # the plan the run was started with (its recorded paths point into the pool)
+            (["train", pool["plan"], "--out", run, "--resume", "--no-progress"], [run], True),
         ]:
             extra = [run / "eval"] if "--per-stage" in argv else []
-            run_checked(argv, root, [root], outs, train=train, timeout=TRAIN_TIMEOUT, extra_ok=extra)
+            run_checked(argv, root, [root, pool["root"]], outs, train=train, timeout=TRAIN_TIMEOUT, extra_ok=extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1005,7 +1018,7 @@ def argv_example_dir(root: Path, pool: dict[str, Path], corpus_dir: Path) -> dic
 _ARGV_POOL_NAMES = ("model", "model2", "lora", "mixture", "run", "hf")
 
 
-@budget(100)
+@budget(150)
 @given(data=st.data())
 def test_fuzz_argv(pool, corpus_dir, data):
     """Random argv over every sub-command (but demo) with hostile values: the property holds."""
@@ -1049,7 +1062,8 @@ def test_explore(surface, pool, corpus_dir):
         except Exception as e:  # noqa: BLE001 - exploration records every kind of failure
             lines = str(e).splitlines() or [type(e).__name__]
             sig = f"{surface}: {type(e).__name__}: {lines[0][:300]}"
-            key = sig.split("/tmp/")[0] + sig.split(" crashed: ")[-1] if " crashed: " in sig else sig
+            key = re.sub(r"/tmp/\S*?growlm-fuzz-[^/\s']+", "T", sig)
+            key = re.sub(r"growlm '(\S+).*' crashed", r"\1 crashed", key)
             if key not in seen:
                 seen.add(key)
                 with log.open("a") as f:
