@@ -7,7 +7,9 @@ CLI, and fails on the code before its fix.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +146,41 @@ def test_the_printed_resume_command_is_shell_quoted(corpus_dir, tmp_path):
     assert r.returncode == 130
     command = r.stderr.split("continue with: ")[1].strip()
     assert shlex.split(command) == ["growlm", "train", str(plan), "--out", str(run), "--resume"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ('train = ["train.txt"]\nvalid', "not a regular file or a folder"),  # train.txt becomes a FIFO below
+    ('train = ["loop"]\nvalid', "unusable path"),                       # a symlink loop
+    ('train = ["bad\\u0000name"]\nvalid', "unusable path"),             # a NUL byte
+    ('train = ["/dev/null"]\nvalid', "not a regular file or a folder"),
+])
+def test_plan_paths_that_would_hang_or_crash_are_one_line(corpus_dir, tmp_path, edit, needle):
+    from growlm.errors import GrowlmError
+    from growlm.plan import load_plan
+
+    plan = write_plan(tmp_path, SMALL_PLAN.replace('train = ["train.txt"]\nvalid', edit), corpus_dir)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    if "not a regular" in needle and "dev" not in edit:
+        (tmp_path / "train.txt").unlink()
+        os.mkfifo(tmp_path / "train.txt")
+    with pytest.raises(GrowlmError, match=needle):
+        load_plan(plan)
+
+
+def test_base_must_be_a_model_dir(corpus_dir, tmp_path):
+    from growlm.errors import GrowlmError
+    from growlm.plan import load_plan
+
+    (tmp_path / "empty").mkdir()
+    plan = write_plan(tmp_path, 'base = "empty"\n' + SMALL_PLAN, corpus_dir)
+    with pytest.raises(GrowlmError, match="base: .* is not a growlm model dir"):
+        load_plan(plan)
+
+
+def test_verify_a_run_with_a_stray_shorter_stage_is_one_line(small_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    shutil.copytree(run / "stage-1", run / "stage-3")  # a copy of stage 1 where stage 3 would be
+    r = growlm("verify", str(run))
+    one_line_error(r, "stage-3")
+    assert "Traceback" not in r.stderr

@@ -115,6 +115,21 @@ def test_active_count_is_new_blocks_plus_head(issue_run):
     assert meta2["params_active"] == block_param_count(cfg) + head_param_count(cfg)
 
 
+def test_readme_plan_trains_every_block_it_adds_and_the_head(issue_run):
+    """The README's plan: stage 3 grows a block under LoRA; the block, head and norm train with the adapters."""
+    prev = {}
+    for n in (1, 2, 3):
+        stage = issue_run / f"stage-{n}"
+        meta = json.loads((stage / "model.json").read_text())
+        now = load_file(str(stage / "model.safetensors"))
+        for b in meta["stage"]["new_blocks"]:
+            assert not torch.equal(now[f"blocks.{b}.ln1.weight"], torch.ones_like(now[f"blocks.{b}.ln1.weight"]))
+            assert f"blocks.{b}" in meta["audit"]["trained"]
+        assert not any(torch.equal(prev[k], now[k]) for k in ("head.weight", "ln_f.weight") if k in prev)
+        prev = now
+    assert set(meta["audit"]["trained"]) == {"blocks.3", "head", "ln_f"} | {f"blocks.{b}.lora.stage3" for b in range(3)}
+
+
 def test_paper_9l_unicode_active_count_per_stage():
     plan = load_plan(REPO / "configs/paper/9l-unicode.toml", check_paths=False)
     cfg = ModelConfig(vocab_size=65536, d_model=1024, n_heads=32, context=1024)

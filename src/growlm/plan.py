@@ -9,6 +9,7 @@ that names the key (``stage[2].lora.rank``) or the file.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -193,28 +194,36 @@ def load_plan(path: str | Path, *, check_paths: bool = True) -> Plan:
 def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
     """Make every path absolute (relative to the plan file) and check it can be read."""
 
-    def fix(p: Path | None, key: str, is_dir: bool = False) -> Path | None:
+    def fix(p: Path | None, key: str, want: str = "file") -> Path | None:
+        """``want``: "file" (a regular file), "data" (a regular file or a save_to_disk folder), "dir"."""
         if p is None:
             return None
-        q = (root / p).resolve() if not p.is_absolute() else p
-        if is_dir:
-            if not q.is_dir():
-                raise GrowlmError(f"plan {plan_path}: {key}: directory not found: {q}")
-        elif not q.exists():
-            raise GrowlmError(f"plan {plan_path}: {key}: file not found: {q}")
+        try:
+            q = (root / p).resolve() if not p.is_absolute() else p
+            mode = q.stat().st_mode
+        except FileNotFoundError:
+            what = "directory" if want == "dir" else "file"
+            raise GrowlmError(f"plan {plan_path}: {key}: {what} not found: {q}") from None
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, a path too long
+            raise GrowlmError(f"plan {plan_path}: {key}: unusable path {str(p)!r}: {e}") from None
+        ok = {"file": stat.S_ISREG(mode), "dir": stat.S_ISDIR(mode),
+              "data": stat.S_ISREG(mode) or stat.S_ISDIR(mode)}[want]
+        if not ok:  # a FIFO or a device would block its reader forever
+            kind = {"file": "a regular file", "dir": "a directory", "data": "a regular file or a folder"}[want]
+            raise GrowlmError(f"plan {plan_path}: {key}: {q} is not {kind}")
         if not os.access(q, os.R_OK):
             raise GrowlmError(f"plan {plan_path}: {key}: not readable: {q}")
         return q
 
     def fix_list(ps: list[Path], key: str) -> list[Path]:
-        return [fix(p, f"{key}[{i}]") for i, p in enumerate(ps)]
+        return [fix(p, f"{key}[{i}]", "data") for i, p in enumerate(ps)]
 
     tok = plan.tokenizer.model_copy(update={
         "corpus": fix_list(plan.tokenizer.corpus, "tokenizer.corpus"),
-        "dir": fix(plan.tokenizer.dir, "tokenizer.dir", is_dir=True),
+        "dir": fix(plan.tokenizer.dir, "tokenizer.dir", "dir"),
         "ngram_list": fix(plan.tokenizer.ngram_list, "tokenizer.ngram_list"),
     })
-    sub = plan.substrate.model_copy(update={"dir": fix(plan.substrate.dir, "substrate.dir", is_dir=True)})
+    sub = plan.substrate.model_copy(update={"dir": fix(plan.substrate.dir, "substrate.dir", "dir")})
     data = plan.data.model_copy(update={"train": fix_list(plan.data.train, "data.train"),
                                         "valid": fix_list(plan.data.valid, "data.valid")})
     stages = []
@@ -226,8 +235,11 @@ def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
                 raise GrowlmError(f"plan {plan_path}: stage[{i}].data.weights: {len(sd.weights)} entries for {len(sd.train)} train files")
             st = st.model_copy(update={"data": sd})
         stages.append(st)
+    base = fix(plan.base, "base", "dir")
+    if base is not None and not (base / "model.json").is_file():
+        raise GrowlmError(f"plan {plan_path}: base: {base} is not a growlm model dir (no model.json)")
     return plan.model_copy(update={"tokenizer": tok, "substrate": sub, "data": data, "stage": stages,
-                                   "base": fix(plan.base, "base", is_dir=True)})
+                                   "base": base})
 
 
 def plan_to_json(plan: Plan) -> dict:

@@ -124,11 +124,14 @@ def _check_lineage(n: int, meta: dict, parent: dict) -> list[str]:
     if stage.get("train") == "all":
         return out  # a monolithic stage trains every block by design
     new = set(stage.get("new_blocks", []))
+    mine = {blk["index"]: blk["sha256"] for blk in meta["blocks"]}
     for blk in parent["blocks"]:
         if blk["index"] in new:
             continue
-        now = meta["blocks"][blk["index"]]["sha256"]
-        if now != blk["sha256"]:
+        now = mine.get(blk["index"])
+        if now is None:
+            out.append(f"stage-{n}: lacks block {blk['index']} of stage-{n - 1}: it cannot have grown from it")
+        elif now != blk["sha256"]:
             out.append(f"stage-{n}: frozen block {blk['index']} changed (sha256 {blk['sha256'][:12]} -> {now[:12]})")
     return out
 
