@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from growlm.corpus import iter_text_chunks
+from growlm.corpus import iter_text_chunks, regular_file
 from growlm.errors import GrowlmError, one_line
 from growlm.fileio import atomic_file
 from growlm.hashing import canonical_json, sha256_file
@@ -58,9 +58,11 @@ _CUT_CHARS = (" ", "\n")
 
 
 def _check_file(p: Path) -> None:
-    if not p.exists():
-        raise GrowlmError(f"data file not found: {p}")
-    if p.is_file() and p.stat().st_size == 0:
+    """A data path must be a non-empty regular file or a folder (a datasets save_to_disk folder,
+    checked by :func:`_kind`); a FIFO or device would block the reader, so it is refused here."""
+    if p.is_dir():
+        return
+    if regular_file(p, "data file").st_size == 0:
         raise GrowlmError(f"data file is empty: {p}")
 
 
@@ -93,16 +95,19 @@ def _arrow_files(d: Path) -> list[Path]:
     return files
 
 
-def _text_pieces(p: Path) -> Iterator[str]:
-    """The text of ``p`` in bounded pieces, each cut just after a space or newline.
+def text_pieces(p: Path, cut_chars: Sequence[str] = _CUT_CHARS, what: str = "corpus file",
+                chunk_chars: int | None = None) -> Iterator[str]:
+    """The text of ``p`` in pieces of about ``chunk_chars`` (default ``_CHUNK_CHARS``) characters,
+    each cut just after one of ``cut_chars`` (space, newline).
 
-    No multi-character token contains whitespace, so encoding the pieces one by one gives the same
-    ids as encoding the whole file.
+    When no multi-character token contains a cut character, encoding the pieces one by one gives
+    the same ids as encoding the whole file. A run of more than ``_MAX_CARRY`` characters without
+    one is cut anyway, so memory stays bounded by the chunk size whatever the text.
     """
     carry = ""
-    for chunk in iter_text_chunks(p, chunk_chars=_CHUNK_CHARS):
+    for chunk in iter_text_chunks(p, chunk_chars=chunk_chars or _CHUNK_CHARS, what=what):
         buf = carry + chunk
-        cut = max(buf.rfind(c) for c in _CUT_CHARS) + 1
+        cut = max((buf.rfind(c) for c in cut_chars), default=-1) + 1
         if cut == 0 and len(buf) > _MAX_CARRY:
             cut = len(buf)
         if cut:
@@ -186,7 +191,7 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     _check_file(p)
     kind = _kind(p)
     if kind == "text":
-        return _text_pieces(p)
+        return text_pieces(p)
     if kind == "jsonl":
         return _jsonl_documents(p)
     if kind == "parquet":

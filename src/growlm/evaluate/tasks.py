@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from growlm.corpus import regular_file
 from growlm.errors import GrowlmError, one_line
 
 MMLU_LABELS = ("A", "B", "C", "D")
@@ -107,7 +108,8 @@ def data_files(path: Path, split: str) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise GrowlmError(f"data not found: {path}")
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(path, "data file")  # a FIFO or device would block the reader forever
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES
                    and p.name not in _METADATA_FILES and not p.name.startswith("."))
