@@ -47,6 +47,7 @@ from tokenizers import AddedToken, decoders, models
 
 from growlm.corpus import iter_text_chunks, read_text
 from growlm.errors import GrowlmError, one_line
+from growlm.fileio import WriteError, atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_file
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -119,6 +120,12 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 of the canonical vocabulary: the JSON list of token strings in id order."""
         return vocab_fingerprint(self._strings)
+
+    @property
+    def cut_chars(self) -> tuple[str, ...]:
+        """Whitespace characters no multi-character token contains: cutting a text before or after
+        one of them never changes its ids, so long texts can be encoded piece by piece."""
+        return tuple(self._cut_chars)
 
     def token_strings(self) -> list[str]:
         """The string of every id in id order, including literal specials and fillers."""
@@ -224,10 +231,15 @@ class Tokenizer:
         Files: ``tokenizer.json`` (Hugging Face ``tokenizers``), ``tokenizer_config.json`` and
         ``special_tokens_map.json`` (so ``transformers.AutoTokenizer.from_pretrained`` loads it
         offline with the same ids), and ``growlm_tokenizer.json`` (metadata and fingerprint).
+        Each file is written all or nothing (a full disk leaves no partial file and raises
+        :class:`~growlm.fileio.WriteError`), the metadata last, so a dir with it has the rest.
         """
         d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(d / TOKENIZER_FILE))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(d, str(e.strerror or e)) from e
+        atomic_write_bytes(d / TOKENIZER_FILE, self._tok.to_str(pretty=True).encode("utf-8"))
         roles = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
         extra = [s for s in SPECIAL_TOKENS if s not in roles.values()]
         _write_json(d / SPECIAL_MAP_FILE, {**roles, "additional_special_tokens": extra})
@@ -282,7 +294,7 @@ def vocab_fingerprint(strings: Sequence[str]) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ models with different vocabularies can be compared.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from growlm.corpus import regular_file
+from growlm.data import text_pieces
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, model_device
+
+# Characters of a file encoded at a time: the tokenizer's working memory per character is large
+# (about 100 bytes), and windows are scored as soon as they are complete anyway.
+_CHUNK_CHARS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -38,20 +44,54 @@ class Window:
     n_scored: int
 
 
+class _WindowStream:
+    """The windows of one token sequence, made as its ids arrive (see the module docstring).
+
+    Only the ids a later window can still reach are kept, so a text of any length needs memory
+    bounded by the context, the stride and the ids of one fed piece.
+    """
+
+    def __init__(self, context: int, stride: int) -> None:
+        if not 1 <= stride < context:
+            # a window must keep at least one token of left context for its first target
+            raise GrowlmError(f"stride must be between 1 and the model context minus one ({context - 1}), got {stride}")
+        self.context, self.stride = context, stride
+        self._buf: list[int] = []
+        self._base = 0  # position of _buf[0] in the whole sequence
+        self.seen = 0  # ids fed so far
+        self._scored_to = 1  # the first token has no left context and is never a target
+        self._end = context  # where the next full window ends
+
+    def feed(self, ids: Sequence[int]) -> list[Window]:
+        """Add the next ids; returns the windows they complete."""
+        self._buf.extend(ids)
+        self.seen += len(ids)
+        out = []
+        while self.seen >= self._end:
+            out.append(self._window(self._end))
+            self._end += self.stride
+        # the last window of the text may begin up to stride + context before the next end
+        keep_from = max(0, self._end - self.stride - self.context)
+        if keep_from > self._base:
+            del self._buf[: keep_from - self._base]
+            self._base = keep_from
+        return out
+
+    def finish(self) -> list[Window]:
+        """The last window, clamped to the end of the sequence, if any token is still unscored."""
+        return [self._window(self.seen)] if self._scored_to < self.seen else []
+
+    def _window(self, end: int) -> Window:
+        begin = max(0, end - self.context)
+        w = Window(self._buf[begin - self._base : end - self._base], end - self._scored_to)
+        self._scored_to = end
+        return w
+
+
 def windows(ids: Sequence[int], context: int, stride: int) -> list[Window]:
     """The scoring windows of one token sequence (see the module docstring)."""
-    if not 1 <= stride < context:
-        # a window must keep at least one token of left context for its first target
-        raise GrowlmError(f"stride must be between 1 and the model context minus one ({context - 1}), got {stride}")
-    out: list[Window] = []
-    scored_to = 1  # the first token has no left context and is never a target
-    end = min(context, len(ids))
-    while scored_to < len(ids):
-        begin = max(0, end - context)
-        out.append(Window(list(ids[begin:end]), end - scored_to))
-        scored_to = end
-        end = min(end + stride, len(ids))
-    return out
+    stream = _WindowStream(context, stride)
+    return stream.feed(ids) + stream.finish()
 
 
 def window_nll(model: LM, batch: Sequence[Window]) -> list[float]:
@@ -92,17 +132,16 @@ def score_windows(model: LM, wins: Sequence[Window], batch_size: int,
     return out
 
 
-def _read(item: str | Path) -> str:
+def _pieces(item: str | Path, cut_chars: Sequence[str]) -> Iterator[str]:
+    """The text of one item in bounded pieces whose ids, encoded one by one, are those of the whole
+    text: a string is one piece, a file is streamed (an empty file is a text with nothing to score)."""
     if isinstance(item, str):
-        return item
-    try:
-        return Path(item).read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise GrowlmError(f"text file not found: {item}") from e
-    except IsADirectoryError as e:
-        raise GrowlmError(f"{item} is a directory, not a text file") from e
-    except UnicodeDecodeError as e:
-        raise GrowlmError(f"{item} is not UTF-8 text: {e}") from e
+        if item:
+            yield item
+        return
+    p = Path(item)
+    if regular_file(p, "text file").st_size:
+        yield from text_pieces(p, cut_chars, what="text file", chunk_chars=_CHUNK_CHARS)
 
 
 def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *, stride: int | None = None,
@@ -111,7 +150,10 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
 
     Texts are scored independently (no window crosses from one into the next) and pooled:
     returns ``loss`` (mean NLL per scored token, nats), ``ppl`` (= exp(loss)), ``bits_per_byte``,
-    ``n_tokens``, ``n_bytes``, ``n_texts``, ``context`` and ``stride`` (default ``context // 2``).
+    ``n_tokens``, ``n_bytes``, ``n_texts``, ``context``, ``stride`` (default ``context // 2``) and
+    ``unk_rate`` (the share of all encoded tokens that are ``<unk>``: text the vocabulary cannot
+    hold, which a score over it says nothing about). Files are read, encoded and scored in bounded
+    pieces, so memory does not grow with their size.
     """
     if isinstance(texts, str | Path):
         texts = [texts]
@@ -119,21 +161,40 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
         raise GrowlmError(f"batch_size must be positive, got {batch_size}")
     context = model.cfg.context
     stride = max(1, context // 2) if stride is None else stride
-    all_windows: list[Window] = []
-    n_bytes = n_texts = 0
-    for t in texts:
-        text = _read(t)
-        ids = tokenizer.encode(text)
-        n_texts += 1
-        if len(ids) < 2:
-            continue
-        all_windows += windows(ids, context, stride)
-        n_bytes += max(0, len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8")))
-    n_tokens = sum(w.n_scored for w in all_windows)
+    _WindowStream(context, stride)  # checks the stride before any file is read
+    unk_id = tokenizer.unk_id
+    nll = 0.0
+    n_tokens = n_bytes = n_texts = n_ids = n_unk = 0
+    pending: list[Window] = []
+    with tqdm(unit="window", desc="perplexity", disable=not progress) as bar:
+
+        def score_pending() -> None:
+            nonlocal nll
+            for v in score_windows(model, pending, batch_size, bar.update):
+                nll += v  # in window order, as one sum over all windows would add them
+            pending.clear()
+
+        for t in texts:
+            n_texts += 1
+            stream = _WindowStream(context, stride)
+            first_id, text_bytes = None, 0
+            for piece in _pieces(t, tokenizer.cut_chars):
+                ids = tokenizer.encode(piece)
+                if first_id is None and ids:
+                    first_id = ids[0]
+                text_bytes += len(piece.encode("utf-8"))
+                n_ids += len(ids)
+                n_unk += ids.count(unk_id)
+                pending += stream.feed(ids)
+                if len(pending) >= batch_size:
+                    score_pending()
+            pending += stream.finish()
+            if stream.seen >= 2:
+                n_bytes += max(0, text_bytes - len(tokenizer.decode([first_id]).encode("utf-8")))
+                n_tokens += stream.seen - 1
+        score_pending()
     if n_tokens == 0:
         raise GrowlmError("nothing to score: every text is shorter than two tokens")
-    with tqdm(total=len(all_windows), unit="window", desc="perplexity", disable=not progress) as bar:
-        nll = sum(score_windows(model, all_windows, batch_size, bar.update))
     loss = nll / n_tokens
     return {
         "loss": loss,
@@ -144,4 +205,5 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
         "n_texts": n_texts,
         "context": context,
         "stride": stride,
+        "unk_rate": n_unk / n_ids if n_ids else 0.0,
     }
