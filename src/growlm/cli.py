@@ -10,14 +10,74 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import secrets
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from growlm.errors import GrowlmError, one_line
 
+# ``eval`` warns when more of the text than this is <unk>: the model was never asked to predict it.
+UNK_WARN_RATE = 0.01
+
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work is done, an ``--out`` that is not a dir or that holds something
+    the user did not ask to replace."""
+    if out.is_symlink():
+        raise GrowlmError(f"--out {out} is a symlink; give the directory itself")
+    if out.exists() and not out.is_dir():
+        raise GrowlmError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise GrowlmError(f"--out {out} is not empty; pass --overwrite to replace it")
+
+
+@contextmanager
+def _output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temp dir to write into that replaces ``out`` only once complete (see :func:`_check_output_dir`).
+
+    An existing ``out`` is swapped out by two renames and removed only after the new dir is in
+    place, so at no point is ``out`` a half-written dir; on any failure it is left as it was.
+    """
+    from growlm.fileio import WriteError, atomic_dir
+
+    _check_output_dir(out, overwrite)
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.new" if out.exists() else out
+    try:
+        with atomic_dir(staging) as tmp:
+            yield tmp
+        if staging != out:
+            old = staging.with_suffix(".old")
+            os.rename(out, old)
+            try:
+                os.rename(staging, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except WriteError as e:  # name the user's --out, not our staging dir
+        raise WriteError(out / e.path.name if e.path != staging else out, e.reason) from e
+    except OSError as e:
+        raise WriteError(out, str(e.strerror or e)) from e
+    finally:
+        if staging != out:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ngram_lengths(text: str) -> tuple[int, ...]:
+    """``--ngrams 2,3`` as integers, or a one-line error."""
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise GrowlmError(f"--ngrams takes comma-separated n-gram lengths such as 2,3; got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,6 +87,8 @@ def _print_json(obj: object) -> None:
 def cmd_tokenizer_build(a: argparse.Namespace) -> None:
     from growlm.tokenizer import build_preset, build_tokenizer
 
+    out = Path(a.out)
+    _check_output_dir(out, a.overwrite)
     if a.preset:
         if not a.ngram_list:
             raise GrowlmError("--preset needs --ngram-list FILE (the published n-gram list)")
@@ -34,15 +96,18 @@ def cmd_tokenizer_build(a: argparse.Namespace) -> None:
     else:
         if not a.corpus:
             raise GrowlmError("give --corpus FILE... or --preset NAME --ngram-list FILE")
-        ngrams = tuple(int(n) for n in a.ngrams.split(",")) if a.ngrams else (2, 3)
+        ngrams = _ngram_lengths(a.ngrams)
         tok = build_tokenizer([Path(c) for c in a.corpus], compact=a.compact, ngrams=ngrams, top_k=a.top_k)
-    tok.save(Path(a.out))
+    with _output_dir(out, a.overwrite) as tmp:
+        tok.save(tmp)
     print(f"tokenizer: {tok.vocab_size:,} tokens, fingerprint {tok.fingerprint} -> {a.out}")
 
 
 def cmd_substrate_build(a: argparse.Namespace) -> None:
     from growlm.substrate import build_substrate
 
+    out = Path(a.out)
+    _check_output_dir(out, a.overwrite)
     tok = None
     if a.tokenizer:
         from growlm.tokenizer import Tokenizer
@@ -51,7 +116,8 @@ def cmd_substrate_build(a: argparse.Namespace) -> None:
     elif a.vocab_size is None:
         raise GrowlmError("give --tokenizer DIR or --vocab-size N")
     sub = build_substrate(a.kind, dim=a.dim, tokenizer=tok, vocab_size=a.vocab_size, bits=a.bits, seed=a.seed)
-    sub.save(Path(a.out))
+    with _output_dir(out, a.overwrite) as tmp:
+        sub.save(tmp)
     print(f"substrate {sub.kind}: [{sub.vocab_size:,}, {sub.dim}], fingerprint {sub.fingerprint} -> {a.out}")
 
 
@@ -102,6 +168,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     from growlm.evaluate import load_any
 
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise GrowlmError(f"--temperature must be a finite number >= 0 (0 is greedy), got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise GrowlmError(f"--top-k must be a positive number of tokens, got {a.top_k}")
+    if a.max_new_tokens < 0:
+        raise GrowlmError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     lm, tok = load_any(Path(a.model))
     ids = tok.encode(a.prompt)
     if not ids:
@@ -125,10 +197,18 @@ def cmd_eval(a: argparse.Namespace) -> None:
             print(json.dumps(r, ensure_ascii=False))
         else:
             print("  ".join(f"{k}={v}" for k, v in r.items() if not isinstance(v, dict | list)))
+        if r.get("unk_rate", 0.0) > UNK_WARN_RATE:
+            where = f"stage {r['stage']}: " if "stage" in r else ""
+            print(f"growlm: warning: {where}{r['unk_rate']:.1%} of the evaluated tokens are <unk> (characters the "
+                  f"tokenizer cannot hold); the score does not cover that text", file=sys.stderr)
     if a.per_stage:
+        from growlm.fileio import WriteError
         from growlm.report import sweep_report
 
-        md, png = sweep_report(results, Path(a.model) / "eval", a.task)
+        try:
+            md, png = sweep_report(results, Path(a.model) / "eval", a.task)
+        except WriteError as e:  # the scores are printed above; only the saved copy is missing
+            raise GrowlmError(f"the results are printed above, but the depth sweep report was not saved: {e}") from e
         print(f"depth sweep: {md} and {png}", file=sys.stderr)
 
 
@@ -188,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-k", type=int, default=338, help="n-grams kept per corpus file and length")
     b.add_argument("--preset", help="bvv241-2-3: the paper's exact vocabulary")
     b.add_argument("--ngram-list", metavar="FILE", help="the published n-gram list for --preset")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
     b.set_defaults(func=cmd_tokenizer_build)
 
     sb = sub.add_parser("substrate", help="build a frozen token substrate").add_subparsers(dest="sub", required=True)
@@ -199,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bits", type=int, help="code width for binary/random-bits")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, metavar="DIR")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
     b.set_defaults(func=cmd_substrate_build)
 
     b = sub.add_parser("info", help="describe a model dir, run stage, mixture or preset")
@@ -291,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # last resort: a file problem no command anticipated is still the user's, in one line
+        where = f": {e.filename}" if e.filename is not None else ""
+        print(f"growlm: error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
+        return 2
     return 0
 
 

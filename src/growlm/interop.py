@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ import torch
 
 from growlm.checkpoint import base_state, load_model, load_tensors, model_fingerprint, save_model
 from growlm.errors import GrowlmError, one_line
-from growlm.fileio import atomic_dir, atomic_save_tensors
+from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors
 from growlm.hashing import sha256_tensors
 from growlm.model import GrowLM, ModelConfig
 from growlm.substrate import substrate_fingerprint
@@ -190,6 +192,15 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """Any OSError while ``out`` is written (a read-only parent, say) as one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(out, str(e.strerror or e)) from e
+
+
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the model dir ``model_dir`` as a Hugging Face ``GPTNeoXForCausalLM`` checkpoint in ``out_dir``.
 
@@ -198,7 +209,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     LoRA adapters are merged into the exported weights (the model dir is left untouched).
     """
     model_dir, out = Path(model_dir), Path(out_dir)
-    if out.exists():  # checked again atomically on write; this just fails before the model is loaded
+    if out.exists() or out.is_symlink():  # checked again atomically on write; this fails before the model loads
         raise GrowlmError(f"refusing to overwrite existing {out}")
     saved = load_model(model_dir)
     model, meta = saved.model, saved.meta
@@ -224,7 +235,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         # lets import_hf tell an untouched embedding (same substrate) from one changed after export
         "embedding_sha256": sha256_tensors({"weight": state[_NEOX_EMBED]}),
     }
-    with atomic_dir(out) as tmp:
+    with _writing(out), atomic_dir(out) as tmp:
         atomic_save_tensors(tmp / HF_WEIGHTS, state, metadata={"format": "pt"})
         _write_json(tmp / HF_CONFIG, config)
         _write_json(tmp / HF_GENERATION_CONFIG,
@@ -327,6 +338,17 @@ def _tokenizer_dir(hf: Path, dest: Path) -> Path:
     return dest
 
 
+def _check_shapes(state: dict[str, torch.Tensor], hcfg: dict, hf: Path) -> None:
+    """Refuse in one line a checkpoint whose tensors disagree with its ``config.json`` (an edited
+    ``vocab_size`` or ``hidden_size``), naming the key and the tensor, before a model is built."""
+    v, d = hcfg["vocab_size"], hcfg["hidden_size"]
+    for name, theirs in (("embed.weight", _NEOX_EMBED), ("head.weight", _NEOX_HEAD)):
+        t = state[name]
+        if t.dim() != 2 or tuple(t.shape) != (v, d):
+            raise GrowlmError(f"cannot import {hf}: {HF_CONFIG} says vocab_size={v}, hidden_size={d}, but {theirs} "
+                              f"has shape {list(t.shape)}")
+
+
 def _unlift(weight: torch.Tensor, width: int | None) -> torch.Tensor:
     """The [V, width] table whose lift is ``weight``, or ``weight`` itself when it is not such a lift."""
     d = weight.shape[1]
@@ -357,6 +379,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         raise GrowlmError(f"{hf / EXPORT_META} is not a growlm export record")
     n_layers, n_heads = int(hcfg["num_hidden_layers"]), int(hcfg["num_attention_heads"])
     state = from_neox_state(_load_hf_weights(hf), n_layers, n_heads, bool(hcfg.get("tie_word_embeddings")))
+    _check_shapes(state, hcfg, hf)
     lifted = state["embed.weight"]
     state["embed.weight"] = table = _unlift(lifted, record and record.get("substrate_width"))
     theta, _, _ = _rotary(hcfg)
@@ -368,7 +391,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     )
     model = GrowLM(cfg)
     # load_state_dict copies into growlm's float32 parameters, whatever the checkpoint's dtype
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # a tensor whose shape disagrees with config.json
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), one_line(str(e)))
+        raise GrowlmError(f"cannot import {hf}: {detail[:300]}") from None
     model.embed.weight.requires_grad_(cfg.trainable_embedding)
     if record is not None and sha256_tensors({"weight": lifted}) == record.get("embedding_sha256"):
         substrate = record["substrate"]
@@ -388,5 +415,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
                                    base_state(model), {})
             if fp != source["fingerprint"]:
                 lineage.append(source["fingerprint"])
-        save_model(model, out, tokenizer_dir=tok_dir, substrate=substrate, extra=extra, lineage=lineage)
+        with _writing(out):
+            save_model(model, out, tokenizer_dir=tok_dir, substrate=substrate, extra=extra, lineage=lineage)
     return out

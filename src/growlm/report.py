@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from growlm.fileio import WriteError, atomic_write_bytes  # noqa: E402
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -92,12 +95,24 @@ def plot_vs_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, out: 
 
 
 def _save(fig, out: Path) -> Path:
+    """Write ``fig`` as a PNG all or nothing (a failed write raises WriteError naming ``out``)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    _mkdir(out.parent)
+    atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def _mkdir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(d, str(e.strerror or e)) from e
 
 
 def sweep_report(results: list[dict], out_dir: Path, task: str) -> tuple[Path, Path]:
@@ -106,9 +121,9 @@ def sweep_report(results: list[dict], out_dir: Path, task: str) -> tuple[Path, P
     rows = [(r["stage"], r.get("n_layers"), r.get(metric), r.get("ci95")) for r in results]
     table = markdown_table(["stage", "depth", metric, "ci95"], rows)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _mkdir(out_dir)
     md = out_dir / f"sweep-{task}.md"
-    md.write_text(f"# {task}: {metric} per stage\n\n{table}\n")
+    atomic_write_bytes(md, f"# {task}: {metric} per stage\n\n{table}\n".encode())
     png = plot_vs_depth({task: [(r.get("n_layers") or r["stage"], r[metric]) for r in results]}, metric,
                         out_dir / f"sweep-{task}.png", f"{task}: {metric} vs depth")
     return md, png
