@@ -86,9 +86,11 @@ def test_a_failed_start_is_not_reused_by_another_plan(corpus_dir, tmp_path):
     other = tmp_path / "other.toml"
     other.write_text(SMALL_PLAN.replace("d_model = 32", "d_model = 64"))
     left = snapshot(run)
-    one_line_error(growlm("train", str(other), "--out", str(run), "--no-progress"), "not empty", "--resume")
-    one_line_error(growlm("train", str(other), "--out", str(run), "--resume", "--no-progress"), "differs")
+    for resume in ([], ["--resume"]):
+        one_line_error(growlm("train", str(other), "--out", str(run), "--no-progress", *resume),
+                       "holds a run of another plan", "no stage trained in it yet")
     assert snapshot(run) == left
+    one_line_error(growlm("train", str(plan), "--out", str(run), "--no-progress"), "pass --resume")
 
 
 def test_every_stages_data_is_checked_before_the_first_stage_trains(corpus_dir, tmp_path):

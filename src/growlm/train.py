@@ -578,20 +578,21 @@ class Trainer(Loop):
         """Under the lock: a fresh run needs an empty ``--out``; ``--resume`` needs the run started with this
         very plan. Anything a failed start left behind counts as started."""
         run = self.run
-        started = any(p.name != ".lock" for p in run.iterdir())
-        if started and not self.resume:
-            raise GrowlmError(f"{run} is not empty (it holds a run, or what a failed start left); pass --resume to "
-                              f"continue it with the same plan, or choose another --out")
-        if self.resume and started:
-            try:
-                recorded = json.loads((run / "plan.json").read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise GrowlmError(f"{run} is not a growlm run (no plan.json); choose another --out") from None
-            except (OSError, UnicodeDecodeError, ValueError) as e:
-                raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
-            if recorded != plan_to_json(self.plan):
-                raise GrowlmError(f"the plan {self.plan_path} differs from the one {run} was started with "
-                                  f"({run / 'plan.json'}); resume with the same plan")
+        if not any(p.name != ".lock" for p in run.iterdir()):
+            return
+        try:
+            recorded = json.loads((run / "plan.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GrowlmError(f"{run} is not empty and not a growlm run (no plan.json); choose another --out") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
+        trained = any(run.glob("stage-*")) or (run / "checkpoints").exists()
+        if recorded != plan_to_json(self.plan):
+            hint = "" if trained else " (no stage trained in it yet: remove it to start over with this plan)"
+            raise GrowlmError(f"{run} holds a run of another plan ({run / 'plan.json'}); choose another --out{hint}")
+        if not self.resume:
+            raise GrowlmError(f"{run} already holds a run of this plan; pass --resume to continue it, or choose "
+                              f"another --out")
 
     def _stage_data(self, i: int, st: StageSpec) -> tuple[Batches, list]:
         """A stage's training batches and fixed validation batches (token shards cached in the run)."""
