@@ -336,3 +336,22 @@ def test_corrupt_mixture_json_cli(mixture, tmp_path, corpus_dir):
     edit_json(bad / "mixture.json", lambda d: d.update(experts="experts/0"))
     one_line_error(growlm("eval", str(bad), "--task", "ppl", "--data", str(corpus_dir / "valid.txt")), "experts")
     assert read_meta(bad / "experts" / "0")  # the experts themselves are untouched and fine
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["substrate"].update(fingerprint="0" * 64),
+    lambda m: m["substrate"].update(kind="glyph"),
+], ids=["nested fingerprint", "kind"])
+def test_a_model_json_that_contradicts_itself_about_its_substrate_is_refused(model, edit):
+    edit_json(model / "model.json", edit)
+    assert verify_fails(model)
+    refused(lambda: load_model(model), "contradicts itself about its substrate")
+
+
+def test_a_router_over_identical_experts_is_refused_before_training(model, corpus_dir, tmp_path):
+    from growlm.compose import Tuning
+
+    twin = Path(shutil.copytree(model, tmp_path / "twin"))
+    refused(lambda: merge([model, twin], tmp_path / "mix", tuning=Tuning(data=[corpus_dir / "train.txt"], router=True)),
+            "--router needs experts that differ")
+    assert not (tmp_path / "mix").exists()

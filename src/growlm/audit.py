@@ -33,9 +33,12 @@ def saved_name(name: str) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 over a tensor's dtype, shape and bytes."""
+    """sha256 over a tensor's dtype, shape and bytes.
+
+    It hashes a copy: numpy's view of a live parameter would pin its storage, which FSDP2 must resize.
+    """
     h = hashlib.sha256(canonical_json([str(t.dtype), list(t.shape)]))
-    h.update(tensor_bytes(t))
+    h.update(tensor_bytes(t.detach().to("cpu", copy=True)))
     return h.hexdigest()
 
 

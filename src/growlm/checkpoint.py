@@ -284,6 +284,11 @@ def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) ->
     if tok is not None and tok.fingerprint != meta["tokenizer_fingerprint"]:
         problems.append(f"{path}: tokenizer/ has fingerprint {tok.fingerprint[:12]}, but {MODEL_JSON} records "
                         f"{meta['tokenizer_fingerprint'][:12]}: the tokenizer was replaced")
+    sub = meta["substrate"]
+    if sub.get("fingerprint") != meta["substrate_fingerprint"] or \
+            sub.get("kind") != (sub.get("recipe") or {}).get("kind", sub.get("kind")):
+        problems.append(f"{path}: {MODEL_JSON} contradicts itself about its substrate (kind {sub.get('kind')!r}, "
+                        f"recipe kind, and the two substrate fingerprints must agree)")
     if meta["substrate"]["kind"] == "trainable" and not meta["config"]["trainable_embedding"]:
         problems.append(f"{path}: {MODEL_JSON} names a trainable substrate but its config freezes the embedding")
     elif meta["substrate"]["kind"] != "trainable":

@@ -590,6 +590,9 @@ def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", w
     rule = make_rule(combine, len(sources), weights, space)
     if tuning is not None:
         tuning.check()
+        if tuning.router and len({s.meta["fingerprint"] for s in sources}) == 1:
+            raise GrowlmError("--router needs experts that differ: these are all the same model "
+                              f"(fingerprint {sources[0].meta['fingerprint'][:12]}), so no gate could learn anything")
     for s in sources:
         verify_files(s.path, s.meta)
     _check_port(sources)

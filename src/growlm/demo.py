@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from growlm.checkpoint import stage_dirs
 from growlm.errors import GrowlmError
 
 
@@ -189,7 +190,7 @@ def _prepare_text(corpora: dict, dest: Path, s: Scale) -> dict[str, dict[str, Pa
 
 
 def _stage_dirs(run: Path) -> list[Path]:
-    return sorted(run.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [p for _, p in stage_dirs(run)]
 
 
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:

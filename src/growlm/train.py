@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from growlm import audit, distributed
-from growlm.checkpoint import load_model, load_tensors, save_model
+from growlm.checkpoint import load_model, load_tensors, save_model, stage_dirs
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
 from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
@@ -586,7 +586,7 @@ class Trainer(Loop):
             raise GrowlmError(f"{run} is not empty and not a growlm run (no plan.json); choose another --out") from None
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
-        trained = any(run.glob("stage-*")) or (run / "checkpoints").exists()
+        trained = bool(stage_dirs(run)) or (run / "checkpoints").exists()
         if recorded != plan_to_json(self.plan):
             hint = "" if trained else " (no stage trained in it yet: remove it to start over with this plan)"
             raise GrowlmError(f"{run} holds a run of another plan ({run / 'plan.json'}); choose another --out{hint}")

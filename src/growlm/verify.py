@@ -9,7 +9,6 @@ provably frozen across the whole lineage.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from growlm import audit
@@ -20,6 +19,7 @@ from growlm.checkpoint import (
     load_tensors,
     model_fingerprint,
     read_meta,
+    stage_dirs,
     verify_files,
 )
 from growlm.errors import GrowlmError
@@ -92,7 +92,7 @@ def verify(path: Path) -> dict:
             ln, problems = _check_audit(_stage_index(meta), meta, _file_digests(path), None)
             lines += ln
         return {"ok": not problems, "lines": lines, "problems": problems}
-    stages = sorted((int(m.group(1)), p) for p in path.glob("stage-*") if (m := re.fullmatch(r"stage-(\d+)", p.name)))
+    stages = stage_dirs(path)
     if not stages:
         raise GrowlmError(f"{path} is neither a model dir, a mixture nor a run (no model.json, mixture.json or stage-N)")
     lines, problems, prev, prev_digests = [], [], None, None

@@ -13,7 +13,6 @@ in [0, 1]; ``bleu`` is sacrebleu's 0–100; ``loss`` is nats per token.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from growlm.checkpoint import read_meta
+from growlm.checkpoint import read_meta, stage_dirs
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, fingerprint_of, load_any, model_device
 from growlm.evaluate.ppl import perplexity
@@ -66,8 +65,7 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     """
     runs = _check(task, protocol, limit, runs, sample)
     run_dir = Path(run_dir)
-    stages = sorted((int(m.group(1)), p) for p in run_dir.glob("stage-*")
-                    if (m := re.fullmatch(r"stage-(\d+)", p.name)) and p.is_dir())
+    stages = stage_dirs(run_dir)
     if not stages:
         raise GrowlmError(f"{run_dir} holds no stage-N model dirs (is it a training run's output dir?)")
     source = _load_source(task, data, protocol)
