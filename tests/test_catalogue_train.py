@@ -186,3 +186,24 @@ def test_verify_a_run_with_a_stray_shorter_stage_is_one_line(small_run, tmp_path
     r = growlm("verify", str(run))
     one_line_error(r, "stage-3")
     assert "Traceback" not in r.stderr
+
+
+def test_no_command_writes_into_a_finished_stage_or_run(small_run, capsys):
+    from growlm.cli import main
+
+    stage, before = small_run / "stage-2", snapshot(small_run)
+    tok, model = str(stage / "tokenizer"), str(stage)
+    commands = [
+        ["tokenizer", "build", "--corpus", str(small_run.parent / "train.txt"), "--out", tok, "--overwrite"],
+        ["substrate", "build", "--kind", "binary", "--tokenizer", tok, "--dim", "32", "--out",
+         str(small_run / "substrate"), "--overwrite"],
+        ["export", model, "--out", str(stage / "hf")],
+        ["lora-merge", model, "--out", str(small_run / "merged")],
+        ["merge", model, str(small_run / "stage-1"), "--out", str(small_run / "mix")],
+        ["import", str(small_run), "--out", str(stage / "imported")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the growlm model, mixture or run" in err[0], (argv, err)
+    assert snapshot(small_run) == before

@@ -29,9 +29,17 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def _check_out(out: str | Path) -> None:
+    """No command writes into a model dir, mixture dir or run (they are immutable once written)."""
+    from growlm.checkpoint import check_out
+
+    check_out(Path(out))
+
+
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse, before any work is done, an ``--out`` that is not a dir or that holds something
     the user did not ask to replace."""
+    _check_out(out)
     if out.is_symlink():
         raise GrowlmError(f"--out {out} is a symlink; give the directory itself")
     if out.exists() and not out.is_dir():
@@ -149,6 +157,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_lora_merge(a: argparse.Namespace) -> None:
+    _check_out(a.out)
     from growlm.checkpoint import load_model, save_model
     from growlm.lora import merge_adapters
 
@@ -213,6 +222,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    _check_out(a.out)
     from growlm.interop import export_hf
 
     out = export_hf(Path(a.model), Path(a.out))
@@ -220,6 +230,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_import(a: argparse.Namespace) -> None:
+    _check_out(a.out)
     from growlm.interop import import_hf
 
     out = import_hf(Path(a.hf_dir), Path(a.out))
@@ -227,6 +238,7 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
+    _check_out(a.out)
     from growlm.compose import merge_cli
 
     merge_cli(a)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from growlm import audit, distributed
-from growlm.checkpoint import load_model, load_tensors, save_model, stage_dirs
+from growlm.checkpoint import check_out, load_model, load_tensors, save_model, stage_dirs
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
 from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
@@ -568,11 +568,7 @@ class Trainer(Loop):
         run = self.run
         if run.exists() and not run.is_dir():
             raise GrowlmError(f"--out {run} is a file, not a directory")
-        for parent in (run.resolve(), *run.resolve().parents):
-            if any((parent / marker).is_file() for marker in ("model.json", "mixture.json")) or \
-                    (parent != run.resolve() and (parent / "plan.json").is_file() and (parent / ".lock").exists()):
-                raise GrowlmError(f"--out {run} is inside the growlm model, mixture or run {parent}; choose a "
-                                  f"directory outside it")
+        check_out(run, run_itself=True)
 
     def _check_fresh_or_resumable(self) -> None:
         """Under the lock: a fresh run needs an empty ``--out``; ``--resume`` needs the run started with this
