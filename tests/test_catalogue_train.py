@@ -151,10 +151,10 @@ def test_the_printed_resume_command_is_shell_quoted(corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("edit, needle", [
-    ('train = ["train.txt"]\nvalid', "not a regular file or a folder"),  # train.txt becomes a FIFO below
+    ('train = ["train.txt"]\nvalid', "is a FIFO"),  # train.txt becomes a FIFO below
     ('train = ["loop"]\nvalid', "unusable path"),                       # a symlink loop
     ('train = ["bad\\u0000name"]\nvalid', "unusable path"),             # a NUL byte
-    ('train = ["/dev/null"]\nvalid', "not a regular file or a folder"),
+    ('train = ["/dev/null"]\nvalid', "is a character device"),
 ])
 def test_plan_paths_that_would_hang_or_crash_are_one_line(corpus_dir, tmp_path, edit, needle):
     from growlm.errors import GrowlmError
@@ -162,7 +162,7 @@ def test_plan_paths_that_would_hang_or_crash_are_one_line(corpus_dir, tmp_path, 
 
     plan = write_plan(tmp_path, SMALL_PLAN.replace('train = ["train.txt"]\nvalid', edit), corpus_dir)
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    if "not a regular" in needle and "dev" not in edit:
+    if needle == "is a FIFO":
         (tmp_path / "train.txt").unlink()
         os.mkfifo(tmp_path / "train.txt")
     with pytest.raises(GrowlmError, match=needle):

@@ -9,13 +9,13 @@ that names the key (``stage[2].lora.rank``) or the file.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from growlm.corpus import regular_file
 from growlm.errors import GrowlmError
 
 Pos = Annotated[int, Field(gt=0)]
@@ -198,21 +198,18 @@ def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
         """``want``: "file" (a regular file), "data" (a regular file or a save_to_disk folder), "dir"."""
         if p is None:
             return None
+        where = f"plan {plan_path}: {key}:"
         try:
             q = (root / p).resolve() if not p.is_absolute() else p
-            mode = q.stat().st_mode
-        except FileNotFoundError:
-            what = "directory" if want == "dir" else "file"
-            raise GrowlmError(f"plan {plan_path}: {key}: {what} not found: {q}") from None
+            is_dir = q.is_dir()
         except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop, a path too long
-            raise GrowlmError(f"plan {plan_path}: {key}: unusable path {str(p)!r}: {e}") from None
-        ok = {"file": stat.S_ISREG(mode), "dir": stat.S_ISDIR(mode),
-              "data": stat.S_ISREG(mode) or stat.S_ISDIR(mode)}[want]
-        if not ok:  # a FIFO or a device would block its reader forever
-            kind = {"file": "a regular file", "dir": "a directory", "data": "a regular file or a folder"}[want]
-            raise GrowlmError(f"plan {plan_path}: {key}: {q} is not {kind}")
+            raise GrowlmError(f"{where} unusable path {str(p)!r}: {e}") from None
+        if want == "dir" and not is_dir:
+            raise GrowlmError(f"{where} directory not found: {q}")
+        if not (is_dir and want in ("dir", "data")):
+            regular_file(q, f"{where} file")  # a FIFO or a device would block its reader forever
         if not os.access(q, os.R_OK):
-            raise GrowlmError(f"plan {plan_path}: {key}: not readable: {q}")
+            raise GrowlmError(f"{where} not readable: {q}")
         return q
 
     def fix_list(ps: list[Path], key: str) -> list[Path]:
