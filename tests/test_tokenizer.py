@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import tomllib
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from growlm.corpus import check_corpus, iter_text_chunks, read_text
+from growlm.cli import main
+from growlm.corpus import iter_text_chunks, read_text
 from growlm.errors import GrowlmError
+from growlm.plan import TokenizerSpec
 from growlm.tokenizer import (
     META_FILE,
     SPECIAL_TOKENS,
@@ -19,9 +23,13 @@ from growlm.tokenizer import (
     build_preset,
     build_tokenizer,
     mine_ngrams,
+    packaged_ngram_list,
 )
 
-NGRAM_LIST = Path(__file__).parents[2] / "shared/data/bvv241/ngrams-2-3.txt"
+REPO = Path(__file__).resolve().parents[1]
+# The published list ships inside the package (growlm/ngrams/), so the paper's ids are tested on any checkout.
+NGRAM_LIST = Path(str(packaged_ngram_list("bvv241-2-3")))
+PAPER_IDS = [104, 56035, 111, 32, 57811, 32, 116, 56117]  # "hello the test" in the paper's notebook
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Pieces that exercise merges, combining marks, RTL, CJK, controls and whitespace runs.
@@ -38,10 +46,11 @@ def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
 
 
 @pytest.fixture(scope="module")
-def preset() -> Tokenizer:
-    if not NGRAM_LIST.is_file():
-        pytest.skip(f"published n-gram list not found at {NGRAM_LIST}")
-    return build_preset("bvv241-2-3", NGRAM_LIST)
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """The paper's tokenizer, built as a user builds it: one command, no n-gram list to find."""
+    out = tmp_path_factory.mktemp("preset") / "bvv241"
+    assert main(["tokenizer", "build", "--preset", "bvv241-2-3", "--out", str(out)]) == 0
+    return Tokenizer.load(out)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +68,11 @@ def compact(corpus_dir: Path) -> Tokenizer:
 
 
 def test_preset_reproduces_paper(preset: Tokenizer) -> None:
-    assert preset.encode("hello the test") == [104, 56035, 111, 32, 57811, 32, 116, 56117]
-    assert preset.decode([104, 56035, 111, 32, 57811, 32, 116, 56117]) == "hello the test"
+    assert preset.encode("hello the test") == PAPER_IDS
+    assert preset.decode(PAPER_IDS) == "hello the test"
+    # the shipped list is the author's _n-gramms-2-3.txt byte for byte (growlm/ngrams/NOTICE)
+    sha = "eb4dc1453e5b369fdbf241ffbb1df97f44c738b3051a5a8a008653f24101148e"
+    assert preset.meta["recipe"]["ngram_list_sha256"] == sha
     assert preset.meta["ngram_count"] == 8177
     assert preset.meta["merge_count"] == 12224
     assert preset.vocab_size == 65536
@@ -89,6 +101,32 @@ def test_preset_errors(tmp_path: Path) -> None:
     with pytest.raises(GrowlmError, match="not a Python literal") as e:
         build_preset("bvv241-2-3", bad)
     one_line_error(e)
+
+
+def test_other_ngram_list_and_shipped_notice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --ngram-list still takes another list; its digest, not the shipped one's, goes in the recipe.
+    own = tmp_path / "own.txt"
+    own.write_text("[{'lang': 'xx', 'top_ngrams': {2: [('qz', 9)], 3: [('qzq', 4)]}}]", encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "build", "--preset", "bvv241-2-3", "--ngram-list", str(own), "--out", str(out)]) == 0
+    tok = Tokenizer.load(out)
+    assert tok.meta["ngram_count"] == 2 and tok.encode("qzq") == [0xD800]
+    assert tok.meta["recipe"]["ngram_list_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    assert main(["tokenizer", "build", "--preset", "bvv999", "--out", str(tmp_path / "no")]) == 2
+    assert "unknown tokenizer preset 'bvv999'" in capsys.readouterr().err
+    # the list travels with its licence and attribution
+    notice = (NGRAM_LIST.parent / "NOTICE").read_text(encoding="utf-8")
+    assert "AVBochkov/PGT" in notice and "Apache License, Version 2.0" in notice
+    assert "Apache License" in (NGRAM_LIST.parent / "LICENSE").read_text(encoding="utf-8")
+
+
+def test_paper_plans_need_no_ngram_list() -> None:
+    assert TokenizerSpec(preset="bvv241-2-3").ngram_list is None
+    plans = sorted((REPO / "configs" / "paper").glob("*.toml"))
+    assert plans
+    for plan in plans:
+        spec = TokenizerSpec(**tomllib.loads(plan.read_text(encoding="utf-8"))["tokenizer"])
+        assert (spec.preset, spec.ngram_list) == ("bvv241-2-3", None), plan.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +309,7 @@ def test_transformers_loads_identical_ids(preset: Tokenizer, tmp_path: Path) -> 
 
 def test_corpus_errors(tmp_path: Path) -> None:
     with pytest.raises(GrowlmError, match="corpus file not found: ") as e:
-        check_corpus(tmp_path / "missing.txt")
+        read_text(tmp_path / "missing.txt")
     one_line_error(e)
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(GrowlmError, match="corpus file is empty: ") as e:
@@ -286,7 +324,7 @@ def test_corpus_errors(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"abc\xe4\xb8")
     with pytest.raises(GrowlmError, match="invalid byte 0xe4 at byte offset 3"):
-        check_corpus(truncated)
+        read_text(truncated)
     with pytest.raises(GrowlmError, match="corpus file not found"):
         build_tokenizer([tmp_path / "missing.txt"])
 
@@ -298,4 +336,3 @@ def test_corpus_chunks_bounded_and_lossless(tmp_path: Path) -> None:
     for size in (1, 2, 3, 5, 4096):
         chunks = list(iter_text_chunks(f, size))
         assert "".join(chunks) == text and max(map(len, chunks)) <= size
-    assert check_corpus(f) == len(text)

@@ -98,12 +98,10 @@ def cmd_tokenizer_build(a: argparse.Namespace) -> None:
     out = Path(a.out)
     _check_output_dir(out, a.overwrite)
     if a.preset:
-        if not a.ngram_list:
-            raise GrowlmError("--preset needs --ngram-list FILE (the published n-gram list)")
-        tok = build_preset(a.preset, Path(a.ngram_list))
+        tok = build_preset(a.preset, Path(a.ngram_list) if a.ngram_list else None)
     else:
         if not a.corpus:
-            raise GrowlmError("give --corpus FILE... or --preset NAME --ngram-list FILE")
+            raise GrowlmError("give --corpus FILE... or --preset NAME")
         ngrams = _ngram_lengths(a.ngrams)
         tok = build_tokenizer([Path(c) for c in a.corpus], compact=a.compact, ngrams=ngrams, top_k=a.top_k)
     with _output_dir(out, a.overwrite) as tmp:
@@ -278,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compact", action="store_true", help="small vocabulary: code points seen + specials + n-grams")
     b.add_argument("--ngrams", default="2,3", help="n-gram lengths to mine, e.g. 2,3")
     b.add_argument("--top-k", type=int, default=338, help="n-grams kept per corpus file and length")
-    b.add_argument("--preset", help="bvv241-2-3: the paper's exact vocabulary")
-    b.add_argument("--ngram-list", metavar="FILE", help="the published n-gram list for --preset")
+    b.add_argument("--preset", help="bvv241-2-3: the paper's exact vocabulary, from the n-gram list shipped with growlm")
+    b.add_argument("--ngram-list", metavar="FILE", help="another n-gram list for --preset (default: the shipped one)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
     b.set_defaults(func=cmd_tokenizer_build)
 

@@ -88,14 +88,6 @@ def iter_text_chunks(path: str | Path, chunk_chars: int = 1 << 20, what: str = "
                 return
 
 
-def check_corpus(path: str | Path) -> int:
-    """Validate a corpus file (exists, non-empty, valid UTF-8) without keeping its text.
-
-    Returns the number of characters; raises :class:`GrowlmError` on the first problem.
-    """
-    return sum(len(chunk) for chunk in iter_text_chunks(path))
-
-
 def read_text(path: str | Path) -> str:
     """The whole text of a small, validated UTF-8 corpus file (use :func:`iter_text_chunks` for big ones)."""
     return "".join(iter_text_chunks(path))

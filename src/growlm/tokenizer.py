@@ -38,6 +38,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
+from importlib import resources
+from importlib.resources.abc import Traversable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,8 @@ SPECIAL_BASE, SPECIAL_SLOTS = 0xE000, 256
 MONOGRAM_RANGES = (range(0x0000, 0xD800), range(0xF900, 0xFFFF))
 NGRAM_SLOTS = (*range(0xD800, 0xE000), *range(0xE100, 0xF900))  # 2,048 + 6,144, filled in this order
 
-PRESETS: dict[str, dict[str, Any]] = {"bvv241-2-3": {"ngrams": (2, 3), "top_k": 338}}
+# Each preset's published n-gram list ships in growlm/ngrams/ (see the NOTICE there for its source and licence).
+PRESETS: dict[str, dict[str, Any]] = {"bvv241-2-3": {"ngrams": (2, 3), "top_k": 338, "list": "ngrams-2-3.txt"}}
 
 # Long texts are cut at whitespace into pieces about this long and encoded as one batch: the BPE
 # cost grows with word length, and a batch amortises the Python<->Rust crossing.
@@ -497,11 +500,27 @@ def _read_ngram_list(path: Path, ns: Sequence[int]) -> list[list[str]]:
     return groups
 
 
-def build_preset(name: str, ngram_list: Path) -> Tokenizer:
-    """Build a named preset from the published n-gram list; ``bvv241-2-3`` reproduces the paper's ids."""
+def _preset_spec(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise GrowlmError(f"unknown tokenizer preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    spec = PRESETS[name]
+    return PRESETS[name]
+
+
+def packaged_ngram_list(name: str) -> Traversable:
+    """The published n-gram list of preset ``name``, as shipped inside the growlm package."""
+    return resources.files("growlm") / "ngrams" / _preset_spec(name)["list"]
+
+
+def build_preset(name: str, ngram_list: str | Path | None = None) -> Tokenizer:
+    """Build a named preset; ``bvv241-2-3`` reproduces the paper's ids.
+
+    The n-grams come from ``ngram_list`` if given, else from the preset's published list shipped
+    with the package (:func:`packaged_ngram_list`); the recipe records the list's sha256 either way.
+    """
+    spec = _preset_spec(name)
+    if ngram_list is None:
+        with resources.as_file(packaged_ngram_list(name)) as packaged:
+            return build_preset(name, packaged)
     path = Path(ngram_list)
     groups = _read_ngram_list(path, spec["ngrams"])
     grams = _select_ngrams(groups, spec["top_k"], _full_alphabet(), set(_full_layout([])))
