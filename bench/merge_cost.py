@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from growlm.compose import Mixture, Router, make_rule  # noqa: E402
+from growlm.compose import RULES, Mixture, Router, Rule, make_rule  # noqa: E402
 from growlm.model import GrowLM, ModelConfig  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
@@ -37,13 +37,19 @@ def make_expert(cfg: ModelConfig, seed: int) -> GrowLM:
 
 
 def mixtures(experts: list[GrowLM]) -> dict[str, Mixture]:
+    """One mixture per registered combine rule: a weighted rule with equal weights in probability space
+    (the costlier one), a trained rule with a fresh router."""
     n = len(experts)
-    rules = {"mean-logits": make_rule("mean-logits", n), "mean-probs": make_rule("mean-probs", n),
-             "weighted-probs": make_rule("weighted", n, [1.0] * n, "probs")}
-    out = {name: Mixture(experts, rule) for name, rule in rules.items()}
     width = sum(e.cfg.d_model for e in experts)
-    out["router"] = Mixture(experts, make_rule("mean-logits", n).__class__("router", "logits", None),
-                            Router(width, [1.0 / n] * n))
+    out = {}
+    for name in RULES.names():
+        kind = RULES.get(name)
+        if kind.trained:
+            out[name] = Mixture(experts, Rule(name, kind.spaces[0], None), Router(width, [1.0 / n] * n))
+        elif kind.weighted:
+            out[f"{name}-probs"] = Mixture(experts, make_rule(name, n, [1.0] * n, "probs"))
+        else:
+            out[name] = Mixture(experts, make_rule(name, n))
     return out
 
 

@@ -215,8 +215,16 @@ def _corrupt_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case", ["one", "count", "negative", "zero-sum", "not-model", "corrupt", "weights-unweighted"])
-def test_bad_input_refused(experts, tmp_path, case):
+@pytest.mark.parametrize("case, message", [
+    ("one", "a mixture needs at least two experts, got 1"),
+    ("count", "3 weights given for 2 experts"),
+    ("negative", "weights must be finite and non-negative"),
+    ("zero-sum", "weights must sum to a positive value"),
+    ("not-model", r"work/empty is not a growlm model dir \(no model.json\)"),
+    ("corrupt", r"checksum mismatch in .*work/bad/model.safetensors"),
+    ("weights-unweighted", "weights only apply to combine"),
+])
+def test_bad_input_refused(experts, tmp_path, case, message):
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "mix"
@@ -237,8 +245,9 @@ def test_bad_input_refused(experts, tmp_path, case):
         paths = [experts[0], _corrupt_copy(experts[1], work / "bad")]
     elif case == "weights-unweighted":
         kw = {"weights": [1.0, 1.0]}
-    with pytest.raises(GrowlmError):
+    with pytest.raises(GrowlmError, match=message) as e:
         merge(paths, out, **kw)
+    assert "\n" not in str(e.value)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
@@ -319,8 +328,11 @@ def test_router_and_head_tuning(experts, corpus_dir, idx, tmp_path, monkeypatch)
     mix2, _ = load_mixture(out)
     with torch.no_grad():
         assert torch.equal(mix(idx), mix2(idx))
-    gate = mix.router(torch.zeros(1, 1, mix.router.proj.in_features))
-    assert torch.allclose(gate.sum(0), torch.ones(1, 1))
+    # tuned, the gate is per token: two hidden states get two different pairs of weights
+    hidden = 10 * torch.randn(1, 2, mix.router.proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gate = mix.router(hidden)
+    assert gate.shape == (2, 1, 2) and not torch.allclose(gate[:, 0, 0], gate[:, 0, 1])
     assert info_mixture(out)["tuned"] == ["router", "head"]
 
 

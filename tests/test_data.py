@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,6 @@ from growlm import data
 from growlm.data import (
     Batches,
     Source,
-    bits_per_byte,
     iter_documents,
     shard_path,
     tokenize_file,
@@ -221,11 +219,6 @@ def test_validation_batches(tok, corpus_dir, tmp_path):
                                   max_batches=2)) == 2
     (small,) = validation_batches([path], tok, context=16, batch_size=10_000, cache_dir=tmp_path / "cache")
     assert small[0].shape == (len(shard) // 17, 16)
-
-
-def test_bits_per_byte():
-    assert bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)
-    assert bits_per_byte(2.0, 100, 400) == pytest.approx(2.0 * 100 / math.log(2) / 400)
 
 
 # ----------------------------------------------------------------------------------------------

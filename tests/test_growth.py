@@ -244,7 +244,9 @@ def test_nan_loss_stops_with_advice_and_keeps_completed_stages(corpus_dir, tmp_p
     assert r.returncode == 2
     assert "not finite" in r.stderr and "learning rate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "run" / "stage-1" / "model.json").is_file()
-    assert load_model(tmp_path / "run" / "stage-1") is not None
+    kept = load_model(tmp_path / "run" / "stage-1")  # checksums, shapes and docking port checked
+    assert len(kept.model.blocks) == 2 and kept.meta["lineage"] == []  # stage 1 alone, as trained
+    assert all(torch.isfinite(p).all() for p in kept.model.parameters())
 
 
 @pytest.mark.parametrize("edit, expected", [

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from growlm.errors import GrowlmError, one_line
+from growlm.registry import registered
 
 # ``eval`` warns when more of the text than this is <unk>: the model was never asked to predict it.
 UNK_WARN_RATE = 0.01
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("substrate", help="build a frozen token substrate").add_subparsers(dest="sub", required=True)
     b = sb.add_parser("build", help="build a substrate matrix and its recipe")
-    b.add_argument("--kind", required=True, help="glyph | binary | random-bits | trainable")
+    b.add_argument("--kind", required=True, choices=registered("growlm.substrate.registry", "SUBSTRATE_KINDS"),
+                   metavar="KIND", help="%(choices)s")
     b.add_argument("--tokenizer", metavar="DIR")
     b.add_argument("--vocab-size", type=int)
     b.add_argument("--dim", type=int, required=True)
@@ -348,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("merge", help="compose experts over one substrate into a mixture")
     b.add_argument("experts", nargs="+", metavar="MODEL")
     b.add_argument("--out", required=True, metavar="DIR")
-    b.add_argument("--combine", choices=["mean-logits", "mean-probs", "weighted"], default="mean-logits")
+    b.add_argument("--combine", choices=registered("growlm.compose", "RULES", lambda r: not r.trained),
+                   default="mean-logits", metavar="RULE", help="%(choices)s (default %(default)s)")
     b.add_argument("--weights", help="w1,w2,... for --combine weighted")
     b.add_argument("--weighted-space", choices=["logits", "probs"], default="logits")
     b.add_argument("--router", action="store_true", help="train a per-token gate on mixed data")

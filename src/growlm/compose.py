@@ -58,6 +58,7 @@ from growlm.fileio import (
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
+from growlm.registry import Registry
 
 if TYPE_CHECKING:  # growlm.train imports the data pipeline; only the tuning stages need it
     from growlm.tokenizer import Tokenizer
@@ -69,7 +70,6 @@ MIXTURE_JSON = "mixture.json"
 EXPERTS_DIR = "experts"
 ROUTER = "router.safetensors"
 HEADS = "heads.safetensors"
-FIXED_RULES = ("mean-logits", "mean-probs", "weighted")  # what a user asks for; "router" is trained
 SPACES = ("logits", "probs")
 # the lowest prior a router starts from: log(0) would freeze an expert out of the gate for good
 _MIN_PRIOR = 1e-4
@@ -81,12 +81,20 @@ _MIN_PRIOR = 1e-4
 
 @dataclass(frozen=True)
 class Rule:
-    """How expert logits combine: ``combine`` name, the ``space`` weights act in, and the fixed
-    weights (normalised; ``None`` for a uniform mean and for a router's per-token weights)."""
+    """How expert logits combine: ``combine`` (a name in :data:`RULES`), the ``space`` weights act in,
+    and the fixed weights (normalised; ``None`` for a uniform mean and for a router's per-token weights)."""
 
     combine: str
     space: str
     weights: tuple[float, ...] | None
+
+    @property
+    def kind(self) -> CombineRule:
+        """The registered :class:`CombineRule` this rule is an instance of."""
+        kind = RULES.get(self.combine)
+        if kind is None:
+            raise GrowlmError(f"unknown combine rule {self.combine!r}; choose one of {', '.join(RULES.names())}")
+        return kind
 
     def prior(self, n: int) -> list[float]:
         """The fixed weights as a list (uniform when none are given): where a router starts."""
@@ -97,18 +105,89 @@ class Rule:
                 "weights": list(self.weights) if self.weights is not None else None}
 
 
+class CombineRule:
+    """One way of combining expert logits, registered by name in :data:`RULES` (see docs/extending.md).
+
+    The class attributes describe it: ``spaces`` where weights act (the first is the default; with
+    more than one the user picks, ``--weighted-space``); ``weighted``: it takes fixed weights, one per
+    expert; ``trained``: its weights are per token, from a gate trained after merging (never asked for
+    by name); ``extends``: it has no parameters, so a mixture combined this way takes a new expert
+    under the same rule. The default :meth:`combine` is the weighted mean in its space.
+    """
+
+    spaces: tuple[str, ...] = ("logits",)
+    weighted: bool = False
+    trained: bool = False
+    extends: bool = True
+
+    def combine(self, logits: Iterable[torch.Tensor], weights: torch.Tensor | None, space: str, *,
+                reuse_inputs: bool = False) -> torch.Tensor:
+        """N expert logits ``[B, T, V]`` (an iterable, one at a time) -> one ``[B, T, V]`` usable as logits.
+
+        ``weights`` is what :meth:`fixed_weights` gave, as an ``[N]`` tensor, or a router's ``[N, B, T]``.
+        With ``reuse_inputs`` (outside autograd) the inputs are temporaries the result may overwrite.
+        """
+        return combine_logits(logits, weights, space, reuse_inputs=reuse_inputs)
+
+    def fixed_weights(self, rule: Rule, n: int) -> list[float] | None:
+        """The weights a :class:`Mixture` of ``n`` experts hands to :meth:`combine` (None: uniform)."""
+        return None if rule.weights is None else list(rule.weights)
+
+
+class MeanProbs(CombineRule):
+    """``log mean_i softmax(l_i)``: the uniform weights are held explicitly, so each expert's pass adds
+    ``log(1/N)`` instead of a pass of its own at the end."""
+
+    spaces = ("probs",)
+
+    def fixed_weights(self, rule: Rule, n: int) -> list[float] | None:
+        return rule.prior(n)
+
+
+class Weighted(CombineRule):
+    """Fixed user weights summing to 1, in logit or probability space."""
+
+    spaces = SPACES
+    weighted = True
+    extends = False  # the weights cannot cover a new expert
+
+
+class Routed(CombineRule):
+    """Per-token weights from a trained :class:`Router`, in either space."""
+
+    spaces = SPACES
+    trained = True
+    extends = False
+
+
+# the combine rules by name; a rule module registers itself with one line: RULES.register(name, Rule())
+RULES: Registry[CombineRule] = Registry("combine rule", "growlm.compose")
+RULES.register("mean-logits", CombineRule())
+RULES.register("mean-probs", MeanProbs())
+RULES.register("weighted", Weighted())
+RULES.register("router", Routed())
+
+
+def fixed_rules() -> tuple[str, ...]:
+    """The combine rules a user asks for by name (every registered one but the trained)."""
+    return tuple(n for n in RULES.names() if not RULES.get(n).trained)
+
+
 def make_rule(combine: str, n: int, weights: Sequence[float] | None = None, space: str = "logits") -> Rule:
     """Validate a combine request for ``n`` experts; ``weights`` are normalised to sum to 1."""
-    if combine not in FIXED_RULES:
-        raise GrowlmError(f"unknown combine rule {combine!r}; choose one of {', '.join(FIXED_RULES)}")
+    kind = RULES.get(combine)
+    if kind is None or kind.trained:
+        raise GrowlmError(f"unknown combine rule {combine!r}; choose one of {', '.join(fixed_rules())}")
     if space not in SPACES:
         raise GrowlmError(f"unknown weighted space {space!r}; choose logits or probs")
-    if combine != "weighted":
+    space = space if space in kind.spaces else kind.spaces[0]
+    if not kind.weighted:
         if weights is not None:
-            raise GrowlmError(f"weights only apply to combine = \"weighted\", not {combine!r}")
-        return Rule(combine, "probs" if combine == "mean-probs" else "logits", None)
+            takers = " or ".join(f'"{r}"' for r in fixed_rules() if RULES.get(r).weighted)
+            raise GrowlmError(f"weights only apply to combine = {takers}, not {combine!r}")
+        return Rule(combine, space, None)
     if weights is None:
-        raise GrowlmError("combine = \"weighted\" needs weights (one per expert, e.g. --weights 0.7,0.3)")
+        raise GrowlmError(f'combine = "{combine}" needs weights (one per expert, e.g. --weights 0.7,0.3)')
     ws = [float(w) for w in weights]
     if len(ws) != n:
         raise GrowlmError(f"{len(ws)} weights given for {n} experts")
@@ -117,7 +196,7 @@ def make_rule(combine: str, n: int, weights: Sequence[float] | None = None, spac
     total = sum(ws)
     if total <= 0:
         raise GrowlmError(f"weights must sum to a positive value, got {ws}")
-    return Rule("weighted", space, tuple(w / total for w in ws))
+    return Rule(combine, space, tuple(w / total for w in ws))
 
 
 def combine_logits(logits: Iterable[torch.Tensor], weights: torch.Tensor | None, space: str, *,
@@ -244,7 +323,8 @@ class Mixture(nn.Module):
         super().__init__()
         if len(experts) < 2:
             raise GrowlmError(f"a mixture needs at least two experts, got {len(experts)}")
-        if (rule.combine == "router") != (router is not None):
+        self.kind = rule.kind
+        if self.kind.trained != (router is not None):
             raise GrowlmError(f"combine {rule.combine!r} and the presence of a router disagree")
         self.experts = nn.ModuleList(experts)
         self.rule = rule
@@ -253,9 +333,8 @@ class Mixture(nn.Module):
         if len(vocab) != 1:
             raise GrowlmError(f"experts disagree on the vocabulary size: {sorted(vocab)}")
         self.cfg = MixtureConfig(len(experts), vocab.pop(), min(e.cfg.context for e in experts))
-        # a buffer, so .to(device) moves the fixed weights with the experts; mean-probs holds its uniform
-        # weights explicitly, so each expert's pass adds log(1/N) instead of a pass of its own at the end
-        fixed = rule.prior(len(experts)) if rule.combine == "mean-probs" else rule.weights
+        # a buffer, so .to(device) moves the fixed weights with the experts
+        fixed = self.kind.fixed_weights(rule, len(experts))
         w = torch.tensor(fixed, dtype=torch.float32) if fixed is not None else None
         self.register_buffer("weights", w, persistent=False)
 
@@ -265,7 +344,7 @@ class Mixture(nn.Module):
         caches = cache.caches if cache is not None else [None] * len(self.experts)
         logits = (e(idx, cache=c) for e, c in zip(self.experts, caches, strict=True))
         if self.router is None:
-            out = combine_logits(logits, self.weights, self.rule.space, reuse_inputs=True)
+            out = self.kind.combine(logits, self.weights, self.rule.space, reuse_inputs=True)
         else:  # the gate needs every expert's final hidden state before any logits can be weighted
             hidden: list[torch.Tensor] = []
             hooks = [e.ln_f.register_forward_hook(lambda _m, _i, h: hidden.append(h)) for e in self.experts]
@@ -274,8 +353,8 @@ class Mixture(nn.Module):
             finally:
                 for h in hooks:
                     h.remove()
-            out = combine_logits(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space,
-                                 reuse_inputs=True)
+            out = self.kind.combine(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space,
+                                    reuse_inputs=True)
         if cache is not None:
             cache.pos += idx.shape[1]
         if targets is None:
@@ -405,7 +484,7 @@ def _check_desc(f: Path, desc: dict) -> None:
         field(e, "path", (str,), f, f"experts[{i}].")
         field(e, "fingerprint", (str,), f, f"experts[{i}].")
     combine = field(desc, "combine", (str,), f)
-    if combine not in (*FIXED_RULES, "router"):
+    if combine not in RULES:
         raise GrowlmError(f"{f} is corrupt: unknown combine rule {combine!r}")
     if field(desc, "space", (str,), f) not in SPACES:
         raise GrowlmError(f"{f} is corrupt: space is {desc['space']!r}, not one of {', '.join(SPACES)}")
@@ -637,7 +716,7 @@ def add_expert(mixture_dir: Path, expert_dir: Path, out: Path, *, combine: str |
     """
     desc = _read_desc(Path(mixture_dir))
     if combine is None:
-        if desc["combine"] not in ("mean-logits", "mean-probs"):
+        if not RULES.get(desc["combine"]).extends:
             raise GrowlmError(f"{mixture_dir} combines with {desc['combine']!r}, which does not extend to a new "
                               f"expert; choose the new mixture's combine rule")
         combine = desc["combine"]

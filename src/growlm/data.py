@@ -496,10 +496,3 @@ def validation_batches(paths: Sequence[str | Path], tokenizer: Any, *, context: 
     if max_batches is not None:
         bounds = bounds[:max_batches]
     return [_split_xy(packed.rows(range(a, b))) for a, b in bounds]
-
-
-def bits_per_byte(loss_nats_per_token: float, n_tokens: int, n_bytes: int) -> float:
-    """Bits per UTF-8 byte of text: total loss in bits over the bytes the tokens cover."""
-    if n_bytes <= 0:
-        raise GrowlmError(f"bits per byte needs a positive byte count, got {n_bytes}")
-    return loss_nats_per_token * n_tokens / math.log(2) / n_bytes

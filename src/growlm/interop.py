@@ -48,6 +48,7 @@ from growlm.checkpoint import base_state, load_model, load_tensors, model_finger
 from growlm.errors import GrowlmError, one_line
 from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors
 from growlm.hashing import sha256_tensors
+from growlm.lora import merge_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.substrate import substrate_fingerprint
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT
@@ -180,14 +181,6 @@ def hf_config(cfg: ModelConfig, n_layers: int, *, bos_id: int, eos_id: int, pad_
     }
 
 
-def _merge_lora(model: GrowLM, model_dir: Path) -> None:
-    try:
-        from growlm.lora import merge_adapters
-    except ImportError as e:
-        raise GrowlmError(f"{model_dir} carries LoRA adapters; merge them into the base weights before exporting") from e
-    merge_adapters(model)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -215,7 +208,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     model, meta = saved.model, saved.meta
     lora = bool(meta.get("lora"))
     if lora:
-        _merge_lora(model, model_dir)
+        merge_adapters(model)
     tok = saved.tokenizer()
     state = to_neox_state(model)
     config = hf_config(model.cfg, len(model.blocks), bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,

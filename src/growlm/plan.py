@@ -27,10 +27,21 @@ class _Spec(BaseModel):
 
 
 class SubstrateSpec(_Spec):
-    kind: Literal["glyph", "binary", "random-bits", "trainable"] = "glyph"
+    kind: str = "glyph"  # a registered substrate kind (growlm.substrate.registry)
     dir: Path | None = None  # reuse an existing substrate (the shared docking port)
     bits: Pos | None = None
     seed: int = 0
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from growlm.substrate.registry import get_kind
+
+        try:
+            get_kind(kind)
+        except GrowlmError as e:  # pydantic reports a ValueError under the key: substrate.kind: unknown ...
+            raise ValueError(str(e)) from None
+        return kind
 
 
 class TokenizerSpec(_Spec):

@@ -22,8 +22,7 @@ from safetensors.torch import save as _save_safetensors
 from growlm.errors import GrowlmError, one_line
 from growlm.fileio import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_tensors
-
-KINDS = ("glyph", "binary", "random-bits", "trainable")
+from growlm.substrate.registry import SUBSTRATE_KINDS
 
 WEIGHT_FILE = "substrate.safetensors"
 META_FILE = "substrate.json"
@@ -125,7 +124,7 @@ class Substrate:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             recipe, kind, lift = meta["recipe"], meta["kind"], int(meta["lift"])
             recorded, vocab_size, dim = meta["fingerprint"], int(meta["vocab_size"]), int(meta["dim"])
-            if not isinstance(recipe, dict) or kind not in KINDS or lift < 1:
+            if not isinstance(recipe, dict) or kind not in SUBSTRATE_KINDS or lift < 1:
                 raise ValueError("bad kind, lift or recipe")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise GrowlmError(one_line(f"corrupt substrate metadata {meta_path}: {e}")) from e

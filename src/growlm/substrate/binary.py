@@ -12,6 +12,7 @@ import torch
 
 from growlm.errors import GrowlmError
 from growlm.substrate.base import Substrate, make_substrate
+from growlm.substrate.registry import Params, Vocab, register
 
 DEFAULT_RANDOM_BITS = 64
 # Up to this code width, random codes are a prefix of a random permutation of all 2^n codes
@@ -110,3 +111,28 @@ def build_random_bits(
         "vocab_size": vocab_size,
     }
     return make_substrate("random-bits", _random_codes(vocab_size, n, seed), lift, recipe)
+
+
+class BinaryParams(Params):
+    """``bits``: the code width (default ``ceil(log2 V)``)."""
+
+    bits: int | None = None
+
+
+class RandomBitsParams(Params):
+    """``bits``: the code width (default 64); ``seed``: the generator's seed."""
+
+    bits: int | None = None
+    seed: int = 0
+
+
+def _binary(vocab: Vocab, *, dim: int, bits: int | None) -> Substrate:
+    return build_binary(vocab.size, dim=dim, bits=bits, tokenizer_fingerprint=vocab.fingerprint)
+
+
+def _random_bits(vocab: Vocab, *, dim: int, bits: int | None, seed: int) -> Substrate:
+    return build_random_bits(vocab.size, dim=dim, bits=bits, seed=seed, tokenizer_fingerprint=vocab.fingerprint)
+
+
+register("binary", _binary, BinaryParams)
+register("random-bits", _random_bits, RandomBitsParams)

@@ -53,6 +53,7 @@ from growlm.errors import GrowlmError
 from growlm.fileio import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_file
 from growlm.substrate.base import Substrate, make_substrate
+from growlm.substrate.registry import Params, Vocab, register
 
 DEFAULT_FONT = "/usr/share/fonts/opentype/unifont/unifont.otf"
 FONT_HINT = "install it with: apt-get install -y --no-install-recommends fonts-unifont"
@@ -389,3 +390,21 @@ def build_glyph(
         "vocab_size": len(tokens),
     }
     return make_substrate("glyph", torch.from_numpy(table), 1, recipe)
+
+
+class GlyphParams(Params):
+    """``font_path`` (default: the bundled font), ``workers`` (rendering processes), ``basis``
+    (``"reference"`` or ``"vocab"``, see :func:`build_glyph`)."""
+
+    font_path: str | Path | None = None
+    workers: int | None = None
+    basis: str = "reference"
+
+
+def _glyph(vocab: Vocab, *, dim: int, font_path: str | Path | None, workers: int | None, basis: str) -> Substrate:
+    strings = vocab.strings("it renders the token strings")
+    return build_glyph(strings, dim=dim, font_path=font_path, workers=workers, basis=basis,
+                       tokenizer_fingerprint=vocab.fingerprint)
+
+
+register("glyph", _glyph, GlyphParams)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from growlm.substrate.base import Substrate, make_substrate
+from growlm.substrate.registry import Params, Vocab, register
 
 INIT_STD = 0.02
 
@@ -26,3 +27,16 @@ def build_trainable(
         "vocab_size": vocab_size,
     }
     return make_substrate("trainable", table, 1, recipe)
+
+
+class TrainableParams(Params):
+    """``seed``: the initial matrix's generator seed."""
+
+    seed: int = 0
+
+
+def _trainable(vocab: Vocab, *, dim: int, seed: int) -> Substrate:
+    return build_trainable(vocab.size, dim=dim, seed=seed, tokenizer_fingerprint=vocab.fingerprint)
+
+
+register("trainable", _trainable, TrainableParams)

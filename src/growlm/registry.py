@@ -1,0 +1,99 @@
+"""Named extension points: substrate kinds, combine rules and eval tasks are each a :class:`Registry`.
+
+An entry is registered by name from the module that defines it (one line), and everything that
+offers a choice (the plan's validation, the CLI's ``choices``, error messages) reads the registry,
+so adding one is one new module and one ``register`` call. See ``docs/extending.md``.
+
+This module imports nothing heavy: the CLI builds its parser from :meth:`Registry.choices`
+without importing torch; the built-in entries are imported the first time a registry is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Entries of one kind by name, in registration order (the built-ins first).
+
+    ``what`` names the kind in errors ("substrate kind"); ``builtins`` is the module whose import
+    registers the built-in entries, imported on first read (so a registry can be read from a
+    module that the built-ins themselves import).
+    """
+
+    def __init__(self, what: str, builtins: str) -> None:
+        self.what = what
+        self._builtins = builtins
+        self._entries: dict[str, T] = {}
+
+    def _load(self) -> dict[str, T]:
+        importlib.import_module(self._builtins)
+        return self._entries
+
+    def register(self, name: str, entry: T) -> T:
+        """Add ``entry`` under ``name``; a name is registered once (unregister it first to replace it)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.what} needs a non-empty name, got {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.what} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a no-op when it is not registered)."""
+        self._entries.pop(name, None)
+
+    @contextmanager
+    def registered(self, name: str, entry: T) -> Iterator[T]:
+        """``register`` for the duration of a ``with`` block (tests: nothing leaks into the next one)."""
+        self.register(name, entry)
+        try:
+            yield entry
+        finally:
+            self.unregister(name)
+
+    def get(self, name: str) -> T | None:
+        """The entry registered as ``name``, or None."""
+        return self._load().get(name)
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered name, built-ins first."""
+        return tuple(self._load())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._load()
+
+
+class Choices:
+    """argparse ``choices`` read from a :class:`Registry` only when argparse checks a value or prints
+    help, so that the parser builds without importing torch (see :func:`registered`)."""
+
+    def __init__(self, module: str, attr: str, keep: Callable[[Any], bool] | None = None) -> None:
+        self._where = (module, attr)
+        self._keep = keep
+
+    def _names(self) -> list[str]:
+        registry: Registry = getattr(importlib.import_module(self._where[0]), self._where[1])
+        return [n for n in registry.names() if self._keep is None or self._keep(registry.get(n))]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def registered(module: str, attr: str, keep: Callable[[Any], bool] | None = None) -> Choices:
+    """argparse ``choices``: the names in the registry ``module.attr`` whose entry passes ``keep``.
+
+    Give the argument a ``metavar``: without one argparse lists the choices as soon as it is added.
+    """
+    return Choices(module, attr, keep)
