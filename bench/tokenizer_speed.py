@@ -20,17 +20,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import tokenizers  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from growlm.tokenizer import Tokenizer, build_preset, build_tokenizer  # noqa: E402
+from growlm.tokenizer import Tokenizer, build_preset  # noqa: E402
 from timing import median_seconds  # noqa: E402
-
-NGRAM_LIST = Path(__file__).resolve().parents[2] / "shared/data/bvv241/ngrams-2-3.txt"
 
 SENTENCES = {
     "en": [
@@ -79,14 +75,9 @@ def mixed_text(mb: float, seed: int = 0) -> list[str]:
     return lines
 
 
-def our_tokenizer(lines: list[str]) -> tuple[Tokenizer, str]:
-    """The paper's preset when the n-gram list is there, else a full vocabulary mined from the text."""
-    if NGRAM_LIST.is_file():
-        return build_preset("bvv241-2-3", NGRAM_LIST), "bvv241-2-3 preset"
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "mixed.txt"
-        f.write_text("\n".join(lines), encoding="utf-8")
-        return build_tokenizer([f]), "bvv241 mined from the benchmark text"
+def our_tokenizer() -> tuple[Tokenizer, str]:
+    """The paper's preset, from the n-gram list the package ships."""
+    return build_preset("bvv241-2-3"), "bvv241-2-3 preset"
 
 
 def byte_level_bpe(lines: list[str], vocab_size: int = 32_000) -> tokenizers.Tokenizer:
@@ -116,7 +107,7 @@ def main() -> None:
     lines = mixed_text(a.mb)
     text = "\n".join(lines)
     n_bytes = len(text.encode("utf-8"))
-    ours, ours_kind = our_tokenizer(lines)
+    ours, ours_kind = our_tokenizer()
     raw = byte_level_bpe(lines)
 
     assert ours.decode(ours.encode(text)) == text
