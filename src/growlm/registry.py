@@ -68,6 +68,12 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._load()
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __getitem__(self, name: str) -> T:
+        return self._load()[name]
+
 
 class Choices:
     """argparse ``choices`` read from a :class:`Registry` only when argparse checks a value or prints

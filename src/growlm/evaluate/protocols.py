@@ -33,7 +33,7 @@ import torch
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, model_device
 from growlm.evaluate.ppl import Window, score_windows
-from growlm.evaluate.tasks import Item
+from growlm.evaluate.tasks import Item, get_task
 
 # The paper's prompts, byte for byte (paper §7); ``{options}`` is one MC_OPTION per choice.
 MMLU_TEMPLATE = "Question: {input}\nOptions: A) {A} B) {B} C) {C} D) {D}\nAnswer:"
@@ -48,9 +48,6 @@ LOGLIK_TEMPLATE = "Question: {q}\nAnswer:"
 LOGLIK_BOOLQ_TEMPLATE = "{passage}\nQuestion: {question}?\nAnswer:"
 
 PROTOCOLS = ("paper", "loglik")
-MC_TASKS = ("mmlu", "arc_easy", "arc_challenge", "csqa", "boolq")
-# max_new_tokens of the paper's multiple-choice tasks
-MC_BUDGET = {"mmlu": 1, "arc_easy": 2, "arc_challenge": 2, "csqa": 2, "boolq": 1}
 GEN_CAP = 100  # the paper's cap on SQuAD/BLEU budgets
 SQUAD_PAPER_MAX_CHARS = 8
 SQUAD_LOGLIK_BUDGET = 32
@@ -73,13 +70,16 @@ class Outcome:
 
 
 def select(task: str, protocol: str, items: Sequence[Item]) -> list[Item]:
-    """The items a protocol scores: SQuAD keeps answerable questions (paper: first answer ≤ 8 chars)."""
-    if task != "squad_v2":
-        return list(items)
-    keep = [it for it in items if it.answers and it.answers[0]]
-    if protocol == "paper":
-        keep = [it for it in keep if len(it.answers[0]) <= SQUAD_PAPER_MAX_CHARS]
-    return keep
+    """The items a protocol scores (the task's ``scorable``; all of them by default)."""
+    keep = get_task(task).scorable
+    return list(items) if keep is None else [it for it in items if keep(it, protocol)]
+
+
+def squad_scorable(item: Item, protocol: str) -> bool:
+    """SQuAD scores answerable questions; the paper only those whose first answer is ≤ 8 characters."""
+    if not (item.answers and item.answers[0]):
+        return False
+    return protocol != "paper" or len(item.answers[0]) <= SQUAD_PAPER_MAX_CHARS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,23 +88,44 @@ def select(task: str, protocol: str, items: Sequence[Item]) -> list[Item]:
 
 def paper_prompt(task: str, item: Item) -> str:
     """The paper's literal prompt for ``item``."""
-    if task == "mmlu":
-        return MMLU_TEMPLATE.format(input=item.question, **dict(zip("ABCD", item.choices, strict=True)))
-    if task == "boolq":
-        return BOOLQ_TEMPLATE.format(passage=item.context, question=item.question)
-    if task == "squad_v2":
-        return SQUAD_TEMPLATE.format(context=item.context, question=item.question)
-    if task == "bleu":
-        src, tgt = item.subject.split("-")
-        return BLEU_TEMPLATE.format(Src=LANGUAGES.get(src, src), Tgt=LANGUAGES.get(tgt, tgt), source=item.context)
+    return get_task(task).prompt(item)
+
+
+def mmlu_prompt(item: Item) -> str:
+    """MMLU: the options inline, A) to D)."""
+    return MMLU_TEMPLATE.format(input=item.question, **dict(zip("ABCD", item.choices, strict=True)))
+
+
+def choice_prompt(item: Item) -> str:
+    """ARC / CommonsenseQA: one labelled option per line."""
     options = "".join(MC_OPTION.format(label=lb, text=t) for lb, t in zip(item.labels, item.choices, strict=True))
     return MC_TEMPLATE.format(q=item.question, options=options)
 
 
+def boolq_prompt(item: Item) -> str:
+    """BoolQ: the passage, the question, True/False."""
+    return BOOLQ_TEMPLATE.format(passage=item.context, question=item.question)
+
+
+def squad_prompt(item: Item) -> str:
+    """SQuAD: the context and the question."""
+    return SQUAD_TEMPLATE.format(context=item.context, question=item.question)
+
+
+def bleu_prompt(item: Item) -> str:
+    """Translation: the direction in words, then the source sentence."""
+    src, tgt = item.subject.split("-")
+    return BLEU_TEMPLATE.format(Src=LANGUAGES.get(src, src), Tgt=LANGUAGES.get(tgt, tgt), source=item.context)
+
+
 def paper_budget(task: str, item: Item) -> int:
     """The paper's max_new_tokens: fixed for multiple choice, the gold answer's character count otherwise."""
-    if task in MC_BUDGET:
-        return MC_BUDGET[task]
+    budget = get_task(task).budget
+    return budget if isinstance(budget, int) else budget(item)
+
+
+def answer_budget(item: Item) -> int:
+    """As many new tokens as the gold answer has characters, at most :data:`GEN_CAP`."""
     return max(1, min(len(item.answers[0]), GEN_CAP))
 
 
@@ -121,19 +142,29 @@ def continuation(model: LM, tokenizer, prompt: str, max_new_tokens: int, *, temp
 
 def paper_score(task: str, item: Item, text: str) -> Outcome:
     """Score one continuation as the paper does."""
-    answer = text.strip().upper()
-    if task == "squad_v2":
-        gold = item.answers[0].upper()
-        return Outcome({"accuracy": float(answer == gold or gold in answer)}, valid=bool(answer))
-    if task == "bleu":
-        answer = answer.split("</S>")[0].strip()
-        tgt = item.subject.split("-")[1]
-        bleu = sacrebleu.corpus_bleu([answer], [[item.answers[0]]], lowercase=True,
-                                     tokenize="zh" if tgt == "zh" else "13a")
-        return Outcome({"bleu": bleu.score}, valid=bool(answer))
-    first = answer[:1]
+    return get_task(task).score(item, text)
+
+
+def choice_score(item: Item, text: str) -> Outcome:
+    """Multiple choice: the first character of the upper-cased answer against the gold label."""
+    first = text.strip().upper()[:1]
     return Outcome({"accuracy": float(first == item.gold.upper())},
                    valid=first != "" and first in {lb.upper() for lb in item.labels})
+
+
+def squad_score(item: Item, text: str) -> Outcome:
+    """SQuAD: right when the answer is, or contains, the first gold answer (ignoring case)."""
+    answer, gold = text.strip().upper(), item.answers[0].upper()
+    return Outcome({"accuracy": float(answer == gold or gold in answer)}, valid=bool(answer))
+
+
+def bleu_score(item: Item, text: str) -> Outcome:
+    """Translation: sacrebleu's corpus BLEU of this one sample, ignoring case (zh tokenizer for Chinese)."""
+    answer = text.strip().upper().split("</S>")[0].strip()
+    tgt = item.subject.split("-")[1]
+    bleu = sacrebleu.corpus_bleu([answer], [[item.answers[0]]], lowercase=True,
+                                 tokenize="zh" if tgt == "zh" else "13a")
+    return Outcome({"bleu": bleu.score}, valid=bool(answer))
 
 
 def run_paper(model: LM, tokenizer, task: str, items: Sequence[Item], *, temperature: float = 0.0,
@@ -155,11 +186,17 @@ def run_paper(model: LM, tokenizer, task: str, items: Sequence[Item], *, tempera
 
 def loglik_request(task: str, item: Item) -> tuple[str, list[str]]:
     """Context and choice continuations of a multiple-choice item (lm-evaluation-harness style)."""
-    if task == "boolq":
-        ctx = LOGLIK_BOOLQ_TEMPLATE.format(passage=item.context, question=item.question)
-    else:
-        ctx = LOGLIK_TEMPLATE.format(q=item.question)
-    return ctx, [f" {c}" for c in item.choices]
+    return get_task(task).choices(item)
+
+
+def question_choices(item: Item) -> tuple[str, list[str]]:
+    """``Question: {q}\nAnswer:`` and each choice after a space."""
+    return LOGLIK_TEMPLATE.format(q=item.question), [f" {c}" for c in item.choices]
+
+
+def boolq_choices(item: Item) -> tuple[str, list[str]]:
+    """The passage, ``Question: {question}?\nAnswer:``, and `` yes``/`` no``."""
+    return LOGLIK_BOOLQ_TEMPLATE.format(passage=item.context, question=item.question), [f" {c}" for c in item.choices]
 
 
 def choice_logliks(model: LM, tokenizer, requests: Sequence[tuple[str, Sequence[str]]],
@@ -233,16 +270,24 @@ def run_protocol(model: LM, tokenizer, task: str, protocol: str, items: Sequence
     """Outcomes of ``items`` under ``protocol``; ``advance(k)`` reports progress."""
     if protocol == "paper":
         return run_paper(model, tokenizer, task, items, temperature=temperature, generator=generator, advance=advance)
-    if task == "squad_v2":
-        return run_loglik_squad(model, tokenizer, items, advance)
-    if task in MC_TASKS:
+    spec = get_task(task)
+    if spec.loglik is not None:
+        return spec.loglik(model, tokenizer, items, advance)
+    if spec.choices is not None:
         return run_loglik_mc(model, tokenizer, task, items, advance)
     raise GrowlmError(f"task {task!r} has no loglik protocol; use --protocol paper")
 
 
+def has_loglik(task: str) -> bool:
+    """Whether ``task`` can be scored under the loglik protocol."""
+    spec = get_task(task)
+    return spec.loglik is not None or spec.choices is not None
+
+
 def progress_units(task: str, protocol: str, items: Sequence[Item]) -> int:
     """How many ``advance`` steps :func:`run_protocol` reports for ``items`` (choices for loglik MC)."""
-    if protocol == "loglik" and task in MC_TASKS:
+    spec = get_task(task)
+    if protocol == "loglik" and spec.loglik is None and spec.choices is not None:
         return sum(len(it.choices) for it in items)
     return len(items)
 

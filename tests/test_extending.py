@@ -1,0 +1,163 @@
+"""docs/extending.md's three worked examples, executed exactly as written there: a toy substrate
+kind, a toy combine rule and a toy eval task, each used the way a user would (plan, CLI, library)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from growlm.cli import main
+from growlm.errors import GrowlmError
+from growlm.registry import Registry
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+
+
+def example(section: str) -> str:
+    """The one ```python block under the ``## {section}`` heading of docs/extending.md."""
+    body = DOC.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    assert len(blocks) == 1, f"{section}: expected one python block, found {len(blocks)}"
+    return blocks[0]
+
+
+@contextmanager
+def loaded(section: str, registry: Registry, name: str) -> Iterator[dict]:
+    """Run the section's example as its own module; its registration is undone afterwards."""
+    assert name not in registry
+    namespace = {"__name__": f"toy_{name.replace('-', '_')}"}
+    try:
+        exec(compile(example(section), f"{DOC}#{section}", "exec"), namespace)  # noqa: S102
+        assert name in registry
+        yield namespace
+    finally:
+        registry.unregister(name)
+    assert name not in registry
+
+
+# ----------------------------------------------------------------------------------------------
+# A substrate kind
+
+
+def test_toy_substrate_kind(corpus_dir, tmp_path):
+    from cli_util import SMALL_PLAN
+    from growlm.plan import SubstrateSpec, load_plan
+    from growlm.substrate import KINDS, Substrate, build_substrate
+    from growlm.substrate.registry import SUBSTRATE_KINDS
+
+    with loaded("A substrate kind", SUBSTRATE_KINDS, "digits"):
+        s = build_substrate("digits", dim=8, vocab_size=300, base=4, seed=5)  # seed: not the kind's, ignored
+        assert s.kind == "digits" and s.weight.shape == (300, 8) and not s.trainable
+        assert s.table[6].tolist() == pytest.approx([2 / 3, 1 / 3] + [0.0] * 6)  # 6 = 1·4 + 2
+        assert build_substrate("digits", dim=8, vocab_size=300, base=4).fingerprint == s.fingerprint
+        assert build_substrate("digits", dim=8, vocab_size=300, base=5).fingerprint != s.fingerprint
+        with pytest.raises(GrowlmError, match="substrate kind 'digits': base: Input should be a valid integer"):
+            build_substrate("digits", dim=8, vocab_size=300, base="4")
+        s.save(tmp_path / "sub")
+        assert Substrate.load(tmp_path / "sub").fingerprint == s.fingerprint
+        # the plan and the CLI offer it
+        plan = tmp_path / "plan.toml"
+        plan.write_text(SMALL_PLAN.replace('kind = "binary"\nbits = 16', 'kind = "digits"'), encoding="utf-8")
+        for name in ("train.txt", "valid.txt"):
+            (tmp_path / name).write_bytes((corpus_dir / name).read_bytes())
+        assert load_plan(plan).substrate.kind == "digits"
+        assert main(["substrate", "build", "--kind", "digits", "--vocab-size", "50", "--dim", "4",
+                     "--out", str(tmp_path / "cli")]) == 0
+        assert Substrate.load(tmp_path / "cli").recipe["params"] == {"base": 10}
+    # gone again: the built-ins are what is left, and the plan names them
+    assert SUBSTRATE_KINDS.names() == KINDS == ("glyph", "binary", "random-bits", "trainable")
+    with pytest.raises(ValidationError, match="unknown substrate kind 'digits'; choose one of: glyph, binary"):
+        SubstrateSpec(kind="digits")
+    with pytest.raises(GrowlmError, match="unknown substrate kind 'digits'"):
+        build_substrate("digits", dim=8, vocab_size=300)
+
+
+# ----------------------------------------------------------------------------------------------
+# A combine rule
+
+
+def _expert(src: Path, out: Path, seed: int) -> Path:
+    """A copy of ``src`` with a perturbed head: an expert that differs."""
+    from growlm.checkpoint import load_model, save_model
+
+    saved = load_model(src)
+    with torch.no_grad():
+        head = saved.model.head.weight
+        head.add_(0.05 * torch.randn(head.shape, generator=torch.Generator().manual_seed(seed)))
+    save_model(saved.model, out, tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"])
+    return out
+
+
+def test_toy_combine_rule(tiny_model_dir, tmp_path):
+    from growlm.checkpoint import load_model
+    from growlm.cli import build_parser
+    from growlm.compose import RULES, add_expert, load_mixture, merge
+
+    a, b = _expert(tiny_model_dir, tmp_path / "a", 1), _expert(tiny_model_dir, tmp_path / "b", 2)
+    idx = torch.randint(0, load_model(a).model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with loaded("A combine rule", RULES, "max-logits"):
+        out = merge([a, b], tmp_path / "mix", combine="max-logits")
+        desc = json.loads((out / "mixture.json").read_text())
+        assert (desc["combine"], desc["space"], desc["weights"]) == ("max-logits", "logits", None)
+        mix, _ = load_mixture(out)
+        with torch.no_grad():
+            want = torch.maximum(load_model(a).model.eval()(idx), load_model(b).model.eval()(idx))
+            assert torch.equal(mix(idx), want)
+        assert build_parser().parse_args(["merge", str(a), str(b), "--out", "m", "--combine", "max-logits"]).combine \
+            == "max-logits"
+        grown = add_expert(out, tiny_model_dir, tmp_path / "mix3")  # parameter-free: the rule carries over
+        assert len(load_mixture(grown)[0].experts) == 3
+    with pytest.raises(GrowlmError, match="unknown combine rule 'max-logits'"):
+        load_mixture(out)
+    with pytest.raises(GrowlmError, match="unknown combine rule 'max-logits'; choose one of mean-logits, mean-probs, "
+                                          "weighted$"):
+        merge([a, b], tmp_path / "mix2", combine="max-logits")
+
+
+# ----------------------------------------------------------------------------------------------
+# An eval task
+
+
+def test_toy_eval_task(tiny_model_dir, tmp_path, capsys):
+    from growlm.evaluate import load_any
+    from growlm.evaluate import protocols as P
+    from growlm.evaluate.run import evaluate
+    from growlm.evaluate.tasks import TASKS
+
+    data = tmp_path / "echo.jsonl"
+    pairs = [("fox", "dog"), ("model", "layer"), ("quick", "lazy"), ("brown", "frozen"), ("grows", "jumps")]
+    data.write_text("".join(json.dumps({"word": w, "other": o}) + "\n" for w, o in pairs), encoding="utf-8")
+    model, tok = load_any(tiny_model_dir)
+    with loaded("An eval task", TASKS, "echo") as toy:
+        items = [toy["echo_item"]({"word": w, "other": o}, data) for w, o in pairs]
+        paper = evaluate(tiny_model_dir, "echo", data=data, progress=False)
+        # the same numbers by hand: one greedy token after the prompt, its first character against "A"
+        texts = [P.continuation(model, tok, toy["echo_prompt"](it), 1) for it in items]
+        outcomes = [P.choice_score(it, t) for it, t in zip(items, texts, strict=True)]
+        assert paper["n"] == len(pairs) and paper["protocol"] == "paper"
+        assert paper["accuracy"] == pytest.approx(sum(o.metrics["accuracy"] for o in outcomes) / len(pairs))
+        assert paper["invalid_rate"] == pytest.approx(1 - sum(o.valid for o in outcomes) / len(pairs))
+        loglik = evaluate(tiny_model_dir, "echo", data=data, protocol="loglik", progress=False)
+        lls = P.choice_logliks(model, tok, [toy["echo_choices"](it) for it in items])
+        assert loglik["accuracy"] == pytest.approx(sum(ll[0] > ll[1] for ll in lls) / len(pairs))
+        assert main(["eval", str(tiny_model_dir), "--task", "echo", "--data", str(data), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["accuracy"] == paper["accuracy"]
+    with pytest.raises(GrowlmError, match="unknown task 'echo'"):
+        evaluate(tiny_model_dir, "echo", data=data, progress=False)
+
+
+def test_a_name_is_registered_once():
+    from growlm.compose import RULES, CombineRule
+
+    with pytest.raises(ValueError, match="combine rule 'mean-logits' is already registered"):
+        RULES.register("mean-logits", CombineRule())
+    with RULES.registered("twin", CombineRule()):
+        assert "twin" in RULES
+    assert "twin" not in RULES
