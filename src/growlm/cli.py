@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("eval", help="perplexity and benchmarks")
     b.add_argument("model", metavar="MODEL")
-    b.add_argument("--task", required=True)
+    b.add_argument("--task", required=True, choices=registered("growlm.evaluate.tasks", "TASKS", first=("ppl",)),
+                   metavar="TASK", help="%(choices)s")
     b.add_argument("--data", nargs="+", metavar="PATH")
     b.add_argument("--protocol", choices=["paper", "loglik"], default="paper")
     b.add_argument("--limit", type=int)

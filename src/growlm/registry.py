@@ -79,13 +79,15 @@ class Choices:
     """argparse ``choices`` read from a :class:`Registry` only when argparse checks a value or prints
     help, so that the parser builds without importing torch (see :func:`registered`)."""
 
-    def __init__(self, module: str, attr: str, keep: Callable[[Any], bool] | None = None) -> None:
+    def __init__(self, module: str, attr: str, keep: Callable[[Any], bool] | None = None,
+                 first: tuple[str, ...] = ()) -> None:
         self._where = (module, attr)
         self._keep = keep
+        self._first = first
 
     def _names(self) -> list[str]:
         registry: Registry = getattr(importlib.import_module(self._where[0]), self._where[1])
-        return [n for n in registry.names() if self._keep is None or self._keep(registry.get(n))]
+        return [*self._first, *(n for n in registry.names() if self._keep is None or self._keep(registry.get(n)))]
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
@@ -97,9 +99,10 @@ class Choices:
         return len(self._names())
 
 
-def registered(module: str, attr: str, keep: Callable[[Any], bool] | None = None) -> Choices:
-    """argparse ``choices``: the names in the registry ``module.attr`` whose entry passes ``keep``.
+def registered(module: str, attr: str, keep: Callable[[Any], bool] | None = None, *,
+               first: tuple[str, ...] = ()) -> Choices:
+    """argparse ``choices``: ``first``, then the names in the registry ``module.attr`` whose entry passes ``keep``.
 
     Give the argument a ``metavar``: without one argparse lists the choices as soon as it is added.
     """
-    return Choices(module, attr, keep)
+    return Choices(module, attr, keep, first)
