@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import shutil
 import typing
 from dataclasses import dataclass
@@ -152,25 +151,17 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
 
 
 def check_out(out: Path, *, run_itself: bool = False) -> None:
-    """Refuse an output path that is, or lies inside, a growlm model dir, mixture dir or run: those are
-    immutable once written. ``run_itself``: ``out`` may be a run (``growlm train --resume``)."""
-    try:
-        p = Path(out).resolve()
-    except (OSError, RuntimeError, ValueError) as e:
-        raise GrowlmError(f"--out {out}: unusable path: {e}") from None
-    for parent in (p, *p.parents):
-        is_run = (parent / "plan.json").is_file() and (parent / ".lock").exists()
-        if (parent / MODEL_JSON).is_file() or (parent / "mixture.json").is_file() or \
-                (is_run and not (run_itself and parent == p)):
-            raise GrowlmError(f"--out {out} is inside the growlm model, mixture or run {parent}, which is never "
-                              f"written to again; choose a directory outside it")
+    """Kept for callers of the old name: see :func:`growlm.store.check_out`."""
+    from growlm.store import check_out as store_check_out
+
+    store_check_out(out, run_itself=run_itself)
 
 
 def stage_dirs(run: Path) -> list[tuple[int, Path]]:
-    """A run's ``stage-<N>`` dirs as ``(N, dir)`` in stage order; any other ``stage-*`` entry (a
-    user's ``stage-old`` backup, say) is not a stage and is left out."""
-    found = ((re.fullmatch(r"stage-(\d+)", p.name), p) for p in Path(run).glob("stage-*"))
-    return sorted((int(m[1]), p) for m, p in found if m and p.is_dir())
+    """Kept for callers of the old name: see :func:`growlm.store.stages`."""
+    from growlm.store import stages
+
+    return stages(run)
 
 
 def read_meta(path: Path) -> dict:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from growlm.checkpoint import stage_dirs
 from growlm.errors import GrowlmError
+from growlm.store import stages
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _prepare_text(corpora: dict, dest: Path, s: Scale) -> dict[str, dict[str, Pa
 
 
 def _stage_dirs(run: Path) -> list[Path]:
-    return [p for _, p in stage_dirs(run)]
+    return [p for _, p in stages(run)]
 
 
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:

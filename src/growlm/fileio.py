@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -223,3 +224,21 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+# here, beside the writes it interrupts: a test kills a process halfway through writing a checkpoint
+def fault_point(where: str, stage: int, step: int) -> None:
+    """Deterministic fault injection for the reliability tests.
+
+    ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
+    ``sigint@step:2:7`` sends SIGINT (Ctrl-C), ``sigterm@...`` SIGTERM; ``kill@checkpoint:2:6`` dies halfway through writing the
+    step-6 checkpoint of stage 2. ``GROWLM_FAULT_RANK=R`` limits the fault to data-parallel rank R.
+    Unset in normal use: the check is one dict lookup.
+    """
+    spec = os.environ.get("GROWLM_FAULT")
+    if not spec or os.environ.get("GROWLM_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    action, _, point = spec.partition("@")
+    if point == f"{where}:{stage}:{step}":
+        sig = {"kill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[action]
+        os.kill(os.getpid(), sig)

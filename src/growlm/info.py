@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from growlm.checkpoint import read_meta, stage_dirs
 from growlm.model import count_params_meta, preset_config
+from growlm.store import MixtureDir, RunDir, resolve, stages
 
 
 def info_preset(name: str) -> dict:
@@ -20,18 +20,17 @@ def info_preset(name: str) -> dict:
 
 def info_model(path: Path) -> dict:
     """Description of a saved model dir, a mixture dir, or a run (its stages)."""
-    path = Path(path)
-    if (path / "mixture.json").is_file():
+    found = resolve(path)
+    if isinstance(found, MixtureDir):
         from growlm.compose import info_mixture
 
-        return info_mixture(path)
-    stages = stage_dirs(path)
-    if not (path / "model.json").is_file() and stages:
-        return {"run": str(path), "stages": [info_model(s) for _, s in stages]}
-    meta = read_meta(path)
+        return info_mixture(found.path)
+    if isinstance(found, RunDir):
+        return {"run": str(found.path), "stages": [info_model(s) for _, s in stages(found)]}
+    meta = found.meta
     cfg = meta["config"]
     out = {
-        "path": str(path), "n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"],
+        "path": str(found.path), "n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"],
         "vocab_size": cfg["vocab_size"], "context": cfg["context"], "substrate": meta["substrate"]["kind"],
         "params_total": meta["params_total"], "params_trainable": meta["params_trainable"],
         "params_active": meta.get("params_active", meta["params_trainable"]),

@@ -1,13 +1,7 @@
 """The one training loop: every stage of a plan (grow, LoRA, monolithic, head-only) runs here.
 
-Layout of a run dir::
-
-    RUN/plan.toml, RUN/plan.json      the plan as given, and resolved
-    RUN/tokenizer/, RUN/substrate/    the docking port, built once (or copied from the plan's dirs)
-    RUN/stage-N/                      immutable model dir after stage N (see checkpoint.py)
-    RUN/checkpoints/stage-N/step-S/   in-stage checkpoints: trainable tensors, optimizer, data position
-    RUN/metrics.jsonl                 one line per logged step
-    RUN/.lock                         held while a process writes the run
+A run dir holds the plan, the docking port, one immutable model dir per finished stage, the
+in-stage checkpoints and the metrics; growlm.store describes and owns that layout.
 
 Resuming rebuilds the model exactly (previous stage from disk, then the same seeded growth), then
 restores the trainable tensors, the optimizer and the data position of the latest in-stage
@@ -27,26 +21,33 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from growlm import audit, distributed
-from growlm.checkpoint import check_out, load_model, load_tensors, save_model, stage_dirs
+from growlm.checkpoint import load_model, save_model
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
-from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_json
+from growlm.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable, stage_active_params
-from growlm.hashing import sha256_file
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
+from growlm.store import (
+    CHECKPOINTS,
+    LOCK,
+    PLAN_JSON,
+    MetricsLog,
+    StageCheckpoints,
+    StageState,
+    check_out,
+    stage_dir,
+    stages,
+)
 from growlm.trunk_cache import TrunkCache
-
-# an in-stage checkpoint: these files, with their sha256 in its state.json
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 class Interrupted(GrowlmError):
@@ -84,14 +85,14 @@ def run_lock(run: Path) -> Iterator[None]:
     """Hold ``RUN/.lock`` so a second process cannot write the same run."""
     try:
         run.mkdir(parents=True, exist_ok=True)
-        fh = open(run / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+        fh = open(run / LOCK, "a+")  # noqa: SIM115 (held open for the whole run)
     except OSError as e:
         raise GrowlmError(f"cannot write the run dir {run}: {e.strerror or e}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise GrowlmError(f"another growlm process is writing {run} (lock {run / '.lock'} is held)") from None
+        raise GrowlmError(f"another growlm process is writing {run} (lock {run / LOCK} is held)") from None
     try:
         yield
     finally:
@@ -183,18 +184,6 @@ def device_of(spec: TrainSpec) -> torch.device:
 # The loop
 
 
-@dataclass
-class StageState:
-    """Everything that changes while a stage trains (what an in-stage checkpoint stores)."""
-
-    step: int = 0
-    tokens: int = 0
-    wall_s: float = 0.0
-    last_loss: float = float("nan")
-    valid_loss: float | None = None
-    audit: dict | None = None  # the trainable-set audit, once the stage has ended
-
-
 def lr_at(step: int, n_steps: int, lr: float, warmup: float, min_ratio: float) -> float:
     """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to ``min_ratio``·lr."""
     w = max(1, int(warmup * n_steps)) if warmup > 0 else 0
@@ -259,12 +248,35 @@ def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: to
     return torch.where(finite, global_loss.float(), torch.nan), halted
 
 
+@dataclass
+class _Fit:
+    """One stage being trained: what ``fit``, its step and its cadence share."""
+
+    key: str
+    stage: int
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model, wrapped for data parallelism
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    batches: Batches
+    vbatches: list
+    n_steps: int
+    lr: float
+    trunk_cache: TrunkCache | None
+    ckpts: StageCheckpoints
+    halted: torch.Tensor  # set on the device by the first non-finite step (see optimizer_step)
+    state: StageState = field(default_factory=StageState)
+    pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
+    t_last: float = 0.0  # time and token count at the last log line: the throughput's window
+    tok_last: int = 0
+
+
 class Loop:
     """The training engine shared by every kind of stage (grow, LoRA, monolithic, router, head).
 
     ``fit`` trains the parameters that require grad of any module whose ``forward(x, targets=y)``
     returns the loss, with in-stage checkpoints under ``RUN/checkpoints/<key>``, metrics in
-    ``RUN/metrics.jsonl`` and a progress bar.
+    ``RUN/metrics.jsonl`` (both kept by growlm.store) and a progress bar.
     """
 
     def __init__(self, run: Path, spec: TrainSpec, *, resume: bool = False, progress: bool = True, log=print) -> None:
@@ -273,6 +285,7 @@ class Loop:
         bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self.rank, self.world = distributed.world()
+        self.metrics = MetricsLog(self.run, rank=self.rank)
         distributed.init(self.device)
         if self.rank != 0:  # rank 0 alone reports
             self.log, self.progress = (lambda *a, **k: None), False
@@ -290,224 +303,118 @@ class Loop:
         grad, and when the stage ends exactly those must have changed (``state.audit``, see audit.py).
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
         """
-        spec, device = self.spec, self.device
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         if live != declared:
             raise GrowlmError(f"{key}: the parameters set to train differ from what the stage declares "
                               f"({', '.join(sorted(live ^ declared)[:4])}); nothing was trained")
         start = audit.digests(model.named_parameters())  # before a resume: the stage's true start
         # wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those
-        forward = distributed.wrap(model, spec.parallel, device)
+        forward = distributed.wrap(model, self.spec.parallel, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        active = sum(p.numel() for p in params)
-        opt = make_optimizer(params, lr, spec.weight_decay)
-        state = StageState()
-        ckpt_root = self.run / "checkpoints" / key
+        f = _Fit(key, stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
+                 vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank),
+                 halted=torch.zeros((), device=self.device))
+        state, spec = f.state, self.spec
         if self.resume:
-            self._restore(ckpt_root, stage, model, opt, batches, state)
-        compile_blocks = spec.compile if spec.compile is not None else device.type == "cuda"
-        with compiled_blocks(model, compile_blocks):
-            tokens_per_step = batches.tokens_per_batch
+            self._resume(f)
+        with compiled_blocks(model, spec.compile if spec.compile is not None else self.device.type == "cuda"):
             model.train()
-            bar = tqdm(total=n_steps * tokens_per_step, initial=state.tokens, unit="tok", unit_scale=True,
+            bar = tqdm(total=n_steps * batches.tokens_per_batch, initial=state.tokens, unit="tok", unit_scale=True,
                        desc=key, disable=None if self.progress else True, dynamic_ncols=True, leave=False)
-            t_last, tok_last = time.perf_counter(), state.tokens
-            # The host reads the losses only when it logs, checkpoints or ends the stage (see optimizer_step),
-            # and then names the first bad step.
-            halted = torch.zeros((), device=device)
-            pending: list[torch.Tensor] = []
+            f.t_last, f.tok_last = time.perf_counter(), state.tokens
             try:
                 while state.step < n_steps:
                     t0 = time.perf_counter()
-                    x, y = batches.next()
-                    if device.type == "cuda":  # pinned pages let the copy overlap the previous step
-                        x, y = x.pin_memory(), y.pin_memory()
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    cur_lr = lr_at(state.step, n_steps, lr, spec.warmup, spec.min_lr_ratio)
-                    for g in opt.param_groups:
-                        g["lr"] = cur_lr
-                    with self.autocast():
-                        if trunk_cache is None:
-                            loss = forward(x, targets=y)
-                        else:
-                            h = trunk_cache.trunk(model, x, batches.last_sequence_ids)
-                            loss = forward(x, targets=y, trunk=h, trunk_depth=trunk_cache.depth)
-                    step_loss, halted = optimizer_step(loss, params, opt, spec.grad_clip, halted)
-                    pending.append(step_loss)
-                    state.step += 1
-                    state.tokens += tokens_per_step
-                    bar.update(tokens_per_step)
+                    cur_lr = self._step(f)
+                    bar.update(batches.tokens_per_batch)
                     log_now = state.step % spec.log_every == 0 or state.step == n_steps
                     checkpoint_now = state.step % spec.checkpoint_every == 0 and state.step < n_steps
                     if log_now or checkpoint_now:
-                        self._check_finite(pending, stage, state, ckpt_root, lr)
+                        self._check_finite(f)
                     # after the read: on CUDA the step above only queued work, and the read waits for it
                     state.wall_s += time.perf_counter() - t0
                     if log_now:
-                        now = time.perf_counter()
-                        tps = (state.tokens - tok_last) / max(now - t_last, 1e-9)
-                        t_last, tok_last = now, state.tokens
-                        rec = {"stage": stage, "step": state.step, "tokens": state.tokens,
-                               "loss": round(state.last_loss, 6), "lr": cur_lr, "tokens_per_s": round(tps, 1),
-                               "params_active": active}
-                        if spec.eval_every and state.step % spec.eval_every == 0:
-                            rec["valid_loss"] = evaluate_loss(model, vbatches, device, self.autocast())
-                        self._append_metrics(rec)
-                        bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                        self._log_step(f, cur_lr, bar)
                     if checkpoint_now:
-                        self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+                        self._checkpoint(f)
                     fault_point("step", stage, state.step)
             except KeyboardInterrupt:
                 bar.close()
-                self._check_finite(pending, stage, state, ckpt_root, lr)  # never checkpoint past a bad step
-                path = self._checkpoint(ckpt_root, model, opt, batches, state, stage)
+                self._check_finite(f)  # never checkpoint past a bad step
+                path = self._checkpoint(f)
                 raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
                                   f"continue with: {resume_hint}") from None
             bar.close()
-            state.valid_loss = evaluate_loss(model, vbatches, device, self.autocast())
+            state.valid_loss = evaluate_loss(model, vbatches, self.device, self.autocast())
         state.audit = audit.audit(start, audit.digests(model.named_parameters()), declared, state.step, key)
         return state
 
-    def _check_finite(self, pending: list[torch.Tensor], i: int, state: StageState, ckpt_root: Path,
-                      lr: float) -> None:
+    def _step(self, f: _Fit) -> float:
+        """One optimizer step on the next batch, with no host read (the loss joins ``f.pending``);
+        returns the step's learning rate."""
+        device = self.device
+        x, y = f.batches.next()
+        if device.type == "cuda":  # pinned pages let the copy overlap the previous step
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        lr = lr_at(f.state.step, f.n_steps, f.lr, self.spec.warmup, self.spec.min_lr_ratio)
+        for g in f.opt.param_groups:
+            g["lr"] = lr
+        with self.autocast():
+            if f.trunk_cache is None:
+                loss = f.forward(x, targets=y)
+            else:
+                h = f.trunk_cache.trunk(f.model, x, f.batches.last_sequence_ids)
+                loss = f.forward(x, targets=y, trunk=h, trunk_depth=f.trunk_cache.depth)
+        step_loss, f.halted = optimizer_step(loss, f.params, f.opt, self.spec.grad_clip, f.halted)
+        f.pending.append(step_loss)
+        f.state.step += 1
+        f.state.tokens += f.batches.tokens_per_batch
+        return lr
+
+    def _log_step(self, f: _Fit, lr: float, bar: tqdm) -> None:
+        """A metrics line for the step just taken (with the validation loss every ``eval_every`` steps)."""
+        state = f.state
+        now = time.perf_counter()
+        tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
+        f.t_last, f.tok_last = now, state.tokens
+        rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
+               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params)}
+        if self.spec.eval_every and state.step % self.spec.eval_every == 0:
+            rec["valid_loss"] = evaluate_loss(f.model, f.vbatches, self.device, self.autocast())
+        self.metrics.append(rec)
+        bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
+
+    def _check_finite(self, f: _Fit) -> None:
         """Read the losses of the steps since the last read (one host sync) and stop at a non-finite one.
 
-        The updates from the first bad step on were skipped on the device, so nothing trained is lost.
+        The host reads the losses only when it logs, checkpoints or ends the stage (see optimizer_step);
+        the updates from the first bad step on were skipped on the device, so nothing trained is lost.
         """
-        if not pending:
+        if not f.pending:
             return
-        losses = torch.stack(pending).tolist()
-        pending.clear()
-        first = state.step - len(losses) + 1
+        losses = torch.stack(f.pending).tolist()
+        f.pending.clear()
+        first = f.state.step - len(losses) + 1
         for n, value in enumerate(losses):
             if not math.isfinite(value):
-                last = _latest_checkpoint(ckpt_root)
+                last = f.ckpts.latest()
                 where = f"the last good checkpoint is {last}" if last else f"completed stages in {self.run} are intact"
-                raise GrowlmError(f"stage {i} step {first + n}: the loss or gradient norm is not finite; {where}; "
-                                  f"lower the learning rate (now {lr:g}) or set train.grad_clip")
-        state.last_loss = losses[-1]
+                raise GrowlmError(f"stage {f.stage} step {first + n}: the loss or gradient norm is not finite; {where}; "
+                                  f"lower the learning rate (now {f.lr:g}) or set train.grad_clip")
+        f.state.last_loss = losses[-1]
 
-    def _append_metrics(self, rec: dict) -> None:
-        """One line, all or nothing: a write that fails (a full disk) is cut back to the line before."""
-        if self.rank != 0:
-            return
-        f = self.run / "metrics.jsonl"
-        with open(f, "ab") as fh:
-            size = fh.tell()
-            try:
-                fh.write((json.dumps(rec) + "\n").encode())
-                fh.flush()
-            except OSError as e:
-                fh.truncate(size)
-                raise WriteError(f, str(e.strerror or e)) from e
+    def _checkpoint(self, f: _Fit) -> Path:
+        """Save the stage's resumable state (every rank gathers; rank 0 writes); returns the checkpoint."""
+        return f.ckpts.save(f.model, f.opt, f.batches, f.state, f.stage)
 
-    # -- in-stage checkpoints --------------------------------------------------------------------
-
-    def _checkpoint(self, root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
-                    state: StageState, stage: int) -> Path:
-        """Write RUN/checkpoints/stage-N/step-S atomically, then drop older ones.
-
-        Every rank gathers (FSDP2 shards are all-gathered, a collective); rank 0 alone writes.
-        """
-        names = {id(p): n for n, p in model.named_parameters()}
-        trainable = {n: distributed.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
-        osd = opt.state_dict()
-        opt_tensors, opt_scalars = {}, {}
-        for idx, s in osd["state"].items():
-            pname = names[id(opt.param_groups[0]["params"][idx])]
-            for k, v in s.items():
-                if torch.is_tensor(v):
-                    opt_tensors[f"{pname}::{k}"] = distributed.full_tensor(v)
-                else:
-                    opt_scalars[f"{pname}::{k}"] = v
-        final = root / f"step-{state.step:08d}"
-        if self.rank != 0 or final.exists():
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(final) as tmp:
-            atomic_save_tensors(tmp / "trainable.safetensors", trainable)
-            atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-            fault_point("checkpoint", stage, state.step)
-            atomic_save_tensors(tmp / "rng.safetensors", {"cpu": torch.get_rng_state()})
-            info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
-                    "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
-                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
-                    "files": {}}
-            for f in CHECKPOINT_FILES:
-                info["files"][f] = sha256_file(tmp / f)
-            atomic_write_json(tmp / "state.json", info)
-        for old in root.glob("step-*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        for tmp_left in root.glob(".step-*.tmp"):
-            shutil.rmtree(tmp_left, ignore_errors=True)
-        return final
-
-    def _restore(self, root: Path, stage: int, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
-                 state: StageState) -> None:
-        ck = _latest_checkpoint(root)
-        if ck is None:  # killed before the first checkpoint: the stage starts over, and so do its metrics
-            self._truncate_metrics(stage, 0)
-            return
-        try:
-            self._load_checkpoint(ck, model, opt, batches, state)
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
-                              f"this stage from its beginning (completed stages are intact)") from None
-        self._truncate_metrics(stage, state.step)
-        self.log(f"resuming {ck.parent.name} at step {state.step} from {ck}")
-
-    def _load_checkpoint(self, ck: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Batches,
-                         state: StageState) -> None:
-        """Everything of checkpoint ``ck`` into the live objects, its files checked first (a malformed
-        state.json surfaces as KeyError/TypeError/ValueError, which the caller reports)."""
-        info = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-        if set(info["files"]) != set(CHECKPOINT_FILES):
-            raise ValueError(f"it lists {sorted(info['files'])}, not {list(CHECKPOINT_FILES)}")
-        for f in CHECKPOINT_FILES:
-            if not (ck / f).is_file() or sha256_file(ck / f) != info["files"][f]:
-                raise GrowlmError(f"checkpoint file {ck / f} is missing or corrupted (checksum mismatch); remove "
-                                  f"{ck} to restart this stage from its beginning (completed stages are intact)")
-        trainable = load_tensors(ck / "trainable.safetensors")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in trainable.items():
-                if n not in params or not params[n].requires_grad:
-                    raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
-                params[n].copy_(distributed.like(t, params[n]))
-        opt_tensors = load_tensors(ck / "optimizer.safetensors")
-        pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
-        ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
-        st: dict[int, dict] = {}
-        for key, v in opt_tensors.items():
-            pname, k = key.split("::")
-            st.setdefault(ids[pname], {})[k] = v if k == "step" else distributed.like(v, params[pname])
-        for key, v in info["optimizer_scalars"].items():
-            pname, k = key.split("::")
-            st.setdefault(ids[pname], {})[k] = v
-        groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
-        opt.load_state_dict({"state": st, "param_groups": groups})
-        torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
-        batches.load_state_dict(info["data"])
-        state.step, state.tokens, state.wall_s = int(info["step"]), int(info["tokens"]), float(info["wall_s"])
-        state.last_loss = float(info["last_loss"])
-
-    def _truncate_metrics(self, stage: int, step: int) -> None:
-        """Drop metric lines the killed process logged after the point we resume from, and any line a
-        kill or a full disk tore (a torn line is not JSON, or a record without its stage and step)."""
-        f = self.run / "metrics.jsonl"
-        if self.rank != 0 or not f.exists():
-            return
-        keep = []
-        for ln in f.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(ln)
-                mine = rec["stage"] == stage and rec["step"] > step
-            except (ValueError, TypeError, KeyError):
-                continue
-            if not mine:
-                keep.append(ln)
-        atomic_write_bytes(f, ("\n".join(keep) + "\n").encode() if keep else b"")
+    def _resume(self, f: _Fit) -> None:
+        """Continue from the stage's latest checkpoint, if any, and drop the metrics logged after it
+        (all of the stage's, when it starts over)."""
+        ck = f.ckpts.restore(f.model, f.opt, f.batches, f.state)
+        self.metrics.truncate(f.stage, f.state.step)
+        if ck is not None:
+            self.log(f"resuming {ck.parent.name} at step {f.state.step} from {ck}")
 
 
 class Trainer(Loop):
@@ -529,7 +436,7 @@ class Trainer(Loop):
         with lock, stop_signals(self.world):
             if self.rank == 0:
                 self._check_fresh_or_resumable()
-                atomic_write_json(run / "plan.json", plan_to_json(self.plan))
+                atomic_write_json(run / PLAN_JSON, plan_to_json(self.plan))
                 if not (run / "plan.toml").is_file() or not (run / "plan.toml").stat().st_size:
                     atomic_write_bytes(run / "plan.toml", self.plan_path.read_bytes())
             # rank 0 builds the docking port; the other ranks load what it wrote
@@ -538,12 +445,12 @@ class Trainer(Loop):
             model, lineage = initial_model(self.plan, tok, sub)
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
             self.tokenizer, self.substrate = tok, sub
-            todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not (run / f"stage-{i}").exists()]
+            todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not stage_dir(run, i).exists()]
             for i, st in todo:  # every stage's data is read and checked before the first stage trains
                 self._stage_data(i, st)
             dirs = []
             for i, st in enumerate(self.plan.stage, 1):
-                sdir = run / f"stage-{i}"
+                sdir = stage_dir(run, i)
                 if sdir.exists():
                     saved = load_model(sdir)
                     model, lineage = saved.model, saved.meta["lineage"] + [saved.meta["fingerprint"]]
@@ -574,15 +481,15 @@ class Trainer(Loop):
         """Under the lock: a fresh run needs an empty ``--out``; ``--resume`` needs the run started with this
         very plan. Anything a failed start left behind counts as started."""
         run = self.run
-        if not any(p.name != ".lock" for p in run.iterdir()):
+        if not any(p.name != LOCK for p in run.iterdir()):
             return
         try:
-            recorded = json.loads((run / "plan.json").read_text(encoding="utf-8"))
+            recorded = json.loads((run / PLAN_JSON).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise GrowlmError(f"{run} is not empty and not a growlm run (no plan.json); choose another --out") from None
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
-        trained = bool(stage_dirs(run)) or (run / "checkpoints").exists()
+        trained = bool(stages(run)) or (run / CHECKPOINTS).exists()
         if recorded != plan_to_json(self.plan):
             hint = "" if trained else " (no stage trained in it yet: remove it to start over with this plan)"
             raise GrowlmError(f"{run} holds a run of another plan ({run / 'plan.json'}); choose another --out{hint}")
@@ -657,12 +564,12 @@ class Trainer(Loop):
             "params_active": active,
             "audit": state.audit,
         }
-        sdir = run / f"stage-{i}"
+        sdir = stage_dir(run, i)
         substrate = {"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint, "recipe": self.substrate.recipe}
         if self.rank == 0:
             meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
                               substrate=substrate)
-            shutil.rmtree(run / "checkpoints" / f"stage-{i}", ignore_errors=True)
+            StageCheckpoints(run, f"stage-{i}").discard()
         distributed.barrier()
         if self.rank != 0:
             meta = json.loads((sdir / "model.json").read_text())
@@ -686,29 +593,6 @@ def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:
         plain.lora_records = list(model.lora_records)
     plain.load_state_dict(state, strict=True)
     return plain
-
-
-def fault_point(where: str, stage: int, step: int) -> None:
-    """Deterministic fault injection for the reliability tests.
-
-    ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
-    ``sigint@step:2:7`` sends SIGINT (Ctrl-C), ``sigterm@...`` SIGTERM; ``kill@checkpoint:2:6`` dies halfway through writing the
-    step-6 checkpoint of stage 2. ``GROWLM_FAULT_RANK=R`` limits the fault to data-parallel rank R.
-    Unset in normal use: the check is one dict lookup.
-    """
-    spec = os.environ.get("GROWLM_FAULT")
-    if not spec or os.environ.get("GROWLM_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
-        return
-    action, _, point = spec.partition("@")
-    if point == f"{where}:{stage}:{step}":
-        sig = {"kill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[action]
-        os.kill(os.getpid(), sig)
-
-
-def _latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete in-stage checkpoint (temp dirs of a killed write are ignored)."""
-    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    return steps[-1] if steps else None
 
 
 def train(plan_path: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True) -> list[Path]:

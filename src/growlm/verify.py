@@ -19,11 +19,11 @@ from growlm.checkpoint import (
     load_tensors,
     model_fingerprint,
     read_meta,
-    stage_dirs,
     verify_files,
 )
 from growlm.errors import GrowlmError
 from growlm.growth import trainable_names
+from growlm.store import MixtureDir, ModelDir, resolve, stages
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -67,7 +67,8 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
 def verify(path: Path) -> dict:
     """Verify a model dir, a run (all its stages and their lineage) or a mixture (all its experts)."""
     path = Path(path)
-    if (path / "mixture.json").is_file():
+    found = resolve(path)
+    if isinstance(found, MixtureDir):
         from growlm.compose import load_mixture
 
         lines, problems = [], []
@@ -86,17 +87,15 @@ def verify(path: Path) -> dict:
             lines += ln
             problems += pr
         return {"ok": not problems, "lines": lines, "problems": problems}
-    if (path / "model.json").is_file():
+    if isinstance(found, ModelDir):
         meta, lines, problems = verify_model(path)
         if not problems and meta.get("audit") is not None:  # a run's stage: its audit, without the parent
             ln, problems = _check_audit(_stage_index(meta), meta, _file_digests(path), None)
             lines += ln
         return {"ok": not problems, "lines": lines, "problems": problems}
-    stages = stage_dirs(path)
-    if not stages:
-        raise GrowlmError(f"{path} is neither a model dir, a mixture nor a run (no model.json, mixture.json or stage-N)")
+    run_stages = stages(found)
     lines, problems, prev, prev_digests = [], [], None, None
-    for n, sdir in stages:
+    for n, sdir in run_stages:
         meta, ln, pr = verify_model(sdir)
         lines += ln
         problems += pr
@@ -109,7 +108,7 @@ def verify(path: Path) -> dict:
             problems += pr
         prev, prev_digests = meta, now
     if not problems:
-        lines.append(f"{path}: lineage of {len(stages)} stage(s) ok: every frozen block unchanged since its stage")
+        lines.append(f"{path}: lineage of {len(run_stages)} stage(s) ok: every frozen block unchanged since its stage")
     return {"ok": not problems, "lines": lines, "problems": problems}
 
 

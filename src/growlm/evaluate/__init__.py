@@ -17,6 +17,10 @@ from typing import Any, Protocol
 
 import torch
 
+from growlm.checkpoint import load_model
+from growlm.errors import GrowlmError
+from growlm.store import MixtureDir, ModelDir, RunDir, resolve, stages
+
 
 class LM(Protocol):
     """What evaluation needs from a model: logits, its context length and a (KV-cached) ``generate``."""
@@ -38,28 +42,35 @@ def load_any(path: str | Path) -> tuple[LM, Any]:
     Raises a one-line GrowlmError when ``path`` is not a model, so callers never need to know which
     kind of model a path holds.
     """
-    from growlm.checkpoint import load_model
-
-    if (Path(path) / "mixture.json").is_file():
+    found = _model_or_mixture(path)
+    if isinstance(found, MixtureDir):
         from growlm.compose import load_mixture
 
-        mixture, tok = load_mixture(Path(path))
+        mixture, tok = load_mixture(found.path)
         mixture.eval()
         return mixture, tok
-    saved = load_model(Path(path))
+    saved = load_model(found.path)
     saved.model.eval()
     return saved.model, saved.tokenizer()
 
 
 def fingerprint_of(path: str | Path) -> str:
     """The fingerprint recorded for the model at ``path`` (what results are attributed to)."""
-    from growlm.checkpoint import read_meta
-
-    if (Path(path) / "mixture.json").is_file():
+    found = _model_or_mixture(path)
+    if isinstance(found, MixtureDir):
         from growlm.compose import info_mixture
 
-        return info_mixture(Path(path))["fingerprint"]
-    return read_meta(Path(path))["fingerprint"]
+        return info_mixture(found.path)["fingerprint"]
+    return found.meta["fingerprint"]
+
+
+def _model_or_mixture(path: str | Path) -> ModelDir | MixtureDir:
+    """What ``path`` holds, refusing a run: it is many models, one per stage."""
+    found = resolve(path)
+    if isinstance(found, RunDir):
+        last = stages(found)[-1][1]
+        raise GrowlmError(f"{path} is a training run, not a model; pass one of its stages (e.g. {last})")
+    return found
 
 
 def model_device(model: LM) -> torch.device:

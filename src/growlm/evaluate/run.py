@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from growlm.checkpoint import read_meta, stage_dirs
+from growlm.checkpoint import read_meta
 from growlm.errors import GrowlmError
 from growlm.evaluate import LM, fingerprint_of, load_any, model_device
 from growlm.evaluate.ppl import perplexity
@@ -36,6 +36,7 @@ from growlm.evaluate.protocols import (
     select,
 )
 from growlm.evaluate.tasks import TASKS, Item, load_items
+from growlm.store import RunDir, resolve, stages
 
 TASK_NAMES = ("ppl", *TASKS)  # the built-in tasks; task_names() includes those registered since
 SAMPLE_TEMPERATURE = 1.0
@@ -78,12 +79,11 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     """
     runs = _check(task, protocol, limit, runs, sample)
     run_dir = Path(run_dir)
-    stages = stage_dirs(run_dir)
-    if not stages:
+    if not isinstance(found := resolve(run_dir), RunDir):
         raise GrowlmError(f"{run_dir} holds no stage-N model dirs (is it a training run's output dir?)")
     source = _load_source(task, data, protocol)
     out = []
-    for n, path in stages:
+    for n, path in stages(found):
         res = _evaluate_path(path, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
                              sample=sample, progress=progress)
         out.append({"stage": n, "n_layers": read_meta(path)["config"]["n_layers"], **res})

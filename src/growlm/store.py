@@ -1,0 +1,288 @@
+"""The on-disk store: what a path holds (model, mixture or run), a run's stages, and a stage's
+resumable training state. Every other module asks here instead of testing file names itself.
+
+Layout of a run dir::
+
+    RUN/plan.toml, RUN/plan.json      the plan as given (when given as a TOML file), and resolved
+    RUN/tokenizer/, RUN/substrate/    the docking port, built once (or copied from the plan's dirs)
+    RUN/stage-N/                      immutable model dir after stage N (format: checkpoint.py)
+    RUN/checkpoints/<key>/step-S/     in-stage checkpoint: trainable.safetensors, optimizer.safetensors,
+                                      rng.safetensors and state.json (their sha256, data position, counters)
+    RUN/metrics.jsonl                 one JSON line per logged step
+    RUN/.lock                         held while a process writes the run
+
+A mixture dir (``mixture.json``) is read and checked by compose.py, a model dir (``model.json``) by
+checkpoint.py; this module decides which of them a path is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from growlm import distributed
+from growlm.checkpoint import MODEL_JSON, load_tensors, read_meta
+from growlm.compose import MIXTURE_JSON
+from growlm.errors import GrowlmError
+from growlm.fileio import (
+    WriteError,
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    fault_point,
+)
+from growlm.hashing import sha256_file
+
+PLAN_JSON = "plan.json"
+LOCK = ".lock"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+# an in-stage checkpoint: these files, with their sha256 in its state.json
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+_STAGE = re.compile(r"stage-([1-9]\d*)")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a path holds
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model dir (a run's stage is one too), with its checked model.json."""
+
+    path: Path
+    meta: dict
+
+
+@dataclass(frozen=True)
+class MixtureDir:
+    """A mixture dir; compose.load_mixture / info_mixture read and check its mixture.json."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A training run with at least one finished stage."""
+
+    path: Path
+
+
+def stage_dir(run: Path, index: int) -> Path:
+    """Where stage ``index`` of a run is (or will be) written."""
+    return Path(run) / f"stage-{index}"
+
+
+def stages(run: Path | RunDir) -> list[tuple[int, Path]]:
+    """A run's finished stages as ``(N, RUN/stage-N)``, in stage order (stage-10 after stage-9).
+
+    Only the names training writes count: a user's ``stage-old`` backup, a ``stage-03`` copy or a
+    file named like a stage is not a stage and is left out.
+    """
+    root = run.path if isinstance(run, RunDir) else Path(run)
+    found = ((_STAGE.fullmatch(p.name), p) for p in root.glob("stage-*"))
+    return sorted((int(m[1]), p) for m, p in found if m and p.is_dir())
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run dir, finished stages or not (it holds plan.json and a lock file)."""
+    return (Path(path) / PLAN_JSON).is_file() and (Path(path) / LOCK).exists()
+
+
+def resolve(path: str | Path) -> ModelDir | MixtureDir | RunDir:
+    """What ``path`` holds: a model dir, a mixture dir or a run with finished stages.
+
+    A dir holding several of these is, in this order, a mixture, a model, a run. Anything else is
+    a one-line GrowlmError naming the path and what it lacks.
+    """
+    path = Path(path)
+    if (path / MIXTURE_JSON).is_file():
+        return MixtureDir(path)
+    if (path / MODEL_JSON).is_file():
+        return ModelDir(path, read_meta(path))
+    if stages(path):
+        return RunDir(path)
+    if not path.exists():
+        raise GrowlmError(f"not found: {path} (no model, mixture or run there)")
+    if not path.is_dir():
+        raise GrowlmError(f"{path} is a file, not a growlm model, mixture or run dir")
+    if is_run(path):
+        raise GrowlmError(f"{path} is a run with no finished stage yet (no stage-N dir)")
+    raise GrowlmError(f"{path} is not a growlm model, mixture or run (no {MODEL_JSON}, {MIXTURE_JSON} or stage-N dir)")
+
+
+def check_out(out: Path, *, run_itself: bool = False) -> None:
+    """Refuse an output path that is, or lies inside, a growlm model dir, mixture dir or run: those are
+    immutable once written. ``run_itself``: ``out`` may be a run (``growlm train --resume``)."""
+    try:
+        p = Path(out).resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise GrowlmError(f"--out {out}: unusable path: {e}") from None
+    for parent in (p, *p.parents):
+        if (parent / MODEL_JSON).is_file() or (parent / MIXTURE_JSON).is_file() or \
+                (is_run(parent) and not (run_itself and parent == p)):
+            raise GrowlmError(f"--out {out} is inside the growlm model, mixture or run {parent}, which is never "
+                              f"written to again; choose a directory outside it")
+
+
+# ----------------------------------------------------------------------------------------------
+# In-stage training state
+
+
+@dataclass
+class StageState:
+    """Everything that changes while a stage trains (what an in-stage checkpoint stores)."""
+
+    step: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    last_loss: float = float("nan")
+    valid_loss: float | None = None
+    audit: dict | None = None  # the trainable-set audit, once the stage has ended
+
+
+class StageCheckpoints:
+    """``RUN/checkpoints/<key>``: the latest resumable state of the stage being trained.
+
+    A checkpoint holds the trainable tensors, the optimizer state, the CPU RNG and the data position,
+    so a resumed stage continues bit-identically. Every rank takes part in :meth:`save` (FSDP2 shards
+    are all-gathered, a collective); rank 0 alone writes.
+    """
+
+    def __init__(self, run: Path, key: str, *, rank: int = 0) -> None:
+        self.root, self.rank = Path(run) / CHECKPOINTS / key, rank
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (temp dirs of a killed write are ignored)."""
+        steps = sorted(p for p in self.root.glob("step-*") if (p / "state.json").is_file())
+        return steps[-1] if steps else None
+
+    def save(self, model: torch.nn.Module, opt: torch.optim.Optimizer, batches, state: StageState,
+             stage: int) -> Path:
+        """Write ``step-S`` atomically, then drop the older ones; returns its path."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        trainable = {n: distributed.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}
+        osd = opt.state_dict()
+        opt_tensors, opt_scalars = {}, {}
+        for idx, s in osd["state"].items():
+            pname = names[id(opt.param_groups[0]["params"][idx])]
+            for k, v in s.items():
+                if torch.is_tensor(v):
+                    opt_tensors[f"{pname}::{k}"] = distributed.full_tensor(v)
+                else:
+                    opt_scalars[f"{pname}::{k}"] = v
+        final = self.root / f"step-{state.step:08d}"
+        if self.rank != 0 or final.exists():
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(final) as tmp:
+            atomic_save_tensors(tmp / "trainable.safetensors", trainable)
+            atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            fault_point("checkpoint", stage, state.step)
+            atomic_save_tensors(tmp / "rng.safetensors", {"cpu": torch.get_rng_state()})
+            info = {"step": state.step, "tokens": state.tokens, "wall_s": state.wall_s, "last_loss": state.last_loss,
+                    "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
+                    "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
+                    "files": {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}}
+            atomic_write_json(tmp / "state.json", info)
+        for old in self.root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp_left in self.root.glob(".step-*.tmp"):
+            shutil.rmtree(tmp_left, ignore_errors=True)
+        return final
+
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, batches, state: StageState) -> Path | None:
+        """Load the latest checkpoint into the live objects; returns it (``None``: there is none, the
+        stage starts over). A damaged checkpoint is a one-line error saying how to start the stage over."""
+        ck = self.latest()
+        if ck is None:
+            return None
+        try:
+            self._load(ck, model, opt, batches, state)
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
+                              f"this stage from its beginning (completed stages are intact)") from None
+        return ck
+
+    def discard(self) -> None:
+        """Remove every checkpoint of the stage (it has been saved as a model dir)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @staticmethod
+    def _load(ck: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, batches, state: StageState) -> None:
+        """Everything of checkpoint ``ck`` into the live objects, its files checked first (a malformed
+        state.json surfaces as KeyError/TypeError/ValueError, which :meth:`restore` reports)."""
+        info = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        if set(info["files"]) != set(CHECKPOINT_FILES):
+            raise ValueError(f"it lists {sorted(info['files'])}, not {list(CHECKPOINT_FILES)}")
+        for f in CHECKPOINT_FILES:
+            if not (ck / f).is_file() or sha256_file(ck / f) != info["files"][f]:
+                raise GrowlmError(f"checkpoint file {ck / f} is missing or corrupted (checksum mismatch); remove "
+                                  f"{ck} to restart this stage from its beginning (completed stages are intact)")
+        trainable = load_tensors(ck / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in trainable.items():
+                if n not in params or not params[n].requires_grad:
+                    raise GrowlmError(f"checkpoint {ck} does not match this stage (tensor {n})")
+                params[n].copy_(distributed.like(t, params[n]))
+        opt_tensors = load_tensors(ck / "optimizer.safetensors")
+        pos = {id(p): idx for idx, p in enumerate(opt.param_groups[0]["params"])}
+        ids = {n: pos[id(p)] for n, p in params.items() if id(p) in pos}
+        st: dict[int, dict] = {}
+        for key, v in opt_tensors.items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v if k == "step" else distributed.like(v, params[pname])
+        for key, v in info["optimizer_scalars"].items():
+            pname, k = key.split("::")
+            st.setdefault(ids[pname], {})[k] = v
+        groups = [dict(g, params=list(range(len(opt.param_groups[0]["params"])))) for g in info["param_groups"]]
+        opt.load_state_dict({"state": st, "param_groups": groups})
+        torch.set_rng_state(load_tensors(ck / "rng.safetensors")["cpu"])
+        batches.load_state_dict(info["data"])
+        state.step, state.tokens, state.wall_s = int(info["step"]), int(info["tokens"]), float(info["wall_s"])
+        state.last_loss = float(info["last_loss"])
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``: one JSON line per logged step; rank 0 alone writes it."""
+
+    def __init__(self, run: Path, *, rank: int = 0) -> None:
+        self.path, self.rank = Path(run) / METRICS, rank
+
+    def append(self, rec: dict) -> None:
+        """One line, all or nothing: a write that fails (a full disk) is cut back to the line before."""
+        if self.rank != 0:
+            return
+        with open(self.path, "ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write((json.dumps(rec) + "\n").encode())
+                fh.flush()
+            except OSError as e:
+                fh.truncate(size)
+                raise WriteError(self.path, str(e.strerror or e)) from e
+
+    def truncate(self, stage: int, step: int) -> None:
+        """Drop the lines of ``stage`` after ``step`` (a killed process logged them past the point we
+        resume from), and any line a kill or a full disk tore (not JSON, or a record without its stage
+        and step)."""
+        if self.rank != 0 or not self.path.exists():
+            return
+        keep = []
+        for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+                mine = rec["stage"] == stage and rec["step"] > step
+            except (ValueError, TypeError, KeyError):
+                continue
+            if not mine:
+                keep.append(ln)
+        atomic_write_bytes(self.path, ("\n".join(keep) + "\n").encode() if keep else b"")
