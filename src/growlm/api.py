@@ -1,0 +1,151 @@
+"""The Python API: what the ``growlm`` commands do, as functions (re-exported by ``import growlm``).
+
+::
+
+    import growlm
+
+    plan = growlm.load_plan("plan.toml")              # or growlm.plan_from_dict({...}, root)
+    run = growlm.train(plan, "runs/a")                 # the run dir; RUN/stage-N after each stage
+    scores = growlm.evaluate(run / "stage-2", "ppl", data=["valid.txt"])   # = growlm eval --json
+    mix = growlm.merge([run / "stage-1", run / "stage-2"], "mix")
+    model, tokenizer = growlm.load(mix)                # a GrowLM or a Mixture, ready for inference
+    growlm.export(run / "stage-2", "hf")               # a Hugging Face checkpoint
+
+Every function is the library call its command makes (the CLI only parses and prints), so a result
+here equals the command's. Errors are one-line :class:`growlm.errors.GrowlmError`. Nothing heavy is
+imported until a function runs: ``import growlm`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from growlm.errors import GrowlmError
+
+if TYPE_CHECKING:
+    from growlm.plan import Plan
+    from growlm.tokenizer import Tokenizer
+
+PathLike = str | os.PathLike[str]
+
+
+def load_plan(path: PathLike, *, check_paths: bool = True) -> Plan:
+    """Read and validate a plan file (TOML, or the JSON of a run's ``RUN/plan.json``); its paths
+    come back absolute, relative to the file. See :func:`growlm.plan.load_plan`."""
+    from growlm.plan import load_plan as read_plan
+
+    return read_plan(path, check_paths=check_paths)
+
+
+def plan_from_dict(raw: Mapping[str, Any], root: PathLike | None = None, *, check_paths: bool = True) -> Plan:
+    """A plan from the tables a plan file holds, as Python values, validated like a file; relative
+    paths resolve against ``root`` (default: the current directory). See :func:`growlm.plan.plan_from_dict`."""
+    from growlm.plan import plan_from_dict as build_plan
+
+    return build_plan(raw, root, check_paths=check_paths)
+
+
+def train(plan: Plan | PathLike, out: PathLike, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], object] = print) -> Path:
+    """Run every stage of ``plan`` (a :class:`~growlm.plan.Plan` or a plan file) into the run dir
+    ``out``, as ``growlm train`` does; returns the run dir (its models are ``RUN/stage-N``).
+
+    ``resume=True`` continues a stopped run of the same plan. ``progress`` shows a progress bar,
+    ``log`` receives the per-stage report lines. A run started from a Plan object
+    records it in ``RUN/plan.json`` (there is no ``RUN/plan.toml``), so it resumes from the command
+    line with ``growlm train RUN/plan.json --out RUN --resume``.
+    """
+    from growlm.train import train as run_plan
+
+    run_plan(plan, Path(out), resume=resume, progress=progress, log=log)
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model or a mixture loaded for inference (eval mode, on the CPU), with its tokenizer and the
+    dir it came from. Unpacks as ``model, tokenizer = growlm.load(path)``."""
+
+    model: Any  # a growlm.model.GrowLM, or a growlm.compose.Mixture
+    tokenizer: Tokenizer
+    path: Path
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer))
+
+
+def load(path: PathLike) -> Loaded:
+    """The model dir, run stage or mixture dir at ``path``, fully verified, with its tokenizer."""
+    from growlm.evaluate import load_any
+
+    model, tokenizer = load_any(Path(path))
+    return Loaded(model, tokenizer, Path(path))
+
+
+def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Sequence[PathLike] | None = None,
+             protocol: str | None = None, limit: int | None = None, runs: int | None = None, seed: int = 0,
+             sample: bool = False, progress: bool = True) -> dict:
+    """Score a model on ``task`` (``ppl`` or a benchmark); returns the dict ``growlm eval --json`` prints.
+
+    ``model_or_path``: a model, stage or mixture dir, or what :func:`load` returned; either way the
+    model is evaluated as stored in its dir, so the scores belong to its recorded fingerprint.
+    ``data``: the task's data (``ppl``: text files, required; a benchmark: its files or ``hf:NAME``,
+    default the offline packages). ``protocol``: ``paper`` (default) or ``loglik``. ``limit``: items
+    per run (``ppl``: the first ``limit`` files). See :func:`growlm.evaluate.run.evaluate`.
+    """
+    from growlm.evaluate.run import evaluate as score
+
+    path = model_or_path.path if isinstance(model_or_path, Loaded) else Path(model_or_path)
+    return score(path, task, data=data, protocol=protocol or "paper", limit=limit, runs=runs, seed=seed,
+                 sample=sample, progress=progress)
+
+
+def merge(paths: Sequence[PathLike], out: PathLike, *, combine: str = "mean-logits",
+          weights: Sequence[float] | None = None, space: str = "logits", router: bool = False,
+          finetune_head: bool = False, data: PathLike | Sequence[PathLike] | None = None, tokens: int = 32768,
+          lr: float = 1e-3, progress: bool = True) -> Path:
+    """Compose experts (model dirs, or mixture dirs: their experts) over one substrate into the
+    mixture dir ``out``, as ``growlm merge`` does; returns ``out``.
+
+    ``combine``: ``mean-logits`` (the paper's), ``mean-probs`` or ``weighted`` (with ``weights``,
+    one per expert, acting in ``space``: ``logits`` or ``probs``). ``router`` trains a per-token
+    gate and ``finetune_head`` the output layers, on ``data`` (text files) for ``tokens`` tokens
+    at ``lr``. See :func:`growlm.compose.merge`.
+    """
+    from growlm.checkpoint import check_out
+    from growlm.compose import Tuning
+    from growlm.compose import merge as compose
+
+    out = Path(out)
+    check_out(out)
+    tuning = None
+    if router or finetune_head:
+        tuning = Tuning(data=_paths(data), router=router, head=finetune_head, tokens=tokens, lr=lr,
+                        progress=progress)
+    elif data:
+        raise GrowlmError("--data only applies to --router or --finetune-head")
+    return compose(_paths(paths), out, combine=combine, weights=weights, space=space, tuning=tuning)
+
+
+def _paths(paths: PathLike | Sequence[PathLike] | None) -> list[Path]:
+    """One path or several as a list (a lone string is one path, not a sequence of characters)."""
+    if paths is None:
+        return []
+    return [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
+
+
+def export(path: PathLike, out: PathLike) -> Path:
+    """Write the model dir ``path`` as a Hugging Face ``GPTNeoXForCausalLM`` checkpoint in ``out``
+    (LoRA adapters merged in), as ``growlm export`` does; returns ``out``. See :func:`growlm.interop.export_hf`."""
+    from growlm.checkpoint import check_out
+    from growlm.interop import export_hf
+
+    check_out(Path(out))
+    return export_hf(Path(path), Path(out))
+
+
+__all__ = ["Loaded", "evaluate", "export", "load", "load_plan", "merge", "plan_from_dict", "train"]

@@ -1,0 +1,111 @@
+"""The Python API (``import growlm``) end to end on tiny data: each call gives what its command gives."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import growlm
+from cli_util import REPO, SMALL_PLAN, child_env, tensors_equal, write_plan
+from growlm.cli import main
+from growlm.errors import GrowlmError
+
+
+def test_api_end_to_end(tmp_path, corpus_dir, capsys, monkeypatch):
+    # a plan file, read and trained as `growlm train plan.toml --out a`
+    plan_file = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    plan = growlm.load_plan(plan_file)
+    assert isinstance(plan, growlm.Plan) and plan.data.train == [tmp_path / "train.txt"]
+    run = growlm.train(plan_file, tmp_path / "a", progress=False)
+    assert run == tmp_path / "a" and (run / "stage-2" / "model.json").is_file()
+    assert (run / "plan.toml").read_text() == SMALL_PLAN
+
+    # the same plan as a Plan object, its data under a path TOML text would need escaping, stopped
+    # by Ctrl-C: the printed command (there is no plan file) resumes it to the very same weights
+    odd = tmp_path / 'data "quoted" \\ dir'
+    odd.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        shutil.copyfile(tmp_path / name, odd / name)
+    odd_plan = growlm.plan_from_dict(tomllib.loads(SMALL_PLAN), odd)
+    assert odd_plan.data.valid == [odd / "valid.txt"]
+    b = tmp_path / "b"
+    monkeypatch.setenv("GROWLM_FAULT", "sigint@step:1:2")
+    with pytest.raises(GrowlmError, match="interrupted in stage-1") as e:
+        growlm.train(odd_plan, b, progress=False)
+    monkeypatch.delenv("GROWLM_FAULT")
+    hint = shlex.split(str(e.value).split("continue with: ")[1])
+    assert hint == ["growlm", "train", str(b / "plan.json"), "--out", str(b), "--resume"]
+    assert main(hint[1:] + ["--no-progress"]) == 0
+    assert not (b / "plan.toml").exists() and growlm.load_plan(b / "plan.json") == odd_plan
+    assert tensors_equal(b / "stage-2" / "model.safetensors", run / "stage-2" / "model.safetensors")
+    with pytest.raises(GrowlmError, match="holds a run of another plan"):
+        growlm.train(plan, b, resume=True, progress=False)
+
+    # load: a model with its tokenizer, or a mixture
+    stage = run / "stage-2"
+    loaded = growlm.load(stage)
+    model, tokenizer = loaded
+    assert type(model).__name__ == "GrowLM" and len(model.blocks) == 3 and tokenizer.encode("The quick")
+
+    # evaluate: the dict `growlm eval --json` prints, for a path or a loaded model
+    valid = str(tmp_path / "valid.txt")
+    scores = growlm.evaluate(stage, "ppl", data=[valid], progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(stage), "--task", "ppl", "--data", valid, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == scores
+    assert growlm.evaluate(loaded, "ppl", data=valid, progress=False) == scores
+    assert scores["task"] == "ppl" and 0 < scores["loss"] < 10
+
+    # merge two stages of the run: a mixture that loads and scores
+    mix = growlm.merge([run / "stage-1", stage], tmp_path / "mix")
+    mixture = growlm.load(mix).model
+    assert type(mixture).__name__ == "Mixture" and len(mixture.experts) == 2 and mixture.rule.combine == "mean-logits"
+    assert 0 < growlm.evaluate(mix, "ppl", data=[valid], progress=False)["loss"] < 10
+    with pytest.raises(GrowlmError, match="inside the growlm model, mixture or run"):
+        growlm.merge([run / "stage-1", stage], mix / "again")
+
+    # export: a Hugging Face checkpoint (the LoRA of stage 2 folded in)
+    hf = growlm.export(stage, tmp_path / "hf")
+    assert hf == tmp_path / "hf" and (hf / "model.safetensors").is_file()
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+
+
+def test_readme_python_api_example_runs(tmp_path, corpus_dir, capsys, monkeypatch):
+    block = re.search(r"## Python API\n.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)[1]
+    write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    loss, combine = capsys.readouterr().out.split()[-2:]
+    assert 0 < float(loss) < 10 and combine == "mean-logits"
+    assert (tmp_path / "mix" / "mixture.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_plan_from_dict_errors_name_the_key(tmp_path):
+    raw = tomllib.loads(SMALL_PLAN)
+    raw["stage"][1]["lora"]["rank"] = 0
+    with pytest.raises(GrowlmError, match=r"stage\[2\]\.lora\.rank: Input should be greater than 0"):
+        growlm.plan_from_dict(raw, tmp_path)
+    with pytest.raises(GrowlmError) as e:  # relative paths resolve against the root given
+        growlm.plan_from_dict(tomllib.loads(SMALL_PLAN), tmp_path)
+    assert str(e.value) == f"plan (built in Python): tokenizer.corpus[0]: file not found: {tmp_path / 'train.txt'}"
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    with pytest.raises(GrowlmError, match=r"plan .*plan\.json is not valid JSON"):
+        growlm.load_plan(bad)
+
+
+def test_import_is_light_and_submodules_stay_modules():
+    """``import growlm`` loads neither torch nor pydantic; ``growlm.train``/``growlm.evaluate`` are the
+    submodules (``import growlm.train as t`` keeps working) and also the API functions when called."""
+    code = ("import sys, growlm; assert 'torch' not in sys.modules and 'pydantic' not in sys.modules, 'heavy'; "
+            "import growlm.train as t, growlm.evaluate.ppl; assert t.Trainer and growlm.evaluate.ppl.perplexity; "
+            "assert callable(growlm.train) and callable(growlm.evaluate) and growlm.train is t")
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), cwd=Path(__file__).parent)
