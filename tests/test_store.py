@@ -70,7 +70,7 @@ def test_resolve_refuses_anything_else_in_one_line(tiny_model_dir, tmp_path):
     refused(empty, "is not a growlm model, mixture or run", "no model.json, mixture.json or stage-N dir")
     refused(tmp_path / "nope", "not found")
     (tmp_path / "file").write_text("x")
-    refused(tmp_path / "file", "is a file")
+    refused(tmp_path / "file", "is not a directory")
     stray = tmp_path / "stray"
     shutil.copytree(tiny_model_dir, stray / "stage-old")  # a backup beside no real stage
     (stray / "stage-2").write_text("a file named like a stage")

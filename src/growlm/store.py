@@ -111,7 +111,7 @@ def resolve(path: str | Path) -> ModelDir | MixtureDir | RunDir:
     if not path.exists():
         raise GrowlmError(f"not found: {path} (no model, mixture or run there)")
     if not path.is_dir():
-        raise GrowlmError(f"{path} is a file, not a growlm model, mixture or run dir")
+        raise GrowlmError(f"{path} is not a directory, so not a growlm model, mixture or run")
     if is_run(path):
         raise GrowlmError(f"{path} is a run with no finished stage yet (no stage-N dir)")
     raise GrowlmError(f"{path} is not a growlm model, mixture or run (no {MODEL_JSON}, {MIXTURE_JSON} or stage-N dir)")
