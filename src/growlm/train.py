@@ -35,7 +35,7 @@ from growlm.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, fau
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable, stage_active_params
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
-from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json
+from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json, resolve_plan
 from growlm.store import (
     CHECKPOINTS,
     LOCK,
@@ -419,10 +419,24 @@ class Loop:
 class Trainer(Loop):
     """Runs a plan's stages in order, writing RUN/stage-N after each."""
 
-    def __init__(self, plan_path: Path, run: Path, *, resume: bool = False, progress: bool = True,
+    def __init__(self, plan: Plan | str | Path, run: Path, *, resume: bool = False, progress: bool = True,
                  log=print) -> None:
-        self.plan_path = Path(plan_path)
-        self.plan = load_plan(plan_path)
+        """``plan``: a :class:`Plan` (relative paths resolve against the current directory) or a plan
+        file (TOML, or JSON such as a run's ``RUN/plan.json``; see :func:`load_plan`).
+
+        The run records the resolved plan in ``RUN/plan.json`` either way; ``RUN/plan.toml``, the
+        file as given, only when the plan came from a TOML file. A run started from a Plan object
+        resumes with ``growlm train RUN/plan.json --out RUN --resume``.
+        """
+        if isinstance(plan, Plan):
+            self.plan_path: Path | None = None
+            self.plan = resolve_plan(plan)
+        else:
+            self.plan_path = Path(plan)
+            self.plan = load_plan(self.plan_path)
+        # RUN/plan.toml keeps a TOML file's own text; a JSON plan file is in plan.json's own format
+        from_toml = self.plan_path is not None and self.plan_path.suffix.lower() != ".json"
+        self.plan_toml = self.plan_path if from_toml else None
         super().__init__(run, self.plan.train, resume=resume, progress=progress, log=log)
 
     def run_all(self) -> list[Path]:
@@ -436,8 +450,9 @@ class Trainer(Loop):
             if self.rank == 0:
                 self._check_fresh_or_resumable()
                 atomic_write_json(run / PLAN_JSON, plan_to_json(self.plan))
-                if not (run / "plan.toml").is_file() or not (run / "plan.toml").stat().st_size:
-                    atomic_write_bytes(run / "plan.toml", self.plan_path.read_bytes())
+                if self.plan_toml is not None and (not (run / "plan.toml").is_file()
+                                                   or not (run / "plan.toml").stat().st_size):
+                    atomic_write_bytes(run / "plan.toml", self.plan_toml.read_bytes())
             # rank 0 builds the docking port; the other ranks load what it wrote
             tok = distributed.rank0_first(lambda: prepare_tokenizer(self.plan, run))
             sub = distributed.rank0_first(lambda: prepare_substrate(self.plan, run, tok))
@@ -541,8 +556,8 @@ class Trainer(Loop):
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
         trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
-                         stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path), "--out", str(run),
-                                                          "--resume"]),
+                         stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"),
+                                                          "--out", str(run), "--resume"]),
                          declared=declared, trunk_cache=trunk)
         if trunk is not None:
             self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
@@ -594,6 +609,8 @@ def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:
     return plain
 
 
-def train(plan_path: str | Path, out: str | Path, *, resume: bool = False, progress: bool = True) -> list[Path]:
-    """Run a plan (the ``growlm train`` command); returns the stage dirs."""
-    return Trainer(Path(plan_path), Path(out), resume=resume, progress=progress).run_all()
+def train(plan: Plan | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
+          log=print) -> list[Path]:
+    """Run a plan, a :class:`Plan` or a plan file (the ``growlm train`` command); returns the stage dirs.
+    ``log`` receives each progress line (stage starts, losses, where each stage was saved)."""
+    return Trainer(plan, Path(out), resume=resume, progress=progress, log=log).run_all()
