@@ -637,7 +637,7 @@ def plan_step(rep: Report, a, ctx: dict) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from cli_util import SMALL_PLAN, child_env, write_plan
     from conftest import TEXT_EN, TEXT_RU, TEXT_ZH
-    from growlm.checkpoint import stage_dirs
+    from growlm.store import stages
 
     dev = "cuda" if ctx["cuda"] else "cpu"
     log: list[str] = []
@@ -663,7 +663,7 @@ def plan_step(rep: Report, a, ctx: dict) -> None:
         killed = growlm("train", str(plan), "--out", str(run), "--no-progress", GROWLM_FAULT=fault)
         resumed = growlm("train", str(plan), "--out", str(run), "--resume", "--no-progress")
         audits = {}
-        for n, sd in stage_dirs(run):
+        for n, sd in stages(run):
             meta = json.loads((sd / "model.json").read_text())
             audits[f"stage-{n}"] = bool((meta.get("audit") or {}).get("ok"))
         verify = growlm("verify", str(run), "--json")

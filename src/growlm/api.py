@@ -116,9 +116,9 @@ def merge(paths: Sequence[PathLike], out: PathLike, *, combine: str = "mean-logi
     gate and ``finetune_head`` the output layers, on ``data`` (text files) for ``tokens`` tokens
     at ``lr``. See :func:`growlm.compose.merge`.
     """
-    from growlm.checkpoint import check_out
     from growlm.compose import Tuning
     from growlm.compose import merge as compose
+    from growlm.store import check_out
 
     out = Path(out)
     check_out(out)
@@ -141,8 +141,8 @@ def _paths(paths: PathLike | Sequence[PathLike] | None) -> list[Path]:
 def export(path: PathLike, out: PathLike) -> Path:
     """Write the model dir ``path`` as a Hugging Face ``GPTNeoXForCausalLM`` checkpoint in ``out``
     (LoRA adapters merged in), as ``growlm export`` does; returns ``out``. See :func:`growlm.interop.export_hf`."""
-    from growlm.checkpoint import check_out
     from growlm.interop import export_hf
+    from growlm.store import check_out
 
     check_out(Path(out))
     return export_hf(Path(path), Path(out))

@@ -150,20 +150,6 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
     return meta
 
 
-def check_out(out: Path, *, run_itself: bool = False) -> None:
-    """Kept for callers of the old name: see :func:`growlm.store.check_out`."""
-    from growlm.store import check_out as store_check_out
-
-    store_check_out(out, run_itself=run_itself)
-
-
-def stage_dirs(run: Path) -> list[tuple[int, Path]]:
-    """Kept for callers of the old name: see :func:`growlm.store.stages`."""
-    from growlm.store import stages
-
-    return stages(run)
-
-
 def read_meta(path: Path) -> dict:
     """model.json of a model dir, or a one-line GrowlmError saying why the dir is not a model.
 

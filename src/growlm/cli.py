@@ -32,7 +32,7 @@ def _print_json(obj: object) -> None:
 
 def _check_out(out: str | Path) -> None:
     """No command writes into a model dir, mixture dir or run (they are immutable once written)."""
-    from growlm.checkpoint import check_out
+    from growlm.store import check_out
 
     check_out(Path(out))
 

@@ -398,7 +398,7 @@ def _expand(inputs: Sequence[Path]) -> list[_Expert]:
     """Expert dirs from the inputs: a model dir is one expert, a (verified) mixture dir its experts."""
     out = []
     for p in map(Path, inputs):
-        if (p / MIXTURE_JSON).is_file():
+        if (p / MIXTURE_JSON).is_file():  # this module owns the mixture format and its descriptor
             desc = _verify_mixture_dir(p)
             out += [_Expert(p / e["path"], read_meta(p / e["path"])) for e in desc["experts"]]
         else:

@@ -262,8 +262,15 @@ def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
             st = st.model_copy(update={"data": sd})
         stages.append(st)
     base = fix(plan.base, "base", "dir")
-    if base is not None and not (base / "model.json").is_file():
-        raise GrowlmError(f"plan {plan_path}: base: {base} is not a growlm model dir (no model.json)")
+    if base is not None:
+        from growlm.store import ModelDir, resolve
+
+        try:
+            is_model = isinstance(resolve(base), ModelDir)
+        except GrowlmError:
+            is_model = False
+        if not is_model:
+            raise GrowlmError(f"plan {plan_path}: base: {base} is not a growlm model dir (no model.json)")
     return plan.model_copy(update={"tokenizer": tok, "substrate": sub, "data": data, "stage": stages,
                                    "base": base})
 
