@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from growlm.growth import set_trainable  # noqa: E402
 from growlm.model import GrowLM, ModelConfig, block_param_count, compiled_blocks, head_param_count  # noqa: E402
 from growlm.plan import StageSpec  # noqa: E402
-from growlm.train import make_optimizer, optimizer_step  # noqa: E402
+from growlm.training import make_optimizer, optimizer_step  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 

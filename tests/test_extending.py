@@ -126,10 +126,10 @@ def test_toy_combine_rule(tiny_model_dir, tmp_path):
 
 
 def test_toy_eval_task(tiny_model_dir, tmp_path, capsys):
-    from growlm.evaluate import load_any
-    from growlm.evaluate import protocols as P
-    from growlm.evaluate.run import evaluate
-    from growlm.evaluate.tasks import TASKS
+    from growlm.evaluation import load_any
+    from growlm.evaluation import protocols as P
+    from growlm.evaluation.run import evaluate
+    from growlm.evaluation.tasks import TASKS
 
     data = tmp_path / "echo.jsonl"
     pairs = [("fox", "dog"), ("model", "layer"), ("quick", "lazy"), ("brown", "frozen"), ("grows", "jumps")]

@@ -18,7 +18,7 @@ from growlm.info import info_model
 from growlm.lora import add_lora, merge_adapters
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import StageSpec, load_plan
-from growlm.train import train
+from growlm.training import train
 
 ISSUE_PLAN = """\
 [substrate]

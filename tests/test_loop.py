@@ -14,7 +14,7 @@ from growlm.errors import GrowlmError
 from growlm.growth import set_trainable
 from growlm.model import GrowLM, ModelConfig
 from growlm.plan import StageSpec, TrainSpec
-from growlm.train import Loop, train
+from growlm.training import Loop, train
 
 CFG = ModelConfig(vocab_size=256, d_model=64, n_heads=2, n_layers=2, context=32)
 

@@ -15,7 +15,7 @@ import torch
 
 from growlm.compose import merge
 from growlm.errors import GrowlmError
-from growlm.evaluate import load_any
+from growlm.evaluation import load_any
 from growlm.growth import set_trainable
 from growlm.model import GrowLM, ModelConfig
 from growlm.plan import StageSpec
@@ -29,7 +29,7 @@ from growlm.store import (
     resolve,
     stages,
 )
-from growlm.train import make_optimizer, optimizer_step
+from growlm.training import make_optimizer, optimizer_step
 
 
 def refused(path: Path, *needles: str) -> str:

@@ -22,7 +22,7 @@ from cli_util import REPO, growlm
 from growlm.checkpoint import block_sha256, model_fingerprint
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
-from growlm.train import Loop, train
+from growlm.training import Loop, train
 
 HEAD = {"head.weight", "ln_f.weight", "ln_f.bias"}
 HEADER = """\
@@ -245,7 +245,7 @@ def _sabotaged_second_stage(tmp_path: Path, corpus_dir: Path, monkeypatch: pytes
 
 
 def test_audit_stops_a_stage_whose_trainable_tensor_never_moved(corpus_dir, tmp_path, monkeypatch):
-    import growlm.train as tr
+    import growlm.training as tr
 
     real, calls = tr.make_optimizer, []
 
@@ -262,7 +262,7 @@ def test_audit_stops_a_stage_whose_trainable_tensor_never_moved(corpus_dir, tmp_
 
 
 def test_audit_stops_a_stage_that_moved_a_frozen_tensor(corpus_dir, tmp_path, monkeypatch):
-    import growlm.train as tr
+    import growlm.training as tr
 
     real = tr.evaluate_loss
 

@@ -59,7 +59,7 @@ def train(plan: Plan | PathLike, out: PathLike, *, resume: bool = False, progres
     records it in ``RUN/plan.json`` (there is no ``RUN/plan.toml``), so it resumes from the command
     line with ``growlm train RUN/plan.json --out RUN --resume``.
     """
-    from growlm.train import train as run_plan
+    from growlm.training import train as run_plan
 
     run_plan(plan, Path(out), resume=resume, progress=progress, log=log)
     return Path(out)
@@ -80,7 +80,7 @@ class Loaded:
 
 def load(path: PathLike) -> Loaded:
     """The model dir, run stage or mixture dir at ``path``, fully verified, with its tokenizer."""
-    from growlm.evaluate import load_any
+    from growlm.evaluation import load_any
 
     model, tokenizer = load_any(Path(path))
     return Loaded(model, tokenizer, Path(path))
@@ -95,9 +95,9 @@ def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Se
     model is evaluated as stored in its dir, so the scores belong to its recorded fingerprint.
     ``data``: the task's data (``ppl``: text files, required; a benchmark: its files or ``hf:NAME``,
     default the offline packages). ``protocol``: ``paper`` (default) or ``loglik``. ``limit``: items
-    per run (``ppl``: the first ``limit`` files). See :func:`growlm.evaluate.run.evaluate`.
+    per run (``ppl``: the first ``limit`` files). See :func:`growlm.evaluation.run.evaluate`.
     """
-    from growlm.evaluate.run import evaluate as score
+    from growlm.evaluation.run import evaluate as score
 
     path = model_or_path.path if isinstance(model_or_path, Loaded) else Path(model_or_path)
     return score(path, task, data=data, protocol=protocol or "paper", limit=limit, runs=runs, seed=seed,

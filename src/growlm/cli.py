@@ -148,7 +148,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
     from growlm.distributed import world
-    from growlm.train import train
+    from growlm.training import train
 
     dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress)
     if world()[0] == 0:  # under torchrun, one line, not one per rank
@@ -174,7 +174,7 @@ def cmd_lora_merge(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     import torch
 
-    from growlm.evaluate import load_any
+    from growlm.evaluation import load_any
 
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         raise GrowlmError(f"--temperature must be a finite number >= 0 (0 is greedy), got {a.temperature}")
@@ -194,7 +194,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from growlm.api import evaluate
-    from growlm.evaluate.run import evaluate_per_stage
+    from growlm.evaluation.run import evaluate_per_stage
 
     kwargs = dict(data=a.data, protocol=a.protocol, limit=a.limit, runs=a.runs, seed=a.seed, sample=a.sample)
     if a.per_stage:
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("eval", help="perplexity and benchmarks")
     b.add_argument("model", metavar="MODEL")
-    b.add_argument("--task", required=True, choices=registered("growlm.evaluate.tasks", "TASKS", first=("ppl",)),
+    b.add_argument("--task", required=True, choices=registered("growlm.evaluation.tasks", "TASKS", first=("ppl",)),
                    metavar="TASK", help="%(choices)s")
     b.add_argument("--data", nargs="+", metavar="PATH")
     b.add_argument("--protocol", choices=["paper", "loglik"], default="paper")

@@ -59,9 +59,9 @@ from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
 from growlm.registry import Registry
 
-if TYPE_CHECKING:  # growlm.train imports the data pipeline; only the tuning stages need it
+if TYPE_CHECKING:  # growlm.training imports the data pipeline; only the tuning stages need it
     from growlm.tokenizer import Tokenizer
-    from growlm.train import Loop
+    from growlm.training import Loop
 
 FORMAT = "growlm-mixture"
 VERSION = 1
@@ -581,7 +581,7 @@ class Tuning:
 def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, index: int, work: Path) -> dict:
     """Train the router or the heads of ``mixture`` for ``tuning.tokens`` tokens; returns a record."""
     from growlm.data import Batches, Source, validation_batches
-    from growlm.train import evaluate_loss
+    from growlm.training import evaluate_loss
 
     declared = {n for n, _ in mixture.named_parameters() if (n.startswith("router.") if kind == "router" else _is_head(n))}
     for name, p in mixture.named_parameters():
@@ -615,7 +615,7 @@ def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, out: Path
     the stage records. The loop's run dir (checkpoints, metrics) is a scratch dir beside ``out``.
     """
     from growlm.tokenizer import Tokenizer
-    from growlm.train import Loop
+    from growlm.training import Loop
 
     models = [load_model(root / EXPERTS_DIR / str(i), verify=False).model for i in range(n)]
     router_desc = None

@@ -206,7 +206,7 @@ def _stage_dirs(run: Path) -> list[Path]:
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
     """Validation loss and bits/byte per domain for every model; short benchmarks; samples."""
     from growlm.api import evaluate, load
-    from growlm.evaluate.ppl import perplexity
+    from growlm.evaluation.ppl import perplexity
 
     models: dict[str, Path] = {}
     for name, run in runs.items():

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from growlm.checkpoint import read_meta
 from growlm.errors import GrowlmError
-from growlm.evaluate import LM, fingerprint_of, load_any, model_device
-from growlm.evaluate.ppl import perplexity
-from growlm.evaluate.protocols import (
+from growlm.evaluation import LM, fingerprint_of, load_any, model_device
+from growlm.evaluation.ppl import perplexity
+from growlm.evaluation.protocols import (
     PROTOCOLS,
     Outcome,
     has_loglik,
@@ -35,7 +35,7 @@ from growlm.evaluate.protocols import (
     run_protocol,
     select,
 )
-from growlm.evaluate.tasks import TASKS, Item, load_items
+from growlm.evaluation.tasks import TASKS, Item, load_items
 from growlm.store import RunDir, resolve, stages
 
 TASK_NAMES = ("ppl", *TASKS)  # the built-in tasks; task_names() includes those registered since

