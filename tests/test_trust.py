@@ -22,6 +22,7 @@ from cli_util import REPO, growlm
 from growlm.checkpoint import block_sha256, model_fingerprint
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
+from growlm.info import info_model
 from growlm.training import Loop, train
 
 HEAD = {"head.weight", "ln_f.weight", "ln_f.bias"}
@@ -169,6 +170,7 @@ def test_each_stage_kind_trains_exactly_what_the_method_says(kinds, i):
         assert all(torch.equal(spy.start[key][n], parent[n]) for n in parent)
     meta = json.loads((run / key / "model.json").read_text())
     assert meta["params_active"] == sum(saved[n].numel() for n in expected)
+    assert info_model(run / key)["audit"]["trained"] == meta["audit"]["trained"]  # growlm info shows it
     assert meta["audit"]["trained_tensors"] == len(expected)
     assert meta["audit"]["frozen_tensors"] == len(saved) - len(expected)
 

@@ -41,4 +41,6 @@ def info_model(path: Path) -> dict:
     for k in ("stage", "metrics", "merged_from"):
         if k in meta:
             out[k] = meta[k]
+    if isinstance(meta.get("audit"), dict):  # what trained and what stayed frozen; the start hashes stay in model.json
+        out["audit"] = {k: v for k, v in meta["audit"].items() if k != "start_sha256"}
     return out
