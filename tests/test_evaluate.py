@@ -325,7 +325,7 @@ def test_per_stage_sweep(tiny_model_dir, tmp_path, arc_dir):
     res = evaluate_per_stage(tmp_path / "run", "arc_easy", data=arc_dir, progress=False)
     assert [r["stage"] for r in res] == [1, 2, 10]
     assert len({r["accuracy"] for r in res}) == 1
-    with pytest.raises(GrowlmError, match="no stage-N"):
+    with pytest.raises(GrowlmError, match="is not a growlm model, mixture or run .*stage-N"):
         evaluate_per_stage(arc_dir, "arc_easy", data=arc_dir)
 
 
@@ -352,7 +352,7 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir, kwargs, match):
 
 
 def test_not_a_model_dir(arc_dir):
-    with pytest.raises(GrowlmError, match="not a growlm model dir"):
+    with pytest.raises(GrowlmError, match="is not a growlm model, mixture or run"):
         evaluate(arc_dir, "arc_easy", data=arc_dir, progress=False)
 
 
