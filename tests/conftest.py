@@ -40,23 +40,28 @@ def tiny_tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """A randomly initialised 2-block model over the 16-bit binary substrate, saved as a model dir."""
+    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+def save_tiny_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
+    """A 2-block model over the 16-bit binary substrate of ``tokenizer_dir``, its weights drawn from
+    ``seed``, saved as the model dir ``out``: models of different seeds share one docking port."""
     from growlm.checkpoint import save_model
     from growlm.model import GrowLM, ModelConfig
     from growlm.substrate import build_substrate
     from growlm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(tiny_tokenizer_dir)
+    tok = Tokenizer.load(tokenizer_dir)
     sub = build_substrate("binary", dim=64, tokenizer=tok, bits=16)
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_heads=4, n_layers=2, context=128, embed_dim=16)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = GrowLM(cfg)
     with torch.no_grad():
         model.embed.weight.copy_(sub.table)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         for blk in model.blocks:
             blk.init_weights(g)
         model.head.weight.normal_(0, 0.02, generator=g)
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(model, out, tokenizer_dir=tiny_tokenizer_dir,
+    save_model(model, out, tokenizer_dir=tokenizer_dir,
                substrate={"kind": sub.kind, "fingerprint": sub.fingerprint, "recipe": sub.recipe})
     return out

@@ -416,31 +416,13 @@ FAST_PLAN = SMALL_PLAN.replace("tokens = 1280", "tokens = 256")
 @pytest.fixture(scope="module")
 def pool(corpus_dir, tiny_model_dir, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     """Read-only artefacts every test copies from: model, LoRA stage, run, mixture, HF export."""
-    import torch
-
-    from growlm.checkpoint import read_meta, save_model
-    from growlm.model import GrowLM, ModelConfig
-    from growlm.substrate import build_substrate
-    from growlm.tokenizer import Tokenizer
+    from conftest import save_tiny_model
 
     root = tmp_path_factory.mktemp("fuzzpool")
     for name in ("train.txt", "valid.txt"):
         shutil.copyfile(corpus_dir / name, root / name)
     shutil.copytree(tiny_model_dir, root / "model")
-    # a second expert: same tokenizer and substrate, other weights
-    tok = Tokenizer.load(tiny_tokenizer_dir)
-    sub = build_substrate("binary", dim=64, tokenizer=tok, bits=16)
-    meta = read_meta(tiny_model_dir)
-    torch.manual_seed(1)
-    m = GrowLM(ModelConfig.from_dict(meta["config"]))
-    with torch.no_grad():
-        m.embed.weight.copy_(sub.table)
-        g = torch.Generator().manual_seed(1)
-        for blk in m.blocks:
-            blk.init_weights(g)
-        m.head.weight.normal_(0, 0.02, generator=g)
-    save_model(m, root / "model2", tokenizer_dir=tiny_tokenizer_dir,
-               substrate={"kind": sub.kind, "fingerprint": sub.fingerprint, "recipe": sub.recipe})
+    save_tiny_model(tiny_tokenizer_dir, root / "model2", seed=1)  # a second expert on the same docking port
     (root / "plan.toml").write_text(FAST_PLAN)
     r = run_cli(["train", str(root / "plan.toml"), "--out", str(root / "run"), "--no-progress"], root, TRAIN_TIMEOUT)
     assert r.ok, r.crash or r.stderr
