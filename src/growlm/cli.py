@@ -197,6 +197,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from growlm.evaluation.run import evaluate_per_stage
 
     kwargs = dict(data=a.data, protocol=a.protocol, limit=a.limit, runs=a.runs, seed=a.seed, sample=a.sample)
+    if a.save:
+        from growlm.store import MixtureDir, resolve
+
+        # a mixture records every file it holds (mixture.json), so a sidecar would make it unverifiable;
+        # refused before any scoring is spent
+        if isinstance(resolve(a.model), MixtureDir):
+            raise GrowlmError(f"--save stores results beside a model dir or run stage; {a.model} is a mixture, whose "
+                              f"files are all recorded in its mixture.json: drop --save and keep the printed result")
     if a.per_stage:
         results = evaluate_per_stage(Path(a.model), a.task, **kwargs)
     else:
@@ -210,6 +218,15 @@ def cmd_eval(a: argparse.Namespace) -> None:
             where = f"stage {r['stage']}: " if "stage" in r else ""
             print(f"growlm: warning: {where}{r['unk_rate']:.1%} of the evaluated tokens are <unk> (characters the "
                   f"tokenizer cannot hold); the score does not cover that text", file=sys.stderr)
+    if a.save:
+        from growlm.model_card import save_eval
+        from growlm.store import stage_dir
+
+        # a result goes beside the model it scored: each stage of a sweep to its own stage dir
+        data = [str(d) for d in a.data] if a.data else None
+        for r in results:
+            d = stage_dir(Path(a.model), r["stage"]) if a.per_stage else Path(a.model)
+            print(f"saved to {save_eval(d, r, data)}", file=sys.stderr)
     if a.per_stage:
         from growlm.fileio import WriteError
         from growlm.report import sweep_report
@@ -346,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--sample", action="store_true", help="stochastic decoding, as the paper's runs")
     b.add_argument("--per-stage", action="store_true", help="evaluate every stage of a run (depth sweep)")
+    b.add_argument("--save", action="store_true",
+                   help="append the result to MODEL/evals.jsonl (each RUN/stage-N/ with --per-stage); "
+                        "growlm export puts it in the model card")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_eval)
 

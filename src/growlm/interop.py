@@ -50,6 +50,7 @@ from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors
 from growlm.hashing import sha256_tensors
 from growlm.lora import merge_adapters
 from growlm.model import GrowLM, ModelConfig
+from growlm.model_card import write_card
 from growlm.substrate import substrate_fingerprint
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT
 from growlm.tokenizer import META_FILE as TOKENIZER_META
@@ -198,7 +199,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the model dir ``model_dir`` as a Hugging Face ``GPTNeoXForCausalLM`` checkpoint in ``out_dir``.
 
     ``out_dir`` gets ``config.json``, ``model.safetensors``, ``generation_config.json``, the
-    tokenizer files and ``growlm_export.json``; it appears atomically and must not exist yet.
+    tokenizer files, ``growlm_export.json`` and a model card ``README.md`` (see growlm.model_card);
+    it appears atomically and must not exist yet.
     LoRA adapters are merged into the exported weights (the model dir is left untouched).
     """
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -240,6 +242,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
                 raise GrowlmError(f"tokenizer file missing: {src}")
             shutil.copy2(src, tmp / name)
         _write_json(tmp / EXPORT_META, record)
+        write_card(model_dir, meta, tmp)  # README.md: the docking port, lineage and saved scores on the hub
     return out
 
 
