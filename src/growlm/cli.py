@@ -146,11 +146,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.nproc and a.nproc > 1:
         from growlm.distributed import launch
 
+        if a.tensorboard:  # the torchrun command line carries the plan, not this flag
+            raise GrowlmError("--tensorboard does not reach the processes of --nproc; set [train] tensorboard = true "
+                              "in the plan instead")
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
     from growlm.distributed import world
     from growlm.training import train
 
-    dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress)
+    dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress,
+                 tensorboard=True if a.tensorboard else None)
     if world()[0] == 0:  # under torchrun, one line, not one per rank
         print(f"done: {len(dirs)} stages in {a.out}")
 
@@ -336,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resume", action="store_true", help="continue a stopped run")
     b.add_argument("--nproc", type=int, default=0, help="launch N data-parallel processes with torchrun")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--tensorboard", action="store_true",
+                   help="also write scalars to RUN/tensorboard (overrides the plan's train.tensorboard)")
     b.set_defaults(func=cmd_train)
 
     b = sub.add_parser("lora-merge", help="fold LoRA adapters into the base weights")

@@ -107,6 +107,9 @@ class TrainSpec(_Spec):
     trunk_cache: bool = False
     lora_budget: Pos | None = None  # active-parameter budget; default: the largest grow stage
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Scalars to RUN/tensorboard as well. A way of watching, not part of what the run computes: left out of
+    # the recorded plan (plan_to_json), so turning it on or off never makes a resume "another plan"
+    tensorboard: bool = Field(False, exclude=True)
 
 
 class LoraSpec(_Spec):

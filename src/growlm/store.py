@@ -252,13 +252,58 @@ class StageCheckpoints:
 
 
 class MetricsLog:
-    """``RUN/metrics.jsonl``: one JSON line per logged step; rank 0 alone writes it."""
+    """``RUN/metrics.jsonl``: one JSON line per logged step; rank 0 alone writes it.
 
-    def __init__(self, run: Path, *, rank: int = 0) -> None:
+    With ``tensorboard`` the numbers of each line also go to ``RUN/tensorboard/`` as scalars
+    (tag = the record's key, step = the global step the caller gives).
+    """
+
+    TENSORBOARD = "tensorboard"  # RUN/tensorboard: the event files
+    # the record's keys that become scalars (the rest are positions: the stage is kept as a scalar so a
+    # chart shows where each stage starts on the global-step axis)
+    SCALARS = ("loss", "valid_loss", "lr", "tokens_per_s", "grad_norm", "params_active", "stage")
+
+    def __init__(self, run: Path, *, rank: int = 0, tensorboard: bool = False) -> None:
         self.path, self.rank = Path(run) / METRICS, rank
+        self.tensorboard = tensorboard and rank == 0
+        self._writer = None
+        self._purge_step: int | None = None
 
-    def append(self, rec: dict) -> None:
-        """One line, all or nothing: a write that fails (a full disk) is cut back to the line before."""
+    @classmethod
+    def writer(cls, run: Path, purge_step: int | None = None):
+        """A ``SummaryWriter`` on ``RUN/tensorboard``; ``purge_step`` hides the events a killed process
+        logged from that global step on (the resumed run logs them again)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise GrowlmError("TensorBoard logging needs the tensorboard package (make setup installs it; "
+                              "or pip install tensorboard)") from None
+        return SummaryWriter(str(Path(run) / cls.TENSORBOARD), purge_step=purge_step)
+
+    def scalars(self, rec: dict, step: int) -> None:
+        """The record's numbers as TensorBoard scalars at global ``step`` (nothing without ``tensorboard``)."""
+        if not self.tensorboard:
+            return
+        if self._writer is None:  # opened at the first scalar: a resume has set its purge step by then
+            self._writer = self.writer(self.path.parent, self._purge_step)
+        for key in self.SCALARS:
+            if rec.get(key) is not None:
+                self._writer.add_scalar(key, rec[key], step)
+
+    def flush(self) -> None:
+        """Write the pending scalars to the event file (at each stage's end, so a watcher sees them)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file (a later scalar opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def append(self, rec: dict, *, global_step: int | None = None) -> None:
+        """One line, all or nothing: a write that fails (a full disk) is cut back to the line before.
+        With ``tensorboard`` its numbers also become scalars at ``global_step`` (default: its step)."""
         if self.rank != 0:
             return
         with open(self.path, "ab") as fh:
@@ -269,11 +314,16 @@ class MetricsLog:
             except OSError as e:
                 fh.truncate(size)
                 raise WriteError(self.path, str(e.strerror or e)) from e
+        self.scalars(rec, rec["step"] if global_step is None else global_step)
 
-    def truncate(self, stage: int, step: int) -> None:
+    def truncate(self, stage: int, step: int, *, global_step: int | None = None) -> None:
         """Drop the lines of ``stage`` after ``step`` (a killed process logged them past the point we
         resume from), and any line a kill or a full disk tore (not JSON, or a record without its stage
-        and step)."""
+        and step). With ``tensorboard``, the events after ``global_step`` are hidden likewise; only the
+        first resume point counts, as everything a killed process logged lies before the first stage
+        it did not finish."""
+        if self.tensorboard and self._writer is None and self._purge_step is None and global_step is not None:
+            self._purge_step = global_step + 1
         if self.rank != 0 or not self.path.exists():
             return
         keep = []

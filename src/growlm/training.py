@@ -228,19 +228,25 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
 
 
 def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                   grad_clip: float, halted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   grad_clip: float, halted: torch.Tensor,
+                   norm_out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward, clip and update, with a non-finite guard that needs no host sync.
 
     Once a step's global loss or gradient norm is not finite, ``halted`` (a 0-d device tensor) stays
     set and this and every later update is skipped on the device, so the weights keep their last good
     values until the host next reads the losses. Returns this step's global loss (NaN for a bad
     step; every rank holds the same value, so all agree on a stop) and the new ``halted``.
+    With ``grad_clip`` > 0, ``norm_out`` (when given) receives the gradient norm before clipping, as
+    a device tensor the host has not read.
     """
     global_loss = distributed.mean_across_ranks(loss.detach())
     loss.backward()
     finite = torch.isfinite(global_loss)
     if grad_clip > 0:  # the norm is global too: DDP reduced the gradients, FSDP2 reduces the norm
-        finite &= torch.isfinite(distributed.whole(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+        norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        finite &= torch.isfinite(norm)
+        if norm_out is not None:
+            norm_out.append(norm.detach())
     halted = torch.maximum(halted, (~finite).float())
     opt.found_inf = halted
     opt.step()
@@ -268,6 +274,8 @@ class _Fit:
     pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
     t_last: float = 0.0  # time and token count at the last log line: the throughput's window
     tok_last: int = 0
+    grad_norm: torch.Tensor | None = None  # the last step's, on the device: read with the losses
+    grad_norm_read: float | None = None  # its value at the last read, for the log line
 
 
 class Loop:
@@ -284,7 +292,9 @@ class Loop:
         bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self.rank, self.world = distributed.world()
-        self.metrics = MetricsLog(self.run, rank=self.rank)
+        self.metrics = MetricsLog(self.run, rank=self.rank, tensorboard=spec.tensorboard)
+        # steps of the stages before the one training: TensorBoard's global step is step_offset + the stage's
+        self.step_offset = 0
         distributed.init(self.device)
         if self.rank != 0:  # rank 0 alone reports
             self.log, self.progress = (lambda *a, **k: None), False
@@ -345,6 +355,8 @@ class Loop:
                                   f"continue with: {resume_hint}") from None
             bar.close()
             state.valid_loss = evaluate_loss(model, vbatches, self.device, self.autocast())
+            self.metrics.scalars({"valid_loss": state.valid_loss}, self.step_offset + state.step)
+            self.metrics.flush()  # the stage's scalars reach the event file as it ends
         state.audit = audit.audit(start, audit.digests(model.named_parameters()), declared, state.step, key)
         return state
 
@@ -365,8 +377,10 @@ class Loop:
             else:
                 h = f.trunk_cache.trunk(f.model, x, f.batches.last_sequence_ids)
                 loss = f.forward(x, targets=y, trunk=h, trunk_depth=f.trunk_cache.depth)
-        step_loss, f.halted = optimizer_step(loss, f.params, f.opt, self.spec.grad_clip, f.halted)
+        norm: list[torch.Tensor] = []
+        step_loss, f.halted = optimizer_step(loss, f.params, f.opt, self.spec.grad_clip, f.halted, norm)
         f.pending.append(step_loss)
+        f.grad_norm = norm[0] if norm else None
         f.state.step += 1
         f.state.tokens += f.batches.tokens_per_batch
         return lr
@@ -379,9 +393,11 @@ class Loop:
         f.t_last, f.tok_last = now, state.tokens
         rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
                "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params)}
+        if f.grad_norm_read is not None:  # read with the losses just before (_check_finite): no extra sync
+            rec["grad_norm"] = round(f.grad_norm_read, 6)
         if self.spec.eval_every and state.step % self.spec.eval_every == 0:
             rec["valid_loss"] = evaluate_loss(f.model, f.vbatches, self.device, self.autocast())
-        self.metrics.append(rec)
+        self.metrics.append(rec, global_step=self.step_offset + state.step)
         bar.set_postfix(loss=f"{state.last_loss:.3f}", tok_s=f"{tps:,.0f}")
 
     def _check_finite(self, f: _Fit) -> None:
@@ -392,8 +408,12 @@ class Loop:
         """
         if not f.pending:
             return
-        losses = torch.stack(f.pending).tolist()
+        # the last gradient norm rides along in the same read, for the log line
+        norm = [f.grad_norm.float()] if f.grad_norm is not None else []
+        losses = torch.stack(f.pending + norm).tolist()
         f.pending.clear()
+        if norm:
+            f.grad_norm_read = losses.pop()
         first = f.state.step - len(losses) + 1
         for n, value in enumerate(losses):
             if not math.isfinite(value):
@@ -411,7 +431,7 @@ class Loop:
         """Continue from the stage's latest checkpoint, if any, and drop the metrics logged after it
         (all of the stage's, when it starts over)."""
         ck = f.ckpts.restore(f.model, f.opt, f.batches, f.state)
-        self.metrics.truncate(f.stage, f.state.step)
+        self.metrics.truncate(f.stage, f.state.step, global_step=self.step_offset + f.state.step)
         if ck is not None:
             self.log(f"resuming {ck.parent.name} at step {f.state.step} from {ck}")
 
@@ -420,9 +440,11 @@ class Trainer(Loop):
     """Runs a plan's stages in order, writing RUN/stage-N after each."""
 
     def __init__(self, plan: Plan | str | Path, run: Path, *, resume: bool = False, progress: bool = True,
-                 log=print) -> None:
+                 log=print, tensorboard: bool | None = None) -> None:
         """``plan``: a :class:`Plan` (relative paths resolve against the current directory) or a plan
         file (TOML, or JSON such as a run's ``RUN/plan.json``; see :func:`load_plan`).
+        ``tensorboard`` (when not None) overrides the plan's ``train.tensorboard``; the recorded plan
+        leaves that setting out, so it never makes a resume "another plan".
 
         The run records the resolved plan in ``RUN/plan.json`` either way; ``RUN/plan.toml``, the
         file as given, only when the plan came from a TOML file. A run started from a Plan object
@@ -437,6 +459,8 @@ class Trainer(Loop):
         # RUN/plan.toml keeps a TOML file's own text; a JSON plan file is in plan.json's own format
         from_toml = self.plan_path is not None and self.plan_path.suffix.lower() != ".json"
         self.plan_toml = self.plan_path if from_toml else None
+        if tensorboard is not None:
+            self.plan = self.plan.model_copy(update={"train": self.plan.train.model_copy(update={"tensorboard": tensorboard})})
         super().__init__(run, self.plan.train, resume=resume, progress=progress, log=log)
 
     def run_all(self) -> list[Path]:
@@ -446,7 +470,7 @@ class Trainer(Loop):
         if self.rank == 0:
             self._check_out()
         lock = run_lock(run) if self.rank == 0 else contextlib.nullcontext()
-        with lock, stop_signals(self.world):
+        with lock, stop_signals(self.world), contextlib.closing(self.metrics):
             if self.rank == 0:
                 self._check_fresh_or_resumable()
                 atomic_write_json(run / PLAN_JSON, plan_to_json(self.plan))
@@ -473,6 +497,7 @@ class Trainer(Loop):
                     model, lineage = self.run_stage(i, st, model, lineage)
                 distributed.barrier()  # every rank agrees the stage is complete before the next begins
                 dirs.append(sdir)
+                self.step_offset += json.loads((sdir / MODEL_JSON).read_text())["metrics"]["steps"]
             distributed.shutdown()
             return dirs
 
@@ -610,7 +635,8 @@ def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:
 
 
 def train(plan: Plan | str | Path, out: str | Path, *, resume: bool = False, progress: bool = True,
-          log=print) -> list[Path]:
+          log=print, tensorboard: bool | None = None) -> list[Path]:
     """Run a plan, a :class:`Plan` or a plan file (the ``growlm train`` command); returns the stage dirs.
-    ``log`` receives each progress line (stage starts, losses, where each stage was saved)."""
-    return Trainer(plan, Path(out), resume=resume, progress=progress, log=log).run_all()
+    ``log`` receives each progress line (stage starts, losses, where each stage was saved);
+    ``tensorboard`` (when not None) overrides the plan's ``train.tensorboard`` (scalars in RUN/tensorboard)."""
+    return Trainer(plan, Path(out), resume=resume, progress=progress, log=log, tensorboard=tensorboard).run_all()

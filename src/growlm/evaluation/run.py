@@ -76,7 +76,11 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     """:func:`evaluate` on every ``RUN/stage-N`` model of a training run, in stage order (a depth sweep).
 
     Every stage sees the same samples (same data, seed and limit), so the scores are comparable.
+    A run trained with TensorBoard (``RUN/tensorboard`` exists) also gets the numbers of each stage's
+    result as scalars ``eval/<task>-<protocol>/<key>`` with the depth as the step.
     """
+    from growlm.store import MetricsLog
+
     runs = _check(task, protocol, limit, runs, sample)
     run_dir = Path(run_dir)
     if not isinstance(found := resolve(run_dir), RunDir):
@@ -87,6 +91,15 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
         res = _evaluate_path(path, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
                              sample=sample, progress=progress)
         out.append({"stage": n, "n_layers": read_meta(path)["config"]["n_layers"], **res})
+    if (run_dir / MetricsLog.TENSORBOARD).is_dir():  # written after the sweep: a failed stage leaves no half curve
+        try:
+            with MetricsLog.writer(run_dir) as tb:
+                for r in out:
+                    for key, value in r.items():
+                        if key not in ("stage", "n_layers") and isinstance(value, int | float) and not isinstance(value, bool):
+                            tb.add_scalar(f"eval/{task}-{protocol}/{key}", value, r["n_layers"])
+        except OSError as e:  # a read-only run still gets its scores
+            print(f"growlm: warning: cannot write {run_dir / MetricsLog.TENSORBOARD}: {e.strerror or e}", file=sys.stderr)
     return out
 
 
