@@ -196,3 +196,12 @@ def test_batch_size_batches_and_changes_no_score(tiny_model_dir):
     assert [s[0] for s in shapes] == [4, 4]  # 8 requests, padded into two batches of four
     assert max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True)) <= TOL
     assert [x[1] for x in a] == [y[1] for y in b]
+
+
+def test_a_misspelt_model_arg_is_refused_on_one_line(tiny_model_dir):
+    from growlm.errors import GrowlmError
+    from growlm.lm_eval_model import GrowlmLM
+
+    with pytest.raises(GrowlmError, match="unknown: pth") as err:
+        GrowlmLM(str(tiny_model_dir), pth="x")
+    assert "\n" not in str(err.value)

@@ -50,8 +50,11 @@ class GrowlmLM(TemplateLM):
     """A growlm model dir, run stage or mixture dir as an lm-eval model (all three output types)."""
 
     def __init__(self, path: str, batch_size: int | str | None = 1, device: str | None = None,
-                 max_gen_toks: int | str = 256, **_ignored: object) -> None:
+                 max_gen_toks: int | str = 256, max_batch_size: int | None = None, **unknown: object) -> None:
         super().__init__()
+        # a misspelt --model_args key must not pass silently (max_batch_size only matters for `auto`)
+        if unknown:
+            raise GrowlmError(f"--model growlm takes path, max_gen_toks in --model_args; unknown: {', '.join(unknown)}")
         self.model, self.tokenizer = load_any(Path(path))
         # lm-eval's CLI asks for cuda by default; like `--model hf`, a machine without one uses the CPU
         if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
@@ -110,6 +113,8 @@ class GrowlmLM(TemplateLM):
                 target = torch.tensor(cont, dtype=torch.long, device=span.device)
                 greedy = bool((span.argmax(dim=-1) == target).all())
                 results[i] = (float(span.gather(-1, target[:, None]).sum()), greedy)
+                if requests[i][0][0] is not None:  # rolling windows are cached whole, by the caller
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
