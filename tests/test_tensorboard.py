@@ -10,21 +10,18 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli_util import SMALL_PLAN, write_plan
+from cli_util import SMALL_PLAN, growlm, write_plan
 from growlm.cli import main
 
 STEPS = 10  # each SMALL_PLAN stage: 1280 tokens / (batch 4 × context 32)
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar under RUN/tensorboard as (step, value) pairs per tag, over all event files."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    """Every scalar under RUN/tensorboard as (step, value) pairs per tag, read as TensorBoard reads the
+    directory (all event files in order, a resumed run's purge applied)."""
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +54,20 @@ def test_flag_is_not_part_of_the_plan(tb_run):
     assert "tensorboard" not in (run / "plan.json").read_text()
     assert main(["train", str(plan), "--out", str(run), "--resume", "--no-progress"]) == 0
     assert main(["train", str(plan), "--out", str(run), "--resume", "--tensorboard", "--no-progress"]) == 0
+
+
+def test_resumed_run_hides_what_the_killed_one_logged_past_its_checkpoint(corpus_dir, tmp_path):
+    """Killed at stage 2 step 5 (checkpoint at step 3, a loss logged at step 4): the resumed run logs step 4
+    again and TensorBoard shows it once, as metrics.jsonl does."""
+    plan, run = write_plan(tmp_path, SMALL_PLAN, corpus_dir), tmp_path / "run"
+    killed = growlm("train", str(plan), "--out", str(run), "--tensorboard", "--no-progress",
+                    env={"GROWLM_FAULT": "kill@step:2:5"})
+    assert killed.returncode != 0
+    growlm("train", str(plan), "--out", str(run), "--resume", "--tensorboard", "--no-progress", check=True)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    got = scalars(run)["loss"]
+    assert [s for s, _ in got] == [(r["stage"] - 1) * STEPS + r["step"] for r in recs] == list(range(2, 21, 2))
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
 
 
 def test_plan_setting_and_per_stage_eval(corpus_dir, tmp_path):
