@@ -82,3 +82,11 @@ def test_plan_setting_and_per_stage_eval(corpus_dir, tmp_path):
     assert tags, sorted(got)
     for tag in tags:  # one point per stage, at its depth (2 grown blocks, then 1 more)
         assert [s for s, _ in got[tag]] == [2, 3], tag
+
+
+def test_flag_is_refused_with_nproc(tmp_path, capsys):
+    """torchrun's processes get the plan, not this process's flags: the plan setting is the way there."""
+    assert main(["train", str(tmp_path / "plan.toml"), "--out", str(tmp_path / "run"), "--nproc", "2",
+                 "--tensorboard"]) == 2
+    assert "set [train] tensorboard = true in the plan" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
