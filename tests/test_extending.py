@@ -20,11 +20,11 @@ from growlm.registry import Registry
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
-def example(section: str) -> str:
-    """The one ```python block under the ``## {section}`` heading of docs/extending.md."""
+def example(section: str, lang: str = "python") -> str:
+    """The one ```{lang} block under the ``## {section}`` heading of docs/extending.md."""
     body = DOC.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
-    assert len(blocks) == 1, f"{section}: expected one python block, found {len(blocks)}"
+    blocks = re.findall(rf"```{lang}\n(.*?)```", body, re.S)
+    assert len(blocks) == 1, f"{section}: expected one {lang} block, found {len(blocks)}"
     return blocks[0]
 
 
@@ -46,9 +46,9 @@ def loaded(section: str, registry: Registry, name: str) -> Iterator[dict]:
 # A substrate kind
 
 
-def test_toy_substrate_kind(corpus_dir, tmp_path):
-    from cli_util import SMALL_PLAN
-    from growlm.plan import SubstrateSpec, load_plan
+def test_toy_substrate_kind(corpus_dir, tmp_path, capsys):
+    from cli_util import SMALL_PLAN, write_plan
+    from growlm.plan import SubstrateSpec, load_plan, plan_to_json
     from growlm.substrate import KINDS, Substrate, build_substrate
     from growlm.substrate.registry import SUBSTRATE_KINDS
 
@@ -62,21 +62,51 @@ def test_toy_substrate_kind(corpus_dir, tmp_path):
             build_substrate("digits", dim=8, vocab_size=300, base="4")
         s.save(tmp_path / "sub")
         assert Substrate.load(tmp_path / "sub").fingerprint == s.fingerprint
-        # the plan and the CLI offer it
-        plan = tmp_path / "plan.toml"
-        plan.write_text(SMALL_PLAN.replace('kind = "binary"\nbits = 16', 'kind = "digits"'), encoding="utf-8")
-        for name in ("train.txt", "valid.txt"):
-            (tmp_path / name).write_bytes((corpus_dir / name).read_bytes())
-        assert load_plan(plan).substrate.kind == "digits"
+        # the plan offers it, its params reach the builder and are recorded in the run's plan.json
+        one_stage = SMALL_PLAN.split("[[stage]]")[0] + "[[stage]]" + SMALL_PLAN.split("[[stage]]")[1]
+        plan = write_plan(tmp_path, one_stage.replace('[substrate]\nkind = "binary"\nbits = 16\n',
+                                                      example("A substrate kind", "toml")), corpus_dir)
+        assert load_plan(plan).substrate.params == {"base": 4}
+        assert main(["train", str(plan), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+        built = Substrate.load(tmp_path / "run" / "substrate")
+        assert built.recipe["params"] == {"base": 4}
+        assert torch.equal(built.table, build_substrate("digits", dim=32, vocab_size=built.vocab_size, base=4).table)
+        assert json.loads((tmp_path / "run" / "plan.json").read_text())["substrate"]["params"] == {"base": 4}
+        assert load_plan(tmp_path / "run" / "plan.json") == load_plan(plan)
+        # checked against DigitsParams when the plan is read, each error naming its key
+        good = plan.read_text()
+        for bad, error in (("scale = 2", "scale: unknown key"), ('base = "4"', "base: Input should be a valid integer"),
+                           ("seed = 1", "seed: give it as substrate.seed, not in substrate.params")):
+            plan.write_text(good.replace("\nbase = 4\n", f"\n{bad}\n"))
+            with pytest.raises(GrowlmError) as e:
+                load_plan(plan)
+            assert str(e.value) == f"plan {plan}: substrate.params.{error}"
+        plan.write_text(good)
+        # and so does the CLI: --param KEY=VALUE, typed by DigitsParams
         assert main(["substrate", "build", "--kind", "digits", "--vocab-size", "50", "--dim", "4",
                      "--out", str(tmp_path / "cli")]) == 0
         assert Substrate.load(tmp_path / "cli").recipe["params"] == {"base": 10}
+        assert main(["substrate", "build", "--kind", "digits", "--param", "base=4", "--vocab-size", "50", "--dim",
+                     "4", "--out", str(tmp_path / "cli4")]) == 0
+        assert Substrate.load(tmp_path / "cli4").recipe["params"] == {"base": 4}
+        capsys.readouterr()
+        for param, error in (("base=four", "substrate kind 'digits': base: Input should be a valid integer, unable "
+                                           "to parse string as an integer"),
+                             ("scale=2", "substrate kind 'digits': scale: not a parameter of this kind; it takes: base"),
+                             ("seed=2", "--param seed: give it as --seed"), ("base", "--param takes KEY=VALUE, got 'base'")):
+            assert main(["substrate", "build", "--kind", "digits", "--param", param, "--vocab-size", "50", "--dim",
+                         "4", "--out", str(tmp_path / "bad")]) == 2
+            assert capsys.readouterr().err == f"growlm: error: {error}\n"
+        assert not (tmp_path / "bad").exists()
     # gone again: the built-ins are what is left, and the plan names them
     assert SUBSTRATE_KINDS.names() == KINDS == ("glyph", "binary", "random-bits", "trainable")
     with pytest.raises(ValidationError, match="unknown substrate kind 'digits'; choose one of: glyph, binary"):
         SubstrateSpec(kind="digits")
     with pytest.raises(GrowlmError, match="unknown substrate kind 'digits'"):
         build_substrate("digits", dim=8, vocab_size=300)
+    # a plan without params records no params key: its plan.json is the one recorded before the key existed
+    assert plan_to_json(load_plan(write_plan(tmp_path, SMALL_PLAN, corpus_dir)))["substrate"] == \
+        {"kind": "binary", "dir": None, "bits": 16, "seed": 0}
 
 
 # ----------------------------------------------------------------------------------------------

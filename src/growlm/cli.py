@@ -89,6 +89,23 @@ def _ngram_lengths(text: str) -> tuple[int, ...]:
         raise GrowlmError(f"--ngrams takes comma-separated n-gram lengths such as 2,3; got {text!r}") from None
 
 
+def _kind_params(kind: str, items: list[str]) -> dict[str, object]:
+    """``--param KEY=VALUE ...`` as the substrate kind's parameters, typed by the Params model it registered."""
+    from growlm.substrate.registry import get_kind
+
+    given: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise GrowlmError(f"--param takes KEY=VALUE, got {item!r}")
+        if key in ("bits", "seed"):  # the flags every kind is offered; two spellings could disagree
+            raise GrowlmError(f"--param {key}: give it as --{key}")
+        if key in given:
+            raise GrowlmError(f"--param {key} is given twice")
+        given[key] = value
+    return get_kind(kind).from_text(given)
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 
@@ -115,6 +132,7 @@ def cmd_substrate_build(a: argparse.Namespace) -> None:
 
     out = Path(a.out)
     _check_output_dir(out, a.overwrite)
+    params = _kind_params(a.kind, a.param or [])
     tok = None
     if a.tokenizer:
         from growlm.tokenizer import Tokenizer
@@ -122,7 +140,8 @@ def cmd_substrate_build(a: argparse.Namespace) -> None:
         tok = Tokenizer.load(Path(a.tokenizer))
     elif a.vocab_size is None:
         raise GrowlmError("give --tokenizer DIR or --vocab-size N")
-    sub = build_substrate(a.kind, dim=a.dim, tokenizer=tok, vocab_size=a.vocab_size, bits=a.bits, seed=a.seed)
+    sub = build_substrate(a.kind, dim=a.dim, tokenizer=tok, vocab_size=a.vocab_size, bits=a.bits, seed=a.seed,
+                          **params)
     with _output_dir(out, a.overwrite) as tmp:
         sub.save(tmp)
     print(f"substrate {sub.kind}: [{sub.vocab_size:,}, {sub.dim}], fingerprint {sub.fingerprint} -> {a.out}")
@@ -324,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dim", type=int, required=True)
     b.add_argument("--bits", type=int, help="code width for binary/random-bits")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a parameter of the kind, as its Params model types it (e.g. basis=vocab for glyph); "
+                        "repeat for several")
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
     b.set_defaults(func=cmd_substrate_build)

@@ -15,7 +15,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from growlm.corpus import regular_file
 from growlm.errors import GrowlmError
@@ -33,6 +44,9 @@ class SubstrateSpec(_Spec):
     dir: Path | None = None  # reuse an existing substrate (the shared docking port)
     bits: Pos | None = None
     seed: int = 0
+    # [substrate.params]: the kind's own parameters, typed by the Params model it registered. bits and seed
+    # stay keys of [substrate] itself (every kind is offered them, and plans have always given them there)
+    params: dict[str, Any] = {}
 
     @field_validator("kind")
     @classmethod
@@ -44,6 +58,33 @@ class SubstrateSpec(_Spec):
         except GrowlmError as e:  # pydantic reports a ValueError under the key: substrate.kind: unknown ...
             raise ValueError(str(e)) from None
         return kind
+
+    @field_validator("params")
+    @classmethod
+    def _kind_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the kind's Params model now, not when the substrate is built: a ValidationError
+        raised here is reported under its own key, substrate.params.KEY."""
+        if "kind" not in info.data:  # the kind was refused; that is the error to report
+            return params
+        from growlm.substrate.registry import get_kind
+
+        shared = [k for k in params if k in cls.model_fields]
+        if shared:
+            raise ValidationError.from_exception_data("params", [InitErrorDetails(
+                type=PydanticCustomError("shared_key", "give it as substrate.{key}, not in substrate.params",
+                                         {"key": shared[0]}),
+                loc=(shared[0],), input=params[shared[0]])])
+        get_kind(info.data["kind"]).params.model_validate(params)
+        return params
+
+    @model_serializer(mode="wrap")
+    def _omit_no_params(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``params`` key without parameters: the plan.json of every plan that gives none is
+        byte-identical to the one recorded before the key existed (``--resume`` compares them)."""
+        out = handler(self)
+        if not self.params:
+            out.pop("params", None)
+        return out
 
 
 class TokenizerSpec(_Spec):

@@ -134,7 +134,7 @@ def prepare_substrate(plan: Plan, run: Path, tokenizer):
                 raise GrowlmError(f"substrate {spec.dir} was built for tokenizer {tok_fp[:12]}, "
                                   f"not this plan's tokenizer {tokenizer.fingerprint[:12]}")
         else:
-            sub = build_substrate(spec.kind, dim=d, tokenizer=tokenizer, bits=spec.bits, seed=spec.seed)
+            sub = build_substrate(spec.kind, dim=d, tokenizer=tokenizer, bits=spec.bits, seed=spec.seed, **spec.params)
         with atomic_dir(dst) as tmp:
             sub.save(tmp)
     sub = Substrate.load(dst)

@@ -73,15 +73,26 @@ class SubstrateKind:
 
     def build(self, vocab: Vocab, dim: int, given: dict[str, Any]) -> Substrate:
         """Validate the parameters this kind declares (others in ``given`` are ignored, so one call, or
-        the plan's one flat table, can serve every kind) and build."""
-        mine = {k: v for k, v in given.items() if k in self.params.model_fields}
+        the plan's bits and seed, can serve every kind) and build."""
+        params = self._validate({k: v for k, v in given.items() if k in self.params.model_fields}, strict=True)
+        return self.builder(vocab, dim=dim, **{k: getattr(params, k) for k in self.params.model_fields})
+
+    def from_text(self, given: dict[str, str]) -> dict[str, Any]:
+        """Parameters written as text (``--param KEY=VALUE``), each converted to the type this kind
+        declares for it ("16" to 16 for an int); a key it does not declare is refused."""
+        params = self._validate(given, strict=False)
+        return {k: getattr(params, k) for k in given}
+
+    def _validate(self, given: dict[str, Any], *, strict: bool) -> Params:
         try:
-            params = self.params(**mine)
+            return self.params.model_validate(given, strict=strict)
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise GrowlmError(f"substrate kind {self.name!r}: {where}: {err['msg']}") from None
-        return self.builder(vocab, dim=dim, **{k: getattr(params, k) for k in self.params.model_fields})
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"not a parameter of this kind; it takes: {', '.join(self.params.model_fields) or 'none'}"
+            raise GrowlmError(f"substrate kind {self.name!r}: {where}: {msg}") from None
 
 
 SUBSTRATE_KINDS: Registry[SubstrateKind] = Registry("substrate kind", "growlm.substrate")
