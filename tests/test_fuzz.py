@@ -2,8 +2,8 @@
 
 The one property, for every generated input: ``growlm`` (driven in-process through
 :func:`growlm.cli.main`) either succeeds, or ends with exactly one ``growlm: error: ...`` line as
-the last line of stderr and a non-zero exit code (argparse's usage errors, exit code 2, are fine
-too). Never a traceback (any exception escaping ``main``), never a hang (a ``SIGALRM`` guard turns
+the last line of stderr and a non-zero exit code (argparse's usage errors too, with exit code 2).
+Never a traceback (any exception escaping ``main``), never a hang (a ``SIGALRM`` guard turns
 one into a failure), never a new or changed file outside ``--out`` (a failed command leaves no new
 files at all, except a training run's own resumable state inside its ``--out``), and never a
 change to a finished model, stage or mixture dir.
@@ -153,10 +153,10 @@ def check_outcome(res: Result) -> None:
     note(f"stderr: {res.stderr[-2000:]}")
     if res.crash is not None:
         raise AssertionError(f"growlm {' '.join(res.argv)!r} crashed: {crash_line(res)}\n{res.crash}")
-    if res.argparse_exit:
-        assert res.rc == 2 and "error:" in res.stderr, f"argparse exit {res.rc}: {res.stderr[-500:]}"
-        return
-    if res.rc == 0:
+    if res.argparse_exit:  # a usage error: the same one line as any other error, with exit code 2
+        assert res.rc == 2 and res.stderr.startswith("growlm: error: ") and res.stderr.count("\n") == 1, \
+            f"argparse exit {res.rc}: {res.stderr[-500:]}"
+    elif res.rc == 0:
         assert "Traceback" not in res.stderr, res.stderr
         return
     errors = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.startswith("growlm: error: ")]

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from growlm.errors import GrowlmError, one_line
 from growlm.registry import registered
@@ -311,18 +312,34 @@ def cmd_verify(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from growlm.demo import demo
 
-    demo(out=Path(a.out), quick=a.quick, force=a.force)
+    demo(out=Path(a.out), quick=a.quick, force=a.force, seeds=a.seeds)
 
 
 # ----------------------------------------------------------------------------------------------
 # parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with growlm's errors: one line, ``growlm: error: --flag: why``, exit code 2, instead of
+    a usage block; a bad choice lists the valid ones, read (from the registry) when the value is checked."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        # argparse's own message wraps the choices in its usage block; the sub-parsers are of this class too
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice {value!r}; choose one of: {choices}")
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``message`` (argparse's "argument --flag: why", "argument " dropped) on one line; exit 2."""
+        self.exit(2, f"growlm: error: {one_line(message.removeprefix('argument '))}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="growlm", description="Grow language models layer by layer over a frozen substrate.")
+    p = _Parser(prog="growlm", description="Grow language models layer by layer over a frozen substrate.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    tk = sub.add_parser("tokenizer", help="build a bvv241-style Unicode tokenizer").add_subparsers(dest="sub", required=True)
+    tk = sub.add_parser("tokenizer", help="build a bvv241-style Unicode tokenizer").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
     b = tk.add_parser("build", help="build a tokenizer from a corpus or a preset")
     b.add_argument("--corpus", nargs="+", metavar="FILE")
     b.add_argument("--out", required=True, metavar="DIR")
@@ -334,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
     b.set_defaults(func=cmd_tokenizer_build)
 
-    sb = sub.add_parser("substrate", help="build a frozen token substrate").add_subparsers(dest="sub", required=True)
+    sb = sub.add_parser("substrate", help="build a frozen token substrate").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
     b = sb.add_parser("build", help="build a substrate matrix and its recipe")
     b.add_argument("--kind", required=True, choices=registered("growlm.substrate.registry", "SUBSTRATE_KINDS"),
                    metavar="KIND", help="%(choices)s")
@@ -431,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="demo-out", metavar="DIR")
     b.add_argument("--quick", action="store_true", help="toy scale, about a minute")
     b.add_argument("--force", action="store_true", help="replace an existing report in --out")
+    b.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="seeds of the headline comparison, grown vs monolithic (default 2)")
     b.set_defaults(func=cmd_demo)
     return p
 
