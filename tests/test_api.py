@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import shutil
@@ -109,3 +110,38 @@ def test_import_is_light_and_the_api_verbs_stay_functions():
             "import growlm.training, growlm.evaluation.ppl, growlm.api; "
             "assert growlm.train is growlm.api.train and growlm.evaluate is growlm.api.evaluate")
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), cwd=Path(__file__).parent)
+
+
+def test_evaluate_scores_a_loaded_model_as_it_is_in_memory(tiny_model_dir, tiny_tokenizer_dir, corpus_dir, tmp_path):
+    """evaluate(growlm.load(...)) scores the weights the caller holds, never the files again, and a model
+    changed in memory does not claim the stored fingerprint."""
+    import torch
+
+    from conftest import save_tiny_model
+
+    valid = corpus_dir / "valid.txt"
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    stored = growlm.evaluate(model_dir, "ppl", data=valid, progress=False)
+    loaded = growlm.load(model_dir)
+    assert loaded.fingerprint == stored["model_fingerprint"] and loaded.unchanged()
+    shutil.rmtree(model_dir)  # nothing is read from the dir again: unchanged weights, the same dict
+    assert growlm.evaluate(loaded, "ppl", data=valid, progress=False) == stored
+
+    with torch.no_grad():
+        loaded.model.head.weight.zero_()  # every logit 0: the uniform distribution, ln V nats per token
+    changed = growlm.evaluate(loaded, "ppl", data=valid, progress=False)
+    assert changed["loss"] == pytest.approx(math.log(loaded.model.cfg.vocab_size), rel=1e-5) != stored["loss"]
+    assert not loaded.unchanged() and changed["model_fingerprint"] is None
+    assert changed.keys() == stored.keys() and changed["model"] == stored["model"] == str(model_dir)
+
+    # a mixture likewise: its recorded fingerprint while unchanged, None after an expert's head is zeroed
+    other = save_tiny_model(tiny_tokenizer_dir, tmp_path / "other", seed=1)
+    mix = growlm.merge([tiny_model_dir, other], tmp_path / "mix")
+    stored = growlm.evaluate(mix, "ppl", data=valid, progress=False)
+    loaded = growlm.load(mix)
+    assert growlm.evaluate(loaded, "ppl", data=valid, progress=False) == stored
+    with torch.no_grad():
+        loaded.model.experts[0].head.weight.zero_()
+    changed = growlm.evaluate(loaded, "ppl", data=valid, progress=False)
+    assert changed["loss"] != pytest.approx(stored["loss"]) and changed["model_fingerprint"] is None
+    assert growlm.evaluate(mix, "ppl", data=valid, progress=False) == stored  # the dir itself is as it was

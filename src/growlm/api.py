@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,23 +67,35 @@ def train(plan: Plan | PathLike, out: PathLike, *, resume: bool = False, progres
 
 @dataclass(frozen=True)
 class Loaded:
-    """A model or a mixture loaded for inference (eval mode, on the CPU), with its tokenizer and the
-    dir it came from. Unpacks as ``model, tokenizer = growlm.load(path)``."""
+    """A model or a mixture loaded for inference (eval mode, on the CPU), with its tokenizer, the
+    dir it came from and the fingerprint recorded there. Unpacks as ``model, tokenizer = growlm.load(path)``."""
 
     model: Any  # a growlm.model.GrowLM, or a growlm.compose.Mixture
     tokenizer: Tokenizer
     path: Path
+    fingerprint: str  # the model's, as recorded in its dir when it was loaded
+    state_sha256: str = field(repr=False)  # of model.state_dict() as loaded: tells a model changed since
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))
 
+    def unchanged(self) -> bool:
+        """Whether the model's tensors are still those it was loaded with (hashes every tensor)."""
+        return _state_sha256(self.model) == self.state_sha256
+
+
+def _state_sha256(model: Any) -> str:
+    from growlm.hashing import sha256_tensors
+
+    return sha256_tensors(model.state_dict())
+
 
 def load(path: PathLike) -> Loaded:
     """The model dir, run stage or mixture dir at ``path``, fully verified, with its tokenizer."""
-    from growlm.evaluation import load_any
+    from growlm.evaluation import fingerprint_of, load_any
 
     model, tokenizer = load_any(Path(path))
-    return Loaded(model, tokenizer, Path(path))
+    return Loaded(model, tokenizer, Path(path), fingerprint_of(Path(path)), _state_sha256(model))
 
 
 def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Sequence[PathLike] | None = None,
@@ -91,17 +103,23 @@ def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Se
              sample: bool = False, progress: bool = True) -> dict:
     """Score a model on ``task`` (``ppl`` or a benchmark); returns the dict ``growlm eval --json`` prints.
 
-    ``model_or_path``: a model, stage or mixture dir, or what :func:`load` returned; either way the
-    model is evaluated as stored in its dir, so the scores belong to its recorded fingerprint.
-    ``data``: the task's data (``ppl``: text files, required; a benchmark: its files or ``hf:NAME``,
+    ``model_or_path``: a model, stage or mixture dir, scored as stored there; or what :func:`load`
+    returned, scored as it is in memory now (nothing is read again). Its ``model_fingerprint`` is the
+    recorded one while its tensors are those loaded, and None once they were changed: those scores
+    belong to no stored model. ``data``: the task's data (``ppl``: text files, required; a benchmark: its files or ``hf:NAME``,
     default the offline packages). ``protocol``: ``paper`` (default) or ``loglik``. ``limit``: items
     per run (``ppl``: the first ``limit`` files). See :func:`growlm.evaluation.run.evaluate`.
     """
     from growlm.evaluation.run import evaluate as score
+    from growlm.evaluation.run import evaluate_model
 
-    path = model_or_path.path if isinstance(model_or_path, Loaded) else Path(model_or_path)
-    return score(path, task, data=data, protocol=protocol or "paper", limit=limit, runs=runs, seed=seed,
-                 sample=sample, progress=progress)
+    options = dict(data=data, protocol=protocol or "paper", limit=limit, runs=runs, seed=seed, sample=sample,
+                   progress=progress)
+    if isinstance(model_or_path, Loaded):
+        fingerprint = model_or_path.fingerprint if model_or_path.unchanged() else None
+        return evaluate_model(model_or_path.model, model_or_path.tokenizer, task, name=str(model_or_path.path),
+                              fingerprint=fingerprint, **options)
+    return score(Path(model_or_path), task, **options)
 
 
 def merge(paths: Sequence[PathLike], out: PathLike, *, combine: str = "mean-logits",

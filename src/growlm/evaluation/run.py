@@ -70,6 +70,20 @@ def evaluate(model_path: str | Path, task: str, *, data: DataArg = None, protoco
                           sample=sample, progress=progress)
 
 
+def evaluate_model(model: LM, tokenizer, task: str, *, name: str, fingerprint: str | None, data: DataArg = None,
+                   protocol: str = "paper", limit: int | None = None, runs: int | None = None, seed: int = 0,
+                   sample: bool = False, progress: bool = True) -> dict:
+    """:func:`evaluate` of a model already in memory, scored as it is now (nothing is read from its dir).
+
+    ``name`` and ``fingerprint`` become the result's ``model`` and ``model_fingerprint``: the caller
+    vouches that the weights are those of the model with that fingerprint, or passes None.
+    """
+    runs = _check(task, protocol, limit, runs, sample)
+    source = _load_source(task, data, protocol)
+    return _score(model, tokenizer, {"task": task, "model": name, "model_fingerprint": fingerprint}, source,
+                  protocol=protocol, limit=limit, runs=runs, seed=seed, sample=sample, progress=progress)
+
+
 def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
                        limit: int | None = None, runs: int | None = None, seed: int = 0, sample: bool = False,
                        progress: bool = True) -> list[dict]:
@@ -138,8 +152,15 @@ def _load_source(task: str, data: DataArg, protocol: str) -> list[Path] | list[I
 def _evaluate_path(path: Path, task: str, source: list, *, protocol: str, limit: int | None, runs: int,
                    seed: int, sample: bool, progress: bool) -> dict:
     model, tokenizer = load_any(path)
+    return _score(model, tokenizer, {"task": task, "model": str(path), "model_fingerprint": fingerprint_of(path)},
+                  source, protocol=protocol, limit=limit, runs=runs, seed=seed, sample=sample, progress=progress)
+
+
+def _score(model: LM, tokenizer, head: dict, source: list, *, protocol: str, limit: int | None, runs: int,
+           seed: int, sample: bool, progress: bool) -> dict:
+    """``head`` (task, model, model_fingerprint) and the scores of ``model`` on ``head["task"]``."""
+    task = head["task"]
     show = progress and sys.stderr.isatty()
-    head = {"task": task, "model": str(path), "model_fingerprint": fingerprint_of(path)}
     if task == "ppl":
         texts = source[:limit] if limit else source
         res = perplexity(model, tokenizer, texts, progress=show)
