@@ -46,8 +46,8 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
 def save_tiny_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
     """A 2-block model over the 16-bit binary substrate of ``tokenizer_dir``, its weights drawn from
     ``seed``, saved as the model dir ``out``: models of different seeds share one docking port."""
-    from growlm.checkpoint import save_model
     from growlm.model import GrowLM, ModelConfig
+    from growlm.store.model import save_model
     from growlm.substrate import build_substrate
     from growlm.tokenizer import Tokenizer
 

@@ -237,8 +237,8 @@ def test_fifos_as_input_files_are_refused_by_name(fifo, corpus_dir, tiny_model_d
 @pytest.fixture(scope="module")
 def flat_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """A 0-block model: embedding, final norm and head only, so scoring megabytes takes seconds."""
-    from growlm.checkpoint import save_model
     from growlm.model import GrowLM, ModelConfig
+    from growlm.store.model import save_model
     from growlm.substrate import build_substrate
     from growlm.tokenizer import Tokenizer
 

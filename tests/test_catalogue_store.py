@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from cli_util import growlm
-from growlm.checkpoint import load_model, read_meta, save_model
-from growlm.compose import info_mixture, load_mixture, merge
+from growlm.compose import load_mixture, merge
 from growlm.errors import GrowlmError
 from growlm.fileio import atomic_dir
 from growlm.hashing import sha256_file
+from growlm.store.mixture import info_mixture
+from growlm.store.model import load_model, read_meta, save_model
 from growlm.verify import verify
 
 

@@ -12,21 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from growlm.checkpoint import load_model, save_model
 from growlm.cli import main
-from growlm.compose import (
-    HEADS,
-    MIXTURE_JSON,
-    ROUTER,
-    Tuning,
-    add_expert,
-    info_mixture,
-    load_mixture,
-    merge,
-)
+from growlm.compose import Tuning, add_expert, load_mixture, merge
 from growlm.errors import GrowlmError
 from growlm.growth import grow
 from growlm.plan import TrainSpec
+from growlm.store.mixture import HEADS, MIXTURE_JSON, ROUTER, info_mixture
+from growlm.store.model import load_model, save_model
 
 
 def _variant(src: Path, out: Path, *, seed: int, grow_by: int = 0, tokenizer_dir: Path | None = None) -> Path:

@@ -115,7 +115,7 @@ def test_toy_substrate_kind(corpus_dir, tmp_path, capsys):
 
 def _expert(src: Path, out: Path, seed: int) -> Path:
     """A copy of ``src`` with a perturbed head: an expert that differs."""
-    from growlm.checkpoint import load_model, save_model
+    from growlm.store.model import load_model, save_model
 
     saved = load_model(src)
     with torch.no_grad():
@@ -126,9 +126,9 @@ def _expert(src: Path, out: Path, seed: int) -> Path:
 
 
 def test_toy_combine_rule(tiny_model_dir, tmp_path):
-    from growlm.checkpoint import load_model
     from growlm.cli import build_parser
     from growlm.compose import RULES, add_expert, load_mixture, merge
+    from growlm.store.model import load_model
 
     a, b = _expert(tiny_model_dir, tmp_path / "a", 1), _expert(tiny_model_dir, tmp_path / "b", 2)
     idx = torch.randint(0, load_model(a).model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

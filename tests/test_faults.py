@@ -20,8 +20,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from cli_util import REPO, SMALL_PLAN, child_env, growlm, tensors_equal, write_plan
-from growlm.checkpoint import block_sha256, model_fingerprint
 from growlm.hashing import sha256_file
+from growlm.store.model import block_sha256, model_fingerprint
 from growlm.training import train
 
 

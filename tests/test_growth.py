@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from cli_util import REPO, SMALL_PLAN, growlm, tensors_equal, write_plan
-from growlm.checkpoint import load_model
 from growlm.errors import GrowlmError
 from growlm.growth import grow, plan_active_params, set_trainable
 from growlm.hashing import sha256_file
@@ -18,6 +17,7 @@ from growlm.info import info_model
 from growlm.lora import add_lora, merge_adapters
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import StageSpec, load_plan
+from growlm.store.model import load_model
 from growlm.training import train
 
 ISSUE_PLAN = """\

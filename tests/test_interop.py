@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from growlm.checkpoint import load_model, save_model
 from growlm.errors import GrowlmError
 from growlm.interop import EXPORT_META, export_hf, import_hf
+from growlm.store.model import load_model, save_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

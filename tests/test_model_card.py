@@ -11,9 +11,9 @@ import yaml
 
 from cli_util import SMALL_PLAN, write_plan
 from conftest import save_tiny_model
-from growlm.checkpoint import load_model, read_meta
 from growlm.cli import main
 from growlm.model_card import EVALS, read_evals, save_eval
+from growlm.store.model import load_model, read_meta
 
 
 @pytest.fixture(scope="module")

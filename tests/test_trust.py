@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_util import REPO, growlm
-from growlm.checkpoint import block_sha256, model_fingerprint
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
 from growlm.info import info_model
+from growlm.store.model import block_sha256, model_fingerprint
 from growlm.training import Loop, train
 
 HEAD = {"head.weight", "ln_f.weight", "ln_f.bias"}

@@ -181,8 +181,8 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_lora_merge(a: argparse.Namespace) -> None:
     _check_out(a.out)
-    from growlm.checkpoint import load_model, save_model
     from growlm.lora import merge_adapters
+    from growlm.store.model import load_model, save_model
 
     saved = load_model(Path(a.model))
     if not saved.model.lora_records:

@@ -2,14 +2,8 @@
 
 Experts that share the frozen substrate and the tokenizer (the "docking port") speak the same
 token ids, so the j-th logit means the same token in every one of them and their outputs can be
-combined without any training. A mixture dir is immutable and self-contained::
-
-    OUT/mixture.json          format, combine rule, weights, experts' fingerprints, docking-port
-                              fingerprints, checksums of every other file, own fingerprint, tuning
-    OUT/experts/0/, 1/, ...   byte-identical copies of the expert model dirs (never modified)
-    OUT/tokenizer/            the shared tokenizer
-    OUT/router.safetensors    the trained per-token gate (combine = "router"; optional)
-    OUT/heads.safetensors     post-merge tuned output layers, replacing the experts' (optional)
+combined without any training. A mixture dir is immutable and self-contained; its files are
+written, read back and checked by :mod:`growlm.store.mixture` (the layout is in :mod:`growlm.store`).
 
 Combine rules, over expert logits ``l_i``:
 
@@ -22,9 +16,7 @@ Combine rules, over expert logits ``l_i``:
 
 from __future__ import annotations
 
-import hashlib
 import math
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,42 +26,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from growlm.checkpoint import (
-    TOKENIZER_DIR,
-    check_port,
-    load_model,
-    load_tensors,
-    read_meta,
-    verify_files,
-)
 from growlm.errors import GrowlmError
-from growlm.fileio import (
-    atomic_dir,
-    atomic_save_tensors,
-    atomic_write_json,
-    check_name,
-    check_tree,
-    field,
-    read_descriptor,
-    remove_stale_temp_dirs,
-    scratch_dir,
-)
-from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.fileio import atomic_dir, remove_stale_temp_dirs, scratch_dir
+from growlm.hashing import sha256_file
 from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
-from growlm.registry import Registry
+from growlm.store.mixture import (
+    HEADS,
+    MIXTURE_JSON,
+    ROUTER,
+    RULES,
+    SPACES,
+    expert_path,
+    info_mixture,
+    read_desc,
+    read_tensors,
+    read_tokenizer,
+    verified_experts,
+    verify_dir,
+    write_desc,
+    write_experts,
+    write_tensors,
+)
+from growlm.store.model import TOKENIZER_DIR, ModelDir, check_port, load_model, read_meta, verify_files
 
 if TYPE_CHECKING:  # growlm.training imports the data pipeline; only the tuning stages need it
     from growlm.tokenizer import Tokenizer
     from growlm.training import Loop
 
-FORMAT = "growlm-mixture"
-VERSION = 1
-MIXTURE_JSON = "mixture.json"
-EXPERTS_DIR = "experts"
-ROUTER = "router.safetensors"
-HEADS = "heads.safetensors"
-SPACES = ("logits", "probs")
 # the lowest prior a router starts from: log(0) would freeze an expert out of the gate for good
 _MIN_PRIOR = 1e-4
 
@@ -159,8 +143,7 @@ class Routed(CombineRule):
     extends = False
 
 
-# the combine rules by name; a rule module registers itself with one line: RULES.register(name, Rule())
-RULES: Registry[CombineRule] = Registry("combine rule", "growlm.compose")
+# the built-in combine rules (RULES is the store's: mixture.json's combine must name one of them)
 RULES.register("mean-logits", CombineRule())
 RULES.register("mean-probs", MeanProbs())
 RULES.register("weighted", Weighted())
@@ -388,27 +371,20 @@ def _is_head(name: str) -> bool:
 # Reading inputs and checking the docking port
 
 
-@dataclass
-class _Expert:
-    path: Path
-    meta: dict
-
-
-def _expand(inputs: Sequence[Path]) -> list[_Expert]:
+def _expand(inputs: Sequence[Path]) -> list[ModelDir]:
     """Expert dirs from the inputs: a model dir is one expert, a (verified) mixture dir its experts."""
     out = []
     for p in map(Path, inputs):
-        if (p / MIXTURE_JSON).is_file():  # this module owns the mixture format and its descriptor
-            desc = _verify_mixture_dir(p)
-            out += [_Expert(p / e["path"], read_meta(p / e["path"])) for e in desc["experts"]]
+        if (p / MIXTURE_JSON).is_file():
+            out += verified_experts(p)
         else:
-            out.append(_Expert(p, read_meta(p)))
+            out.append(ModelDir(p, read_meta(p)))
     if len(out) < 2:
         raise GrowlmError(f"a mixture needs at least two experts, got {len(out)}")
     return out
 
 
-def _check_port(experts: list[_Expert]) -> None:
+def _check_port(experts: list[ModelDir]) -> None:
     """Refuse experts whose substrate or tokenizer differs from the first expert's.
 
     Each expert's recorded fingerprints are first checked against its own tokenizer and embedding
@@ -425,121 +401,6 @@ def _check_port(experts: list[_Expert]) -> None:
             if e.meta[key] != ref.meta[key]:
                 raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {e.meta[key][:12]} but {ref.path} "
                                   f"has {ref.meta[key][:12]}; experts must share the substrate and tokenizer")
-
-
-def mixture_fingerprint(rule: Rule, expert_fps: Sequence[str], substrate_fp: str, tokenizer_fp: str,
-                        tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the rule, the experts, the docking port and the stored tensors (router, heads)."""
-    h = hashlib.sha256(canonical_json({"rule": rule.to_json(), "experts": list(expert_fps),
-                                       "substrate": substrate_fp, "tokenizer": tokenizer_fp}))
-    h.update(sha256_tensors(tensors).encode())
-    return h.hexdigest()
-
-
-def _checked_names(root: Path, expert_paths: Sequence[str]) -> list[str]:
-    """Every file under ``root`` that mixture.json checksums: all but mixture.json itself and the
-    expert weight files, which the experts' own model.json checksums (so each byte is hashed once
-    per verification)."""
-    skip = {MIXTURE_JSON}
-    for rel in expert_paths:
-        skip |= {f"{rel}/{name}" for name in read_meta(root / rel)["files"]}
-    names = (f.relative_to(root).as_posix() for f in sorted(root.rglob("*")) if f.is_file())
-    return [n for n in names if n not in skip]
-
-
-def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
-    """sha256 of every file :func:`_checked_names` lists."""
-    return {name: sha256_file(root / name) for name in _checked_names(root, expert_paths)}
-
-
-def _read_desc(path: Path) -> dict:
-    """mixture.json of a mixture dir, checked to have every field, each of the right type, before
-    anything reads it; a dir holding a symlink or special file is refused."""
-    path = Path(path)
-    check_tree(path, "mixture")
-    f = path / MIXTURE_JSON
-    desc = read_descriptor(f, FORMAT, "mixture")
-    if desc.get("version") != VERSION:
-        raise GrowlmError(f"{f} has version {desc.get('version')!r}; this growlm reads version {VERSION}")
-    _check_desc(f, desc)
-    return desc
-
-
-def _numbers(values: list, f: Path, what: str) -> None:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise GrowlmError(f"{f} is corrupt: {what} are not all finite numbers")
-
-
-def _check_desc(f: Path, desc: dict) -> None:
-    """Refuse a mixture.json whose fields are missing, mistyped or name files outside the dir."""
-    for key in ("substrate_fingerprint", "tokenizer_fingerprint", "fingerprint"):
-        field(desc, key, (str,), f)
-    experts = field(desc, "experts", (list,), f)
-    if len(experts) < 2:
-        raise GrowlmError(f"{f} is corrupt: a mixture has at least two experts, it lists {len(experts)}")
-    for i, e in enumerate(experts):
-        if not isinstance(e, dict):
-            raise GrowlmError(f"{f} is corrupt: experts[{i}] is not an object")
-        field(e, "path", (str,), f, f"experts[{i}].")
-        field(e, "fingerprint", (str,), f, f"experts[{i}].")
-    combine = field(desc, "combine", (str,), f)
-    if combine not in RULES:
-        raise GrowlmError(f"{f} is corrupt: unknown combine rule {combine!r}")
-    if field(desc, "space", (str,), f) not in SPACES:
-        raise GrowlmError(f"{f} is corrupt: space is {desc['space']!r}, not one of {', '.join(SPACES)}")
-    weights = field(desc, "weights", (list, type(None)), f)
-    if weights is not None:
-        _numbers(weights, f, "weights")
-        if len(weights) != len(experts):
-            raise GrowlmError(f"{f} is corrupt: {len(weights)} weights for {len(experts)} experts")
-    router = field(desc, "router", (dict, type(None)), f)
-    if router is not None:
-        if field(router, "in_features", (int,), f, "router.") <= 0:
-            raise GrowlmError(f"{f} is corrupt: router.in_features must be positive")
-        prior = field(router, "prior", (list,), f, "router.")
-        _numbers(prior, f, "router.prior")
-        if len(prior) != len(experts):
-            raise GrowlmError(f"{f} is corrupt: router.prior has {len(prior)} entries for {len(experts)} experts")
-    for name in field(desc, "tensors", (list,), f):
-        if name not in (ROUTER, HEADS):
-            raise GrowlmError(f"{f} is corrupt: tensors lists {name!r}; a mixture stores only {ROUTER} and {HEADS}")
-    files = field(desc, "files", (dict,), f)
-    for name in files:
-        check_name(name, f"{f} files")
-        field(files, name, (str,), f, "the checksum of ")
-    for i, record in enumerate(field(desc, "tuning", (list,), f)):
-        if not isinstance(record, dict) or not isinstance(record.get("stage"), str):
-            raise GrowlmError(f"{f} is corrupt: tuning[{i}] is not a stage record")
-
-
-def _verify_mixture_dir(path: Path) -> dict:
-    """Check every file and fingerprint of a mixture dir except its own tensors; returns mixture.json."""
-    path = Path(path)
-    desc = _read_desc(path)
-    rels = [e["path"] for e in desc["experts"]]
-    for i, rel in enumerate(rels):
-        if rel != f"{EXPERTS_DIR}/{i}":  # never follow a path out of the mixture dir
-            raise GrowlmError(f"mixture {path}: expert {i} has path {rel!r}, expected {EXPERTS_DIR}/{i}")
-    # a file dropped from the record would otherwise go unchecked (and unnoticed)
-    unrecorded = sorted(set(_checked_names(path, rels)) - set(desc["files"]))
-    if unrecorded:
-        raise GrowlmError(f"mixture {path} was modified: {unrecorded[0]} is not recorded in {MIXTURE_JSON}")
-    for name, digest in desc["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise GrowlmError(f"mixture {path} is incomplete: {name} is missing")
-        if sha256_file(f) != digest:
-            raise GrowlmError(f"mixture {path} was modified: checksum mismatch in {name}")
-    for rel, e in zip(rels, desc["experts"], strict=True):
-        meta = read_meta(path / rel)
-        verify_files(path / rel, meta)
-        if meta["fingerprint"] != e["fingerprint"]:
-            raise GrowlmError(f"mixture {path}: {rel} has fingerprint {meta['fingerprint'][:12]}, "
-                              f"{MIXTURE_JSON} records {e['fingerprint'][:12]}")
-        for what in ("substrate_fingerprint", "tokenizer_fingerprint"):
-            if meta[what] != desc[what]:
-                raise GrowlmError(f"mixture {path}: {rel} has {what} {meta[what][:12]}, not {desc[what][:12]}")
-    return desc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,7 +478,7 @@ def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, out: Path
     from growlm.tokenizer import Tokenizer
     from growlm.training import Loop
 
-    models = [load_model(root / EXPERTS_DIR / str(i), verify=False).model for i in range(n)]
+    models = [load_model(root / expert_path(i), verify=False).model for i in range(n)]
     router_desc = None
     if tuning.router:
         in_features = sum(m.cfg.d_model for m in models)
@@ -642,8 +503,7 @@ def _tune(root: Path, n: int, rule: Rule, tuning: Tuning, out: Path
         stored[ROUTER] = mixture.router_state()
     if tuning.head:
         stored[HEADS] = mixture.head_state()
-    for name, tensors in stored.items():
-        atomic_save_tensors(root / name, tensors)
+    write_tensors(root, stored)
     return rule, router_desc, stored, records
 
 
@@ -676,32 +536,11 @@ def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", w
     _check_port(sources)
     remove_stale_temp_dirs(out.parent / _train_dir_name(out))  # a killed tuning merge's, even if this one trains nothing
     with atomic_dir(out) as tmp:
-        rels = []
-        for i, s in enumerate(sources):
-            rel = f"{EXPERTS_DIR}/{i}"
-            shutil.copytree(s.path, tmp / rel)
-            verify_files(tmp / rel, read_meta(tmp / rel))  # the copy is what the mixture will trust
-            rels.append(rel)
-        shutil.copytree(sources[0].path / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+        write_experts(tmp, sources)
         router_desc, stored, records = None, {}, []
         if tuning is not None:
             rule, router_desc, stored, records = _tune(tmp, len(sources), rule, tuning, out)
-        ref = sources[0].meta
-        tensors = {k: v for t in stored.values() for k, v in t.items()}
-        desc = {
-            "format": FORMAT, "version": VERSION, **rule.to_json(),
-            "router": router_desc,
-            "experts": [{"path": rel, "fingerprint": s.meta["fingerprint"], "source": str(s.path.resolve())}
-                        for rel, s in zip(rels, sources, strict=True)],
-            "substrate_fingerprint": ref["substrate_fingerprint"],
-            "tokenizer_fingerprint": ref["tokenizer_fingerprint"],
-            "tensors": sorted(stored),
-            "tuning": records,
-            "fingerprint": mixture_fingerprint(rule, [s.meta["fingerprint"] for s in sources],
-                                               ref["substrate_fingerprint"], ref["tokenizer_fingerprint"], tensors),
-            "files": _checked_files(tmp, rels),
-        }
-        atomic_write_json(tmp / MIXTURE_JSON, desc)
+        write_desc(tmp, rule.to_json(), sources, router_desc, stored, records)
     return out
 
 
@@ -713,7 +552,7 @@ def add_expert(mixture_dir: Path, expert_dir: Path, out: Path, *, combine: str |
     old one when that is a parameter-free mean; a weighted or routed mixture needs ``combine``
     (its weights or gate cannot cover a new expert). Tuned heads are not carried over.
     """
-    desc = _read_desc(Path(mixture_dir))
+    desc = read_desc(Path(mixture_dir))
     if combine is None:
         if not RULES.get(desc["combine"]).extends:
             raise GrowlmError(f"{mixture_dir} combines with {desc['combine']!r}, which does not extend to a new "
@@ -728,10 +567,8 @@ def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixtur
     Refuses a tampered dir: every file's checksum, every expert's fingerprint, the docking port,
     the tokenizer and the mixture's own fingerprint are checked before it is returned.
     """
-    from growlm.tokenizer import Tokenizer
-
     path = Path(path)
-    desc = _verify_mixture_dir(path)
+    desc = verify_dir(path)
     models = [load_model(path / e["path"], verify=False).model for e in desc["experts"]]
     rule = Rule(desc["combine"], desc["space"], tuple(desc["weights"]) if desc["weights"] is not None else None)
     router = None
@@ -740,53 +577,11 @@ def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixtur
             raise GrowlmError(f"mixture {path} combines with a router but stores none")
         router = Router(desc["router"]["in_features"], desc["router"]["prior"])
     mixture = Mixture(models, rule, router)
-    tensors = {}
-    for name in desc["tensors"]:
-        tensors.update(load_tensors(path / name))
-    expected = {**mixture.router_state(), **mixture.head_state()}
-    unknown = set(tensors) - set(expected)
-    if unknown:
-        raise GrowlmError(f"mixture {path} stores unknown tensors: {', '.join(sorted(unknown)[:5])}")
-    mixture.load_state_dict(tensors, strict=False)
-    fp = mixture_fingerprint(rule, [e["fingerprint"] for e in desc["experts"]], desc["substrate_fingerprint"],
-                             desc["tokenizer_fingerprint"], tensors)
-    if fp != desc["fingerprint"]:
-        raise GrowlmError(f"mixture {path} was modified: fingerprint {fp[:12]} differs from the recorded "
-                          f"{desc['fingerprint'][:12]}")
-    tok = Tokenizer.load(path / TOKENIZER_DIR)
-    if tok.fingerprint != desc["tokenizer_fingerprint"]:
-        raise GrowlmError(f"mixture {path}: tokenizer fingerprint {tok.fingerprint[:12]} is not the recorded "
-                          f"{desc['tokenizer_fingerprint'][:12]}")
+    mixture.load_state_dict(read_tensors(path, desc, {*mixture.router_state(), *mixture.head_state()}), strict=False)
+    tok = read_tokenizer(path, desc)
     for p in mixture.parameters():
         p.requires_grad_(False)
     return mixture.to(device).eval(), tok
-
-
-def info_mixture(path: Path) -> dict:
-    """Description of a mixture dir for ``growlm info`` (reads metadata only; no hashing)."""
-    path = Path(path)
-    desc = _read_desc(path)
-    experts = []
-    for e in desc["experts"]:
-        meta = read_meta(path / e["path"])
-        cfg = meta["config"]
-        experts.append({"path": e["path"], "fingerprint": meta["fingerprint"], "n_layers": cfg["n_layers"],
-                        "d_model": cfg["d_model"], "context": cfg["context"], "params_total": meta["params_total"],
-                        "source": e.get("source")})
-    router = desc.get("router")
-    router_params = (router["in_features"] + 1) * len(experts) if router else 0
-    return {
-        "kind": "mixture", "path": str(path), "n_experts": len(experts), "combine": desc["combine"],
-        "space": desc["space"], "experts": experts,
-        # the effective fixed weights (uniform for the means); a router's are per token
-        "weights": None if router else desc["weights"] or [1.0 / len(experts)] * len(experts),
-        "params_total": sum(e["params_total"] for e in experts) + router_params,
-        "vocab_size": read_meta(path / desc["experts"][0]["path"])["config"]["vocab_size"],
-        "context": min(e["context"] for e in experts),
-        "tuned": [r["stage"] for r in desc["tuning"]],
-        "substrate_fingerprint": desc["substrate_fingerprint"],
-        "tokenizer_fingerprint": desc["tokenizer_fingerprint"], "fingerprint": desc["fingerprint"],
-    }
 
 
 def _train_dir_name(out: Path) -> str:
@@ -811,6 +606,6 @@ def merge_summary(path: Path) -> str:
     info = info_mixture(path)
     rule = info["combine"] + (f" in {info['space']} space" if info["combine"] in ("weighted", "router") else "")
     tuned = "".join(f"; {r['stage']} {r['loss_before']:.4f} -> {r['loss_after']:.4f} on {r['tokens']:,} tokens"
-                    for r in _read_desc(path)["tuning"])
+                    for r in read_desc(path)["tuning"])
     return (f"merged {info['n_experts']} experts ({rule}{tuned}) -> {path} "
             f"(fingerprint {info['fingerprint'][:12]}, {info['params_total']:,} params)")

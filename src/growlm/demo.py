@@ -258,8 +258,8 @@ def _mean_bpb(scores: dict[str, dict]) -> float:
 def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     from rich.table import Table
 
-    from growlm.checkpoint import read_meta
     from growlm.report import markdown_table, plot_loss_curves, plot_vs_depth, read_metrics
+    from growlm.store.model import read_meta
 
     ppl = res["ppl"]
     langs = ("en", "ru", "zh")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from growlm.model import count_params_meta, preset_config
 from growlm.store import MixtureDir, RunDir, resolve, stages
+from growlm.store.mixture import info_mixture
 
 
 def info_preset(name: str) -> dict:
@@ -22,8 +23,6 @@ def info_model(path: Path) -> dict:
     """Description of a saved model dir, a mixture dir, or a run (its stages)."""
     found = resolve(path)
     if isinstance(found, MixtureDir):
-        from growlm.compose import info_mixture
-
         return info_mixture(found.path)
     if isinstance(found, RunDir):
         return {"run": str(found.path), "stages": [info_model(s) for _, s in stages(found)]}

@@ -44,13 +44,13 @@ from typing import Any
 import tokenizers
 import torch
 
-from growlm.checkpoint import base_state, load_model, load_tensors, model_fingerprint, save_model
 from growlm.errors import GrowlmError, one_line
 from growlm.fileio import WriteError, atomic_dir, atomic_save_tensors
 from growlm.hashing import sha256_tensors
 from growlm.lora import merge_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.model_card import write_card
+from growlm.store.model import base_state, load_model, load_tensors, model_fingerprint, save_model
 from growlm.substrate import substrate_fingerprint
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT
 from growlm.tokenizer import META_FILE as TOKENIZER_META

@@ -138,8 +138,8 @@ def _lineage_rows(model_dir: Path, meta: dict) -> list[tuple[str, str, str, str,
     A stage's model.json names its ancestors by fingerprint only; when the model is a run's stage,
     the sibling ``stage-N`` dirs holding those fingerprints supply their counts.
     """
-    from growlm.checkpoint import read_meta
     from growlm.store import stages
+    from growlm.store.model import read_meta
 
     known: dict[str, dict] = {}
     for _, sdir in stages(model_dir.parent):

@@ -28,7 +28,6 @@ import torch
 from tqdm import tqdm
 
 from growlm import audit, distributed
-from growlm.checkpoint import MODEL_JSON, load_model, save_model
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
 from growlm.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
@@ -47,6 +46,7 @@ from growlm.store import (
     stage_dir,
     stages,
 )
+from growlm.store.model import MODEL_JSON, load_model, save_model
 from growlm.trunk_cache import TrunkCache
 
 

@@ -12,18 +12,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from growlm import audit
-from growlm.checkpoint import (
+from growlm.errors import GrowlmError
+from growlm.growth import trainable_names
+from growlm.store import MixtureDir, ModelDir, resolve, stages
+from growlm.store.mixture import EXPERTS_DIR
+from growlm.store.model import (
     ADAPTERS,
     WEIGHTS,
     block_sha256,
+    check_port,
+    checked_skeleton,
     load_tensors,
     model_fingerprint,
     read_meta,
     verify_files,
 )
-from growlm.errors import GrowlmError
-from growlm.growth import trainable_names
-from growlm.store import MixtureDir, ModelDir, resolve, stages
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -33,8 +36,6 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
     shapes, tokenizer and recomputed substrate fingerprints), so verify never vouches for a dir
     that will not load.
     """
-    from growlm.checkpoint import check_port, checked_skeleton
-
     lines, problems = [], []
     meta = read_meta(path)
     try:
@@ -77,7 +78,7 @@ def verify(path: Path) -> dict:
             lines.append(f"{path}: mixture checksums and fingerprints ok")
         except GrowlmError as e:
             problems.append(str(e))
-        experts = path / "experts"
+        experts = path / EXPERTS_DIR
         # a missing or symlinked experts/ is already a problem above; never walk where it points
         for expert in sorted(experts.iterdir()) if experts.is_dir() and not experts.is_symlink() else []:
             try:

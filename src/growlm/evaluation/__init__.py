@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from growlm.checkpoint import load_model
 from growlm.errors import GrowlmError
 from growlm.store import MixtureDir, ModelDir, RunDir, resolve, stages
+from growlm.store.model import load_model
 
 
 class LM(Protocol):
@@ -58,7 +58,7 @@ def fingerprint_of(path: str | Path) -> str:
     """The fingerprint recorded for the model at ``path`` (what results are attributed to)."""
     found = _model_or_mixture(path)
     if isinstance(found, MixtureDir):
-        from growlm.compose import info_mixture
+        from growlm.store.mixture import info_mixture
 
         return info_mixture(found.path)["fingerprint"]
     return found.meta["fingerprint"]

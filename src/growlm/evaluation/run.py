@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from growlm.checkpoint import read_meta
 from growlm.errors import GrowlmError
 from growlm.evaluation import LM, fingerprint_of, load_any, model_device
 from growlm.evaluation.ppl import perplexity
@@ -37,6 +36,7 @@ from growlm.evaluation.protocols import (
 )
 from growlm.evaluation.tasks import TASKS, Item, load_items
 from growlm.store import RunDir, resolve, stages
+from growlm.store.model import read_meta
 
 TASK_NAMES = ("ppl", *TASKS)  # the built-in tasks; task_names() includes those registered since
 SAMPLE_TEMPERATURE = 1.0

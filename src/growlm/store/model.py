@@ -1,12 +1,5 @@
-"""Saved models: atomic safetensors I/O, per-block hashes, fingerprints, lineage and verification.
-
-A model dir is immutable once written and self-contained::
-
-    DIR/model.json          config, substrate/tokenizer fingerprints, per-block sha256, file checksums,
-                            fingerprint, lineage, params, plan/stage/metrics when it came from a run
-    DIR/model.safetensors   base weights (embed.weight, blocks.N.*, ln_f.*, head.weight)
-    DIR/adapters.safetensors  LoRA tensors, kept apart from the untouched base blocks (optional)
-    DIR/tokenizer/          the tokenizer it speaks
+"""The model-dir format: atomic safetensors I/O, per-block hashes, fingerprints, lineage and
+verification (the layout is in :mod:`growlm.store`).
 
 Weights are never pickled; loading checks every file's sha256 against model.json first, so a
 truncated or bit-flipped file is refused with its name before any tensor is used. model.json is
@@ -84,6 +77,14 @@ def model_fingerprint(config: dict, substrate_fp: str, tokenizer_fp: str, weight
 
 # ----------------------------------------------------------------------------------------------
 # Save / load
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A model dir (a run's stage is one too), with its checked model.json."""
+
+    path: Path
+    meta: dict
 
 
 @dataclass

@@ -1,18 +1,5 @@
-"""The on-disk store: what a path holds (model, mixture or run), a run's stages, and a stage's
-resumable training state. Every other module asks here instead of testing file names itself.
-
-Layout of a run dir::
-
-    RUN/plan.toml, RUN/plan.json      the plan as given (when given as a TOML file), and resolved
-    RUN/tokenizer/, RUN/substrate/    the docking port, built once (or copied from the plan's dirs)
-    RUN/stage-N/                      immutable model dir after stage N (format: checkpoint.py)
-    RUN/checkpoints/<key>/step-S/     in-stage checkpoint: trainable.safetensors, optimizer.safetensors,
-                                      rng.safetensors and state.json (their sha256, data position, counters)
-    RUN/metrics.jsonl                 one JSON line per logged step
-    RUN/.lock                         held while a process writes the run
-
-A mixture dir (``mixture.json``) is read and checked by compose.py, a model dir (``model.json``) by
-checkpoint.py; this module decides which of them a path is.
+"""Run dirs (the layout is in :mod:`growlm.store`): what a path holds (model, mixture or run), a
+run's stages, a stage's resumable training state, its metrics log and lock.
 """
 
 from __future__ import annotations
@@ -26,8 +13,6 @@ from pathlib import Path
 import torch
 
 from growlm import distributed
-from growlm.checkpoint import MODEL_JSON, load_tensors, read_meta
-from growlm.compose import MIXTURE_JSON
 from growlm.errors import GrowlmError
 from growlm.fileio import (
     WriteError,
@@ -38,6 +23,8 @@ from growlm.fileio import (
     fault_point,
 )
 from growlm.hashing import sha256_file
+from growlm.store.mixture import MIXTURE_JSON, MixtureDir
+from growlm.store.model import MODEL_JSON, ModelDir, load_tensors, read_meta
 
 PLAN_JSON = "plan.json"
 LOCK = ".lock"
@@ -50,21 +37,6 @@ _STAGE = re.compile(r"stage-([1-9]\d*)")
 
 # ----------------------------------------------------------------------------------------------
 # What a path holds
-
-
-@dataclass(frozen=True)
-class ModelDir:
-    """A model dir (a run's stage is one too), with its checked model.json."""
-
-    path: Path
-    meta: dict
-
-
-@dataclass(frozen=True)
-class MixtureDir:
-    """A mixture dir; compose.load_mixture / info_mixture read and check its mixture.json."""
-
-    path: Path
 
 
 @dataclass(frozen=True)
