@@ -57,7 +57,7 @@ def _output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     An existing ``out`` is swapped out by two renames and removed only after the new dir is in
     place, so at no point is ``out`` a half-written dir; on any failure it is left as it was.
     """
-    from growlm.fileio import WriteError, atomic_dir
+    from growlm.store.files import WriteError, atomic_dir
 
     _check_output_dir(out, overwrite)
     staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.new" if out.exists() else out
@@ -252,8 +252,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
             d = stage_dir(Path(a.model), r["stage"]) if a.per_stage else Path(a.model)
             print(f"saved to {save_eval(d, r, data)}", file=sys.stderr)
     if a.per_stage:
-        from growlm.fileio import WriteError
         from growlm.report import sweep_report
+        from growlm.store.files import WriteError
 
         try:
             md, png = sweep_report(results, Path(a.model) / "eval", a.task)

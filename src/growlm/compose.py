@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
-from growlm.fileio import atomic_dir, remove_stale_temp_dirs, scratch_dir
 from growlm.hashing import sha256_file
 from growlm.model import GrowLM, KVCache
 from growlm.plan import TrainSpec
+from growlm.store.files import atomic_dir, remove_stale_temp_dirs, scratch_dir
 from growlm.store.mixture import (
     HEADS,
     MIXTURE_JSON,

@@ -116,8 +116,8 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
 
     def run(name: str, plan: Plan) -> Path:
         from growlm.api import train
-        from growlm.fileio import atomic_write_json
         from growlm.plan import plan_to_json
+        from growlm.store.files import atomic_write_json
 
         # written for users to rerun (load_plan reads JSON); the demo trains the Plan object itself
         saved = out / "plans" / f"{name}.json"

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from growlm.errors import GrowlmError
-from growlm.fileio import WriteError
+from growlm.store.files import WriteError
 
 EVALS = "evals.jsonl"
 CARD = "README.md"
@@ -49,7 +49,7 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     the file never holds a torn record.
     """
     path = Path(model_dir) / EVALS
-    if path.is_symlink():  # the model dir must hold regular files only (checkpoint.check_tree)
+    if path.is_symlink():  # the model dir must hold regular files only (store.files.check_tree)
         raise GrowlmError(f"{path} is a symlink; the saved results must be a regular file in the model dir")
     rec = {**result, "data": data, "saved_at": datetime.now(UTC).isoformat(timespec="seconds")}
     line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()

@@ -30,7 +30,6 @@ from tqdm import tqdm
 from growlm import audit, distributed
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
-from growlm.fileio import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
 from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable, stage_active_params
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
@@ -46,6 +45,7 @@ from growlm.store import (
     stage_dir,
     stages,
 )
+from growlm.store.files import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
 from growlm.store.model import MODEL_JSON, load_model, save_model
 from growlm.trunk_cache import TrunkCache
 

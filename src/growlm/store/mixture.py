@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from growlm.errors import GrowlmError
-from growlm.fileio import (
+from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.registry import Registry
+from growlm.store.files import (
     atomic_save_tensors,
     atomic_write_json,
     check_name,
@@ -29,10 +31,10 @@ from growlm.fileio import (
     field,
     read_descriptor,
 )
-from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.registry import Registry
 from growlm.store.model import TOKENIZER_DIR, ModelDir, load_tensors, read_meta, verify_files
 
+# growlm.compose imports this module, and growlm.tokenizer writes through growlm.store.files, whose import
+# loads this package first: neither can be imported at the top (read_tokenizer imports the tokenizer itself)
 if TYPE_CHECKING:
     from growlm.compose import CombineRule
     from growlm.tokenizer import Tokenizer

@@ -24,7 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
-from growlm.fileio import (
+from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.model import GrowLM, ModelConfig
+from growlm.store.files import (
     atomic_dir,
     atomic_save_tensors,
     atomic_write_json,
@@ -33,9 +35,9 @@ from growlm.fileio import (
     field,
     read_descriptor,
 )
-from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.model import GrowLM, ModelConfig
 
+# growlm.tokenizer (and growlm.substrate) write through growlm.store.files, whose import loads this
+# package first: importing them at the top would be circular, so the functions import them where used
 if TYPE_CHECKING:
     from growlm.tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ import torch
 
 from growlm import distributed
 from growlm.errors import GrowlmError
-from growlm.fileio import (
+from growlm.hashing import sha256_file
+from growlm.store.files import (
     WriteError,
     atomic_dir,
     atomic_save_tensors,
@@ -22,7 +23,6 @@ from growlm.fileio import (
     atomic_write_json,
     fault_point,
 )
-from growlm.hashing import sha256_file
 from growlm.store.mixture import MIXTURE_JSON, MixtureDir
 from growlm.store.model import MODEL_JSON, ModelDir, load_tensors, read_meta
 
