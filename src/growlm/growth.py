@@ -12,13 +12,14 @@ first stage when the substrate is ``trainable``); ``"head"`` trains only the hea
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import torch
 
 from growlm.errors import GrowlmError
 from growlm.lora import lora_param_count
-from growlm.model import Block, GrowLM, ModelConfig, block_param_count, head_param_count
+from growlm.model import Block, GrowLM, ModelConfig, block_param_count, flop_per_token, head_param_count
 from growlm.plan import LoraSpec, Plan, StageSpec
 
 
@@ -113,6 +114,21 @@ def stage_active_params(cfg: ModelConfig, stage: StageSpec, depth_before: int, t
         n += lora_param_count(cfg.d_model, stage.lora.rank, len(lora_blocks(stage.lora, depth_before, depth)),
                               stage.lora.targets)
     return n
+
+
+def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int) -> float:
+    """Matmul FLOPs per training token of a stage, from the model's FLOP model (:func:`flop_per_token`)
+    at the stage's depth: what a grow stage saves is the backward pass through the frozen trunk.
+
+    Blocks below the lowest block that trains or carries this stage's adapters run forward only;
+    that block and every block above it are counted forward and backward, since the gradient flows
+    through them (for a LoRA stage this counts the frozen weights' gradients too, an upper bound).
+    """
+    depth = depth_before + stage.grow
+    lowest = {"all": 0, "new": depth_before if stage.grow else depth}.get(stage.train, depth)
+    if stage.lora is not None:
+        lowest = min([lowest, *lora_blocks(stage.lora, depth_before, depth)])
+    return flop_per_token(dataclasses.replace(cfg, n_layers=depth), frozen=lowest)
 
 
 def plan_active_params(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> list[int]:

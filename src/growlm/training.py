@@ -30,7 +30,14 @@ from tqdm import tqdm
 from growlm import audit, distributed
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
-from growlm.growth import check_lora_budget, grow, lora_blocks, set_trainable, stage_active_params
+from growlm.growth import (
+    check_lora_budget,
+    grow,
+    lora_blocks,
+    set_trainable,
+    stage_active_params,
+    stage_flop_per_token,
+)
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json, resolve_plan
@@ -270,6 +277,7 @@ class _Fit:
     trunk_cache: TrunkCache | None
     ckpts: StageCheckpoints
     halted: torch.Tensor  # set on the device by the first non-finite step (see optimizer_step)
+    flop_per_token: float | None  # the stage's FLOP model, for the log's cumulative FLOPs (None: not modelled)
     state: StageState = field(default_factory=StageState)
     pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
     t_last: float = 0.0  # time and token count at the last log line: the throughput's window
@@ -305,12 +313,14 @@ class Loop:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
-            stage: int, resume_hint: str, declared: set[str], trunk_cache: TrunkCache | None = None) -> StageState:
+            stage: int, resume_hint: str, declared: set[str], trunk_cache: TrunkCache | None = None,
+            flop_per_token: float | None = None) -> StageState:
         """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state.
 
         ``declared`` names the parameters the stage is meant to train: exactly those must require
         grad, and when the stage ends exactly those must have changed (``state.audit``, see audit.py).
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
+        With ``flop_per_token`` every log line carries the stage's FLOPs so far (tokens × FLOPs per token).
         """
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         if live != declared:
@@ -322,7 +332,7 @@ class Loop:
         params = [p for p in model.parameters() if p.requires_grad]
         f = _Fit(stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
                  vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank),
-                 halted=torch.zeros((), device=self.device))
+                 halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token)
         state, spec = f.state, self.spec
         if self.resume:
             self._resume(f)
@@ -392,7 +402,10 @@ class Loop:
         tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
         f.t_last, f.tok_last = now, state.tokens
         rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
-               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params)}
+               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params),
+               "wall_s": round(state.wall_s, 3)}  # the stage's training time so far: steps only, no evals
+        if f.flop_per_token is not None:
+            rec["flops"] = round(f.flop_per_token * state.tokens)
         if f.grad_norm_read is not None:  # read with the losses just before (_check_finite): no extra sync
             rec["grad_norm"] = round(f.grad_norm_read, 6)
         if self.spec.eval_every and state.step % self.spec.eval_every == 0:
@@ -580,10 +593,11 @@ class Trainer(Loop):
         batches, vbatches = self._stage_data(i, st)
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
         trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
+        fpt = stage_flop_per_token(model.cfg, st, depth_before)
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
                          stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"),
                                                           "--out", str(run), "--resume"]),
-                         declared=declared, trunk_cache=trunk)
+                         declared=declared, trunk_cache=trunk, flop_per_token=fpt)
         if trunk is not None:
             self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
 
@@ -599,7 +613,7 @@ class Trainer(Loop):
                       "lora": st.lora.model_dump() if st.lora else None, "adapter": adapter, "tokens": st.tokens,
                       "steps": n_steps, "new_blocks": new},
             "metrics": {"train_loss": state.last_loss, "valid_loss": state.valid_loss, "tokens": state.tokens,
-                        "wall_s": round(state.wall_s, 3), "steps": state.step},
+                        "wall_s": round(state.wall_s, 3), "steps": state.step, "flops": round(fpt * state.tokens)},
             "params_active": active,
             "audit": state.audit,
         }

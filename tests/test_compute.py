@@ -1,0 +1,111 @@
+"""What a stage costs (its FLOP model against torch's own count) and the equal-compute reading of
+validation curves (growlm.compute)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import growlm
+from cli_util import SMALL_PLAN, write_plan
+from growlm.compute import Point, loss_at, stage_costs, total_cost, validation_curve
+from growlm.errors import GrowlmError
+from growlm.growth import set_trainable, stage_flop_per_token
+from growlm.model import GrowLM, ModelConfig, flop_per_token
+from growlm.plan import LoraSpec, StageSpec
+
+
+def _counted(model: GrowLM, cfg: ModelConfig) -> float:
+    """Matmul and attention FLOPs per token that torch counts in one real training step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.context))
+    # the math backend runs attention as matmuls the counter sees (it has no rule for the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, targets=x).backward()
+    return counter.get_total_flops() / x.numel()
+
+
+@pytest.mark.parametrize(("stage", "depth_before"), [
+    (StageSpec(grow=1, tokens=1), 2),  # a grow stage: two frozen blocks run forward only
+    (StageSpec(grow=3, train="all", tokens=1), 0),  # monolithic
+    (StageSpec(grow=0, train="head", tokens=1), 3),  # head only: the whole stack forward only
+])
+def test_stage_flops_match_torch_counter(stage, depth_before):
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_layers=3, context=32)
+    model = GrowLM(cfg)
+    set_trainable(model, stage, list(range(depth_before, 3)))
+    modelled = stage_flop_per_token(cfg, stage, depth_before)
+    # the model counts biases and norm weights as parameters (6 FLOPs each): 1.6% at d 64
+    assert _counted(model, cfg) == pytest.approx(modelled, rel=0.02)
+
+
+def test_stage_flops_order_and_lora_bound():
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_layers=3, context=32)
+    grow, mono = StageSpec(grow=1, tokens=1), StageSpec(grow=3, train="all", tokens=1)
+    head = StageSpec(grow=0, train="head", tokens=1)
+    assert stage_flop_per_token(cfg, head, 3) < stage_flop_per_token(cfg, grow, 2) < stage_flop_per_token(cfg, mono, 0)
+    assert stage_flop_per_token(cfg, mono, 0) == flop_per_token(cfg)
+    # LoRA on block 1 of 3: the gradient flows back through blocks 2 and 1, block 0 runs forward only;
+    # counting block 1's and 2's weight gradients too makes the figure an upper bound of the true cost
+    from growlm.lora import add_lora
+
+    model = GrowLM(cfg)
+    lora = StageSpec(grow=0, tokens=1, lora=LoraSpec(rank=2, blocks=[1]))
+    add_lora(model, "stage1", rank=2, alpha=4.0, blocks=[1], targets=list(lora.lora.targets), generator_seed=0)
+    set_trainable(model, lora, [], "stage1")
+    counted, modelled = _counted(model, cfg), stage_flop_per_token(cfg, lora, 3)
+    assert counted <= modelled <= 1.5 * counted
+    assert modelled == flop_per_token(cfg, frozen=1)
+
+
+def test_loss_at_reads_a_curve():
+    curve = [Point(10, 100.0, 1.0, 4.0), Point(20, 200.0, 2.0, 3.0), Point(40, 400.0, 3.0, 2.0)]
+    assert loss_at(curve, 150.0, "flops") == pytest.approx(3.5)
+    assert loss_at(curve, 2.5, "seconds") == pytest.approx(2.5)
+    assert loss_at(curve, 40, "tokens") == 2.0 and loss_at(curve, 10, "tokens") == 4.0
+    assert loss_at(curve, 401.0, "flops") is None  # the run never spent that much
+    assert loss_at(curve, 99.0, "flops") is None  # before its first measurement
+    assert loss_at([], 1.0, "flops") is None
+
+
+def test_run_cost_and_curve(tmp_path, corpus_dir):
+    plan_file = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", "log_every = 2\neval_every = 4"),
+                           corpus_dir)
+    run = growlm.train(plan_file, tmp_path / "run", progress=False)
+    costs = stage_costs(run)
+    plan = growlm.load_plan(plan_file)
+    cfg = ModelConfig(vocab_size=json.loads((run / "stage-1" / "model.json").read_text())["config"]["vocab_size"],
+                      d_model=32, n_heads=2, context=32)
+    depth = 0
+    for c, st in zip(costs, plan.stage, strict=True):
+        assert c["flops"] == pytest.approx(c["tokens"] * stage_flop_per_token(cfg, st, depth), rel=1e-9)
+        assert c["seconds"] > 0
+        depth += st.grow
+    assert total_cost(run)["flops"] == pytest.approx(sum(c["flops"] for c in costs))
+
+    # every log line carries its stage's FLOPs and training seconds so far
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("flops" in r and "wall_s" in r for r in lines)
+    evals = [r for r in lines if "valid_loss" in r]
+    curve = validation_curve(run)
+    # the mid-stage evaluations and each stage's final one, with cumulative cost across stages
+    assert len(curve) == len([r for r in evals if r["tokens"] < costs[r["stage"] - 1]["tokens"]]) + len(costs)
+    assert all(a.tokens < b.tokens and a.flops < b.flops and a.seconds <= b.seconds
+               for a, b in zip(curve, curve[1:], strict=False))
+    assert curve[-1].tokens == sum(c["tokens"] for c in costs)
+    assert curve[-1].flops == pytest.approx(total_cost(run)["flops"])
+    assert curve[-1].valid_loss == costs[-1]["valid_loss"]
+    first_eval = evals[0]
+    assert curve[0] == Point(first_eval["tokens"], first_eval["flops"], first_eval["wall_s"], first_eval["valid_loss"])
+
+    # a stage saved before growlm counted FLOPs has no cost to read: said, not guessed
+    meta_file = run / "stage-1" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["metrics"]["flops"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(GrowlmError, match="stage-1.*records no training FLOPs"):
+        stage_costs(run)
