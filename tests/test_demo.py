@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from cli_util import growlm
+from growlm.demo import PROMPTS
 
 
 def test_quick_demo_end_to_end(tmp_path):
@@ -12,23 +13,52 @@ def test_quick_demo_end_to_end(tmp_path):
     r = growlm("demo", "--quick", "--out", "demo", timeout=600, cwd=tmp_path)  # a relative --out, as users type it
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for png in ("loss_curves.png", "bpb_vs_depth.png"):
+    for png in ("loss_curves.png", "bpb_vs_depth.png", "loss_vs_flops.png", "loss_vs_seconds.png"):
         assert (out / png).stat().st_size > 10_000 and f"({png})" in report
     res = json.loads((out / "results.json").read_text())
     ppl = res["ppl"]
-    grown = [ppl[f"grown-glyph/stage-{n}"] for n in (1, 2, 3)]
-    assert all(0 < v["bits_per_byte"] < 10 for m in ppl.values() for v in m.values())
-    # every merge rule beats the off-domain specialist on each of its experts' domains
+    assert res["seeds"] == [0, 1]
+    runs = {"grown-glyph", "grown-glyph-seed1", "monolithic-glyph", "monolithic-glyph-seed1", "monolithic-trainable",
+            "grown-binary16", "specialist-ru", "specialist-zh"}
+    mixtures = {"mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs", "mixture-mean-logits+zh"}
+    assert {k.split("/")[0] for k in ppl} == runs | mixtures
+    assert len([k for k in ppl if k.startswith("grown-glyph/")]) == 2  # every stage of the grown model
+    assert all(set(m) == {"en", "ru", "zh", "mixed"} and all(0 < v["bits_per_byte"] < 10 for v in m.values())
+               for m in ppl.values())
+
+    # every model: its training cost, samples that start with their prompt, and their real-word rates
+    assert set(res["train_flops"]) == set(res["train_seconds"]) == set(res["samples"]) == runs | mixtures
+    assert all(res["samples"][m][lang].startswith(p) for m in res["samples"] for lang, p in PROMPTS.items())
+    assert all(0 <= w["rate"] <= 1 and w["real"] <= w["words"] for m in res["real_words"].values() for w in m.values())
+    # a grow stage runs the frozen blocks forward only: less compute than monolithic for the same tokens
+    for k in ("", "-seed1"):
+        assert res["train_flops"][f"grown-glyph{k}"] < res["train_flops"][f"monolithic-glyph{k}"]
+    # a mixture costs what its experts cost
+    assert res["train_flops"]["mixture-mean-logits"] == res["train_flops"]["grown-glyph"] + res["train_flops"]["specialist-ru"]
+
+    # the equal-compute reading: monolithic spent more, so its curve passed the grown model's FLOPs
+    eq = res["equal_compute"]
+    assert eq["grown"]["train_flops"] == (res["train_flops"]["grown-glyph"] + res["train_flops"]["grown-glyph-seed1"]) / 2
+    for base in ("monolithic-glyph", "monolithic-trainable"):
+        b = eq["baselines"][base]
+        assert b["train_flops"] > eq["grown"]["train_flops"] and b["loss_at_grown_flops"] is not None
+        assert len(res["curves"][base]) >= 3
+    hl = res["headline"]
+    assert hl["grown-glyph"]["spread"] == max(hl["grown-glyph"]["bits_per_byte"]) - min(hl["grown-glyph"]["bits_per_byte"])
+    assert hl["words"] in report and "Equal compute" in report and "bpb mixed" in report
+
+    # every merge rule beats the off-domain expert on each of its experts' domains
     for mix in ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs"):
         assert ppl[mix]["en"]["loss"] < ppl["specialist-ru/stage-2"]["en"]["loss"]
-        assert ppl[mix]["ru"]["loss"] < ppl["specialist-en/stage-2"]["ru"]["loss"]
-    assert len(grown) == 3 and {b["protocol"] for b in res["bench"]} == {"paper", "loglik"}
-    assert "Grown vs monolithic" in report and "expert × domain" in report
+        assert ppl[mix]["ru"]["loss"] < ppl["grown-glyph/stage-2"]["ru"]["loss"]
+    assert {b["protocol"] for b in res["bench"]} == {"paper", "loglik"}
     assert res["old_experts_unchanged"] is True
     assert ppl["mixture-mean-logits+zh"]["zh"]["loss"] < ppl["mixture-mean-logits"]["zh"]["loss"]
 
     # a second run never overwrites the first report silently: it is kept beside
-    r = growlm("demo", "--quick", "--out", str(out), timeout=600)
+    r = growlm("demo", "--quick", "--seeds", "1", "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0]
+    assert "from one seed" in (out / "report.md").read_text()
     kept = list(tmp_path.glob("demo.prev-*"))
     assert len(kept) == 1 and (kept[0] / "report.md").read_text() == report

