@@ -193,11 +193,13 @@ Change in bits/byte on the old domains: en {forget['en']:+.3f}, ru {forget['ru']
 
 
 def _rate(w: dict) -> str:
-    return f"{w['rate']:.0%} of {w['words']}"
+    return f"{w['rate']:.0%} of {w['words']}" if w["words"] else "no words"
 
 
 def _rate_note(w: dict | None) -> str:
-    return "" if w is None else f", real words {_rate(w)}"
+    if w is None:
+        return ""
+    return f", real words {_rate(w)}" if w["words"] else ", no words in its script"
 
 
 def _summary(runs: dict[str, Path], res: dict, console) -> None:
