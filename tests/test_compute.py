@@ -102,6 +102,13 @@ def test_run_cost_and_curve(tmp_path, corpus_dir):
     first_eval = evals[0]
     assert curve[0] == Point(first_eval["tokens"], first_eval["flops"], first_eval["wall_s"], first_eval["valid_loss"])
 
+    # a damaged log line is named, not a traceback
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"stage": 2, "step"\n')
+    n = len((run / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(GrowlmError, match=f"metrics.jsonl: line {n} is not a JSON record"):
+        validation_curve(run)
+
     # a stage saved before growlm counted FLOPs has no cost to read: said, not guessed
     meta_file = run / "stage-1" / "model.json"
     meta = json.loads(meta_file.read_text())

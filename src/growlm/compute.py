@@ -9,13 +9,12 @@ the lines where the plan's ``eval_every`` fell. Stages are chained here into one
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 from growlm.errors import GrowlmError
-from growlm.store import stages
+from growlm.store import MetricsLog, stages
 from growlm.store.model import read_meta
 
 
@@ -54,9 +53,7 @@ def validation_curve(run: Path) -> list[Point]:
     the ``eval_every`` points of ``metrics.jsonl`` and each stage's final measurement."""
     costs = stage_costs(run)
     by_stage: dict[int, list[dict]] = {}
-    f = Path(run) / "metrics.jsonl"
-    for line in f.read_text(encoding="utf-8").splitlines() if f.is_file() else []:
-        rec = json.loads(line)
+    for rec in MetricsLog.read(run):
         if "valid_loss" in rec and "flops" in rec:
             by_stage.setdefault(int(rec["stage"]), []).append(rec)
     points, tok0, flop0, sec0 = [], 0, 0.0, 0.0

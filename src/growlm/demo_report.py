@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from growlm.demo import EVERY_STAGE, HEADLINE, LANGS, MIXTURES, loss_text
-from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth, read_metrics
-from growlm.store import stages
+from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth
+from growlm.store import MetricsLog, stages
 from growlm.store.files import atomic_write_bytes
 from growlm.store.model import read_meta
 
@@ -32,7 +32,7 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     """Write ``out/report.md``, ``out/results.json`` and the plots; print the summary; returns the report."""
     ppl, n_seeds = res["ppl"], len(res["seeds"])
     english = [n for n in runs if n.startswith(("grown-glyph", "monolithic-glyph")) or n in BASELINES]
-    plot_loss_curves({n: read_metrics(runs[n]) for n in english}, out / "loss_curves.png",
+    plot_loss_curves({n: MetricsLog.read(runs[n]) for n in english}, out / "loss_curves.png",
                      "training loss across stages (English)")
     curves = {n: res["curves"][n] for n in english}
     g_cost = res["equal_compute"]["grown"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,14 +30,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def read_metrics(run: Path) -> list[dict]:
-    """The lines of ``RUN/metrics.jsonl`` (empty when the run logged nothing)."""
-    f = Path(run) / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
 
 
 def plot_loss_curves(runs: dict[str, list[dict]], out: Path, title: str = "training loss across stages") -> Path:

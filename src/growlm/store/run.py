@@ -235,6 +235,24 @@ class MetricsLog:
     # chart shows where each stage starts on the global-step axis)
     SCALARS = ("loss", "valid_loss", "lr", "tokens_per_s", "grad_norm", "params_active", "stage")
 
+    @staticmethod
+    def read(run: Path) -> list[dict]:
+        """The records of ``RUN/metrics.jsonl`` in order (none when the run logged nothing); a line that
+        is not a JSON object is a one-line error naming the file and the line."""
+        f = Path(run) / METRICS
+        if not f.is_file():
+            return []
+        out = []
+        for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict):
+                raise GrowlmError(f"{f}: line {n} is not a JSON record")
+            out.append(rec)
+        return out
+
     def __init__(self, run: Path, *, rank: int = 0, tensorboard: bool = False) -> None:
         self.path, self.rank = Path(run) / METRICS, rank
         self.tensorboard = tensorboard and rank == 0
