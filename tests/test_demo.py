@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cli_util import growlm
 from growlm.demo import PROMPTS
 
@@ -62,3 +64,45 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "from one seed" in (out / "report.md").read_text()
     kept = list(tmp_path.glob("demo.prev-*"))
     assert len(kept) == 1 and (kept[0] / "report.md").read_text() == report
+
+
+def test_headline_says_whether_the_difference_exceeds_the_seed_spread():
+    from growlm.demo import headline
+
+    h = headline({"grown-glyph": [3.0, 3.1], "monolithic-glyph": [2.6, 2.58]})
+    assert h["grown-glyph"]["mean"] == pytest.approx(3.05) and h["spread"] == pytest.approx(0.1)
+    assert h["difference"] == pytest.approx(0.46)
+    assert h["words"].startswith("monolithic is ahead by 0.460") and "more than the seed-to-seed spread (0.100)" in h["words"]
+    h = headline({"grown-glyph": [3.0, 3.2], "monolithic-glyph": [3.15, 3.1]})
+    assert h["words"].startswith("the difference (0.025 bits/byte, grown ahead) is within the seed-to-seed spread (0.200)")
+    h = headline({"grown-glyph": [3.0], "monolithic-glyph": [3.1]})
+    assert "from one seed" in h["words"] and h["grown-glyph"]["stdev"] is None
+
+
+def test_equal_compute_reads_each_baseline_at_the_grown_models_cost():
+    from growlm.compute import Point
+    from growlm.demo import equal_compute
+
+    def curve(*pts):
+        return [Point(int(f), f, s, v) for f, s, v in pts]
+
+    cost = {"grown-glyph": {"flops": 200.0, "seconds": 20.0}, "grown-glyph-seed1": {"flops": 250.0, "seconds": 30.0},
+            "monolithic-glyph": {"flops": 400.0, "seconds": 40.0},
+            "monolithic-glyph-seed1": {"flops": 400.0, "seconds": 40.0},
+            "monolithic-trainable": {"flops": 400.0, "seconds": 40.0}}
+    mono = curve((100, 10, 4.0), (300, 30, 3.0), (400, 40, 2.5))
+    curves = {"grown-glyph": curve((200, 20, 3.4)), "grown-glyph-seed1": curve((250, 30, 3.2)),
+              "monolithic-glyph": mono, "monolithic-glyph-seed1": mono,
+              "monolithic-trainable": curve((300, 30, 2.0), (400, 40, 1.9))}
+    eq = equal_compute(cost, curves, 2)
+    assert eq["grown"] == {"model": "grown-glyph", "train_flops": 225.0, "train_seconds": 25.0,
+                           "valid_loss": pytest.approx(3.3)}
+    m = eq["baselines"]["monolithic-glyph"]
+    # seed 0 read at 200 FLOPs (3.5) and 20 s (3.5); seed 1 at 250 FLOPs (3.25) and 30 s (3.0)
+    assert m["loss_at_grown_flops"] == pytest.approx(3.375) and m["loss_at_grown_seconds"] == pytest.approx(3.25)
+    assert m["seeds"] == 2 and m["valid_loss"] == 2.5 and m["train_flops"] == 400.0
+    # the trainable baseline's first measurement came after the grown model's whole budget
+    t = eq["baselines"]["monolithic-trainable"]
+    assert t["seeds"] == 1 and t["loss_at_grown_flops"] is None and t["loss_at_grown_seconds"] is None
+    assert eq["words"].startswith("for the same training FLOPs the grown model is ahead: the grown model ends at 3.300")
+    assert "had reached 3.375" in eq["words"] and "(3.250 at the grown model's seconds)" in eq["words"]

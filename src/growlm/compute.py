@@ -29,13 +29,14 @@ class Point:
 
 
 def stage_costs(run: Path) -> list[dict]:
-    """Each finished stage's ``tokens``, ``flops``, ``seconds`` and final ``valid_loss``, in order."""
+    """Each finished stage's ``stage`` number, ``tokens``, ``flops``, ``seconds`` and final
+    ``valid_loss``, in order."""
     out = []
-    for _, path in stages(Path(run)):
+    for index, path in stages(Path(run)):
         m = read_meta(path)["metrics"]
         if "flops" not in m:
             raise GrowlmError(f"{path}: model.json records no training FLOPs (trained before growlm counted them)")
-        out.append({"tokens": int(m["tokens"]), "flops": float(m["flops"]), "seconds": float(m["wall_s"]),
+        out.append({"stage": index, "tokens": int(m["tokens"]), "flops": float(m["flops"]), "seconds": float(m["wall_s"]),
                     "valid_loss": m["valid_loss"]})
     if not out:
         raise GrowlmError(f"{run}: no finished stage")
@@ -57,8 +58,8 @@ def validation_curve(run: Path) -> list[Point]:
         if "valid_loss" in rec and "flops" in rec:
             by_stage.setdefault(int(rec["stage"]), []).append(rec)
     points, tok0, flop0, sec0 = [], 0, 0.0, 0.0
-    for index, c in enumerate(costs, 1):
-        for rec in by_stage.get(index, []):
+    for c in costs:
+        for rec in by_stage.get(c["stage"], []):
             if rec["tokens"] < c["tokens"]:  # the stage's end is measured below, on its saved model
                 points.append(Point(tok0 + rec["tokens"], flop0 + rec["flops"], sec0 + rec["wall_s"],
                                     float(rec["valid_loss"])))
@@ -76,7 +77,7 @@ def loss_at(curve: list[Point], x: float, key: str) -> float | None:
     if not curve or x < xs[0] or x > xs[-1]:
         return None
     for (x0, p0), (x1, p1) in pairwise(zip(xs, curve, strict=True)):
-        if x0 <= x <= x1:
+        if x <= x1:  # the first segment reaching x (the curve's cost never decreases)
             t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
             return p0.valid_loss + t * (p1.valid_loss - p0.valid_loss)
-    return curve[-1].valid_loss  # x is the last measurement itself
+    return curve[-1].valid_loss  # a curve of one measurement, taken at x

@@ -144,9 +144,14 @@ def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None 
     results = _evaluate_all(runs, mixtures, data, s, console)
     results["old_experts_unchanged"] = kept
     results["seeds"] = list(range(n_seeds))
-    results.update(_costs(runs, members))
-    results["equal_compute"] = equal_compute(runs, n_seeds)
-    results["headline"] = headline(results["ppl"], runs, n_seeds)
+    cost, curves = _costs(runs, members)
+    results["train_flops"] = {n: c["flops"] for n, c in cost.items()}
+    results["train_seconds"] = {n: round(c["seconds"], 2) for n, c in cost.items()}
+    results["curves"] = {n: [asdict(p) for p in c] for n, c in curves.items()}
+    results["equal_compute"] = equal_compute(cost, curves, n_seeds)
+    en_bpb = {n: [results["ppl"][final_key(runs, seeded(n, k))]["en"]["bits_per_byte"] for k in range(n_seeds)]
+              for n in HEADLINE}
+    results["headline"] = headline(en_bpb)
 
     console.rule("[bold]5. report")
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -282,6 +287,11 @@ def _final(run: Path) -> Path:
     return stages(run)[-1][1]
 
 
+def final_key(runs: dict[str, Path], name: str) -> str:
+    """The scores' key of run ``name``'s final stage, ``NAME/stage-N``."""
+    return f"{name}/{_final(runs[name]).name}"
+
+
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
     """Validation loss and bits/byte per domain for every model (every stage of the grown ones);
     samples with their real-word rates; short benchmarks."""
@@ -348,44 +358,40 @@ def real_words(text: str, known: frozenset[str], lang: str) -> dict:
     return {"words": len(found), "real": hits, "rate": hits / len(found) if found else 0.0}
 
 
-def _costs(runs: dict[str, Path], members: dict[str, list[str]]) -> dict:
-    """``train_flops``, ``train_seconds`` and validation ``curves`` per run; a mixture's cost is its
+def _costs(runs: dict[str, Path], members: dict[str, list[str]]) -> tuple[dict[str, dict], dict[str, list]]:
+    """Each run's training ``flops`` and ``seconds`` and its validation curve; a mixture's cost is its
     experts' runs' (``members``; its post-merge tuning, when it has one, is not counted)."""
     from growlm.compute import total_cost, validation_curve
 
     cost = {name: total_cost(run) for name, run in runs.items()}
     for name, names in members.items():
         cost[name] = {k: sum(cost[n][k] for n in names) for k in ("flops", "seconds")}
-    return {"train_flops": {n: c["flops"] for n, c in cost.items()},
-            "train_seconds": {n: round(c["seconds"], 2) for n, c in cost.items()},
-            "curves": {n: [asdict(p) for p in validation_curve(r)] for n, r in runs.items()}}
+    return cost, {name: validation_curve(run) for name, run in runs.items()}
 
 
-def equal_compute(runs: dict[str, Path], n_seeds: int) -> dict:
-    """For the grown model's training FLOPs and seconds (seed by seed), the validation loss each
-    monolithic baseline had reached at that point of its own curve, averaged over the seeds
-    (``monolithic-trainable`` ran with seed 0 only and is read at seed 0's cost)."""
-    from growlm.compute import loss_at, total_cost, validation_curve
+def equal_compute(cost: dict[str, dict], curves: dict[str, list], n_seeds: int) -> dict:
+    """From each run's ``cost`` (flops, seconds) and validation ``curves``: for the grown model's
+    training FLOPs and seconds, seed by seed, the validation loss each monolithic baseline had
+    reached at that point of its own curve, averaged over the seeds (``monolithic-trainable`` ran
+    with seed 0 only and is read at seed 0's cost); and the verdict in words."""
+    from growlm.compute import loss_at
 
-    grown = [runs[seeded("grown-glyph", k)] for k in range(n_seeds)]
-    g_cost = [total_cost(r) for r in grown]
-    g_curve = [validation_curve(r) for r in grown]
-    out = {"grown": {"model": "grown-glyph", "train_flops": _mean([c["flops"] for c in g_cost]),
-                     "train_seconds": _mean([c["seconds"] for c in g_cost]),
-                     "valid_loss": _mean([c[-1].valid_loss for c in g_curve])},
+    grown = [seeded("grown-glyph", k) for k in range(n_seeds)]
+    out = {"grown": {"model": "grown-glyph", "train_flops": _mean([cost[g]["flops"] for g in grown]),
+                     "train_seconds": _mean([cost[g]["seconds"] for g in grown]),
+                     "valid_loss": _mean([curves[g][-1].valid_loss for g in grown])},
            "baselines": {}}
     for base, seeds in (("monolithic-glyph", range(n_seeds)), ("monolithic-trainable", range(1))):
-        curves = [validation_curve(runs[seeded(base, k)]) for k in seeds]
-        costs = [total_cost(runs[seeded(base, k)]) for k in seeds]
-        at_flops = [loss_at(c, g_cost[k]["flops"], "flops") for k, c in zip(seeds, curves, strict=True)]
-        at_secs = [loss_at(c, g_cost[k]["seconds"], "seconds") for k, c in zip(seeds, curves, strict=True)]
+        names = [seeded(base, k) for k in seeds]
+        at_flops = [loss_at(curves[seeded(base, k)], cost[grown[k]]["flops"], "flops") for k in seeds]
+        at_secs = [loss_at(curves[seeded(base, k)], cost[grown[k]]["seconds"], "seconds") for k in seeds]
         out["baselines"][base] = {
-            "seeds": len(curves),
+            "seeds": len(names),
             "loss_at_grown_flops": None if None in at_flops else _mean(at_flops),
             "loss_at_grown_seconds": None if None in at_secs else _mean(at_secs),
-            "valid_loss": _mean([c[-1].valid_loss for c in curves]),
-            "train_flops": _mean([c["flops"] for c in costs]),
-            "train_seconds": _mean([c["seconds"] for c in costs]),
+            "valid_loss": _mean([curves[n][-1].valid_loss for n in names]),
+            "train_flops": _mean([cost[n]["flops"] for n in names]),
+            "train_seconds": _mean([cost[n]["seconds"] for n in names]),
         }
     g, m = out["grown"]["valid_loss"], out["baselines"]["monolithic-glyph"]
     at = m["loss_at_grown_flops"]
@@ -404,16 +410,16 @@ def loss_text(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.3f}"
 
 
-def headline(ppl: dict, runs: dict[str, Path], n_seeds: int) -> dict:
-    """English bits/byte of the grown and the monolithic glyph models, seed by seed, with mean and
-    spread (max - min), and whether their difference exceeds the spread (said in words)."""
+def headline(en_bpb: dict[str, list[float]]) -> dict:
+    """From the English bits/byte of the grown and the monolithic glyph models, seed by seed: their
+    mean and spread (max - min), and whether their difference exceeds the spread (said in words)."""
     out: dict = {}
     for name in HEADLINE:
-        per = [ppl[f"{seeded(name, k)}/{_final(runs[seeded(name, k)]).name}"]["en"]["bits_per_byte"]
-               for k in range(n_seeds)]
+        per = en_bpb[name]
         out[name] = {"bits_per_byte": per, "mean": _mean(per), "spread": max(per) - min(per),
                      "stdev": statistics.stdev(per) if len(per) > 1 else None}
     g, m = out["grown-glyph"], out["monolithic-glyph"]
+    n_seeds = len(g["bits_per_byte"])
     diff = g["mean"] - m["mean"]
     spread = max(g["spread"], m["spread"])
     better = "grown" if diff < 0 else "monolithic"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from growlm.demo import EVERY_STAGE, HEADLINE, LANGS, MIXTURES, loss_text
+from growlm.demo import EVERY_STAGE, HEADLINE, LANGS, MIXTURES, final_key, loss_text
 from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth
 from growlm.store import MetricsLog, stages
 from growlm.store.files import atomic_write_bytes
@@ -18,10 +18,6 @@ DOMAINS = (*LANGS, "mixed")
 
 def _bpb(ppl: dict, key: str, dom: str) -> float:
     return ppl[key][dom]["bits_per_byte"]
-
-
-def _final_key(runs: dict[str, Path], name: str) -> str:
-    return f"{name}/{stages(runs[name])[-1][1].name}"
 
 
 def _tflops(x: float | None) -> str:
@@ -53,7 +49,7 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     words = res["real_words"]
     model_rows = []
     for name in runs:
-        key = _final_key(runs, name)
+        key = final_key(runs, name)
         metas = [read_meta(p) for _, p in stages(runs[name])]
         model_rows.append([name, metas[-1]["config"]["n_layers"], max(m["params_active"] for m in metas),
                            sum(m["metrics"]["tokens"] for m in metas), _tflops(res["train_flops"][name]),
@@ -88,10 +84,10 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     stage_table = markdown_table(["run", "stage", "depth", "active params", "TFLOPs", "s",
                                   *(f"bpb {d}" for d in DOMAINS)], stage_rows)
 
-    ed_rows = [[n, *(_bpb(ppl, _final_key(runs, n), d) for d in DOMAINS)] for n in ("grown-glyph", "specialist-ru")]
+    ed_rows = [[n, *(_bpb(ppl, final_key(runs, n), d) for d in DOMAINS)] for n in ("grown-glyph", "specialist-ru")]
     ed_rows += [[n, *(_bpb(ppl, n, d) for d in DOMAINS)] for n in MIXTURES]
     ed = markdown_table(["model", *(f"bpb {d}" for d in DOMAINS)], ed_rows)
-    best_expert = min(_bpb(ppl, _final_key(runs, n), "mixed") for n in ("grown-glyph", "specialist-ru"))
+    best_expert = min(_bpb(ppl, final_key(runs, n), "mixed") for n in ("grown-glyph", "specialist-ru"))
     merged = _bpb(ppl, "mixture-mean-logits", "mixed")
     merge_words = (f"On the mixed en+ru text the paper's merge scores {merged:.3f} bits/byte against "
                    f"{best_expert:.3f} for the better expert alone: the merged model "
@@ -211,7 +207,7 @@ def _summary(runs: dict[str, Path], res: dict, console) -> None:
         table.add_column(h, justify="left" if h == "model" else "right")
     names = [*runs, *(n for n in ppl if "/" not in n)]
     for name in names:
-        key = _final_key(runs, name) if name in runs else name
+        key = final_key(runs, name) if name in runs else name
         flops = res["train_flops"].get(name)
         table.add_row(name, *(f"{_bpb(ppl, key, d):.3f}" for d in DOMAINS), _tflops(flops),
                       f"{res['train_seconds'][name]:.1f}" if name in res["train_seconds"] else "",
