@@ -292,16 +292,18 @@ def test_streamed_ppl_equals_scoring_the_whole_text(tiny_model_dir, corpus_dir, 
     monkeypatch.setattr(growlm.evaluation.ppl, "_CHUNK_CHARS", 97)  # many pieces, cut inside lines and characters' runs
     res = perplexity(model, tok, [f, "a short string text"], batch_size=3)
     # the whole-text computation: every text encoded at once, every window scored
-    nll = n_tok = n_bytes = 0
+    nll = n_tok = n_bytes = n_chars = 0
     for t in (text, "a short string text"):
         ids = tok.encode(t)
         ws = windows(ids, model.cfg.context, model.cfg.context // 2)
         nll += sum(score_windows(model, ws, 3))
         n_tok += len(ids) - 1
         n_bytes += len(t.encode()) - len(tok.decode(ids[:1]).encode())
-    assert res["n_tokens"] == n_tok and res["n_bytes"] == n_bytes and res["n_texts"] == 2
+        n_chars += len(t) - len(tok.decode(ids[:1]))
+    assert res["n_tokens"] == n_tok and res["n_bytes"] == n_bytes and res["n_chars"] == n_chars and res["n_texts"] == 2
     assert res["loss"] == pytest.approx(nll / n_tok, rel=1e-6)
     assert res["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-6)
+    assert res["bits_per_char"] == pytest.approx(nll / math.log(2) / n_chars, rel=1e-6)
     assert res["unk_rate"] == 0.0
 
 

@@ -21,12 +21,14 @@ def test_quick_demo_end_to_end(tmp_path):
     ppl = res["ppl"]
     assert res["seeds"] == [0, 1]
     runs = {"grown-glyph", "grown-glyph-seed1", "monolithic-glyph", "monolithic-glyph-seed1", "monolithic-trainable",
-            "grown-binary16", "specialist-ru", "specialist-zh"}
+            "grown-binary16", "specialist-en", "specialist-ru", "specialist-zh"}
     mixtures = {"mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs", "mixture-mean-logits+zh"}
     assert {k.split("/")[0] for k in ppl} == runs | mixtures
     assert len([k for k in ppl if k.startswith("grown-glyph/")]) == 2  # every stage of the grown model
     assert all(set(m) == {"en", "ru", "zh", "mixed"} and all(0 < v["bits_per_byte"] < 10 for v in m.values())
                for m in ppl.values())
+    # per character, Cyrillic text (two bytes a letter) costs more bits than per byte
+    assert all(v["ru"]["bits_per_char"] > 1.5 * v["ru"]["bits_per_byte"] for v in ppl.values())
 
     # every model: its training cost, samples that start with their prompt, and their real-word rates
     assert set(res["train_flops"]) == set(res["train_seconds"]) == set(res["samples"]) == runs | mixtures
@@ -36,7 +38,11 @@ def test_quick_demo_end_to_end(tmp_path):
     for k in ("", "-seed1"):
         assert res["train_flops"][f"grown-glyph{k}"] < res["train_flops"][f"monolithic-glyph{k}"]
     # a mixture costs what its experts cost
-    assert res["train_flops"]["mixture-mean-logits"] == res["train_flops"]["grown-glyph"] + res["train_flops"]["specialist-ru"]
+    assert res["train_flops"]["mixture-mean-logits"] == res["train_flops"]["specialist-en"] + res["train_flops"]["specialist-ru"]
+    # each specialist shares a little of the other's language: the common ground logit averaging needs
+    plan = json.loads((out / "plans" / "specialist-ru.json").read_text())
+    assert [p.rsplit("/", 1)[-1] for p in plan["data"]["train"]] == ["ru.train.txt", "en.train.txt"]
+    assert plan["data"]["weights"] == [0.9, 0.1] and plan["data"]["valid"][0].endswith("ru.valid.txt")
 
     # the equal-compute reading: monolithic spent more, so its curve passed the grown model's FLOPs
     eq = res["equal_compute"]
@@ -52,7 +58,10 @@ def test_quick_demo_end_to_end(tmp_path):
     # every merge rule beats the off-domain expert on each of its experts' domains
     for mix in ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs"):
         assert ppl[mix]["en"]["loss"] < ppl["specialist-ru/stage-2"]["en"]["loss"]
-        assert ppl[mix]["ru"]["loss"] < ppl["grown-glyph/stage-2"]["ru"]["loss"]
+        assert ppl[mix]["ru"]["loss"] < ppl["specialist-en/stage-2"]["ru"]["loss"]
+    tw = res["training_words"]
+    assert tw["ru"]["mean_length"] > tw["en"]["mean_length"] >= 3 and tw["ru"]["forms"] > 100
+    assert "per character" in report and f"{tw['ru']['forms']:,} distinct forms" in report
     assert {b["protocol"] for b in res["bench"]} == {"paper", "loglik"}
     assert res["old_experts_unchanged"] is True
     assert ppl["mixture-mean-logits+zh"]["zh"]["loss"] < ppl["mixture-mean-logits"]["zh"]["loss"]

@@ -56,6 +56,8 @@ def test_ppl_one_window_equals_the_causal_lm_loss(lm):
     first = len(tok.decode(ids[:1]).encode())
     assert res["n_bytes"] == len(text.encode()) - first
     assert res["bits_per_byte"] == pytest.approx(expected * (len(ids) - 1) / math.log(2) / res["n_bytes"])
+    assert res["n_chars"] == len(text) - len(tok.decode(ids[:1]))
+    assert res["bits_per_char"] == pytest.approx(expected * (len(ids) - 1) / math.log(2) / res["n_chars"])
 
 
 @pytest.mark.parametrize("n,context,stride", [(1, 8, 4), (5, 8, 4), (8, 8, 4), (9, 8, 4), (30, 8, 3), (30, 8, 7),
@@ -88,6 +90,9 @@ def test_ppl_long_text_is_well_formed(lm, tmp_path):
     assert res["n_tokens"] == n_ids - 1 + len(tok.encode("a second, short text")) - 1
     assert math.isfinite(res["loss"]) and res["ppl"] == pytest.approx(math.exp(res["loss"]))
     assert 0 < res["bits_per_byte"] < 64 and res["n_bytes"] > len(text)
+    # Cyrillic and Han take 2 and 3 bytes a character: per character, the same loss is more bits
+    assert res["n_chars"] < res["n_bytes"] and res["bits_per_char"] == pytest.approx(
+        res["bits_per_byte"] * res["n_bytes"] / res["n_chars"])
     # the stride changes the context each token gets, never which tokens are scored
     assert perplexity(model, tok, f)["n_tokens"] == n_ids - 1
 

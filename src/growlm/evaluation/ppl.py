@@ -12,7 +12,9 @@ with ``labels = input_ids``.
 ``bits_per_byte`` = (sum of the NLL of the scored tokens) / ln 2 / ``n_bytes``, where ``n_bytes``
 is the UTF-8 length of the text the scored tokens cover: the whole text minus its first token
 (``len(text.encode()) - len(decode([first_id]).encode())``). It does not depend on the tokenizer, so
-models with different vocabularies can be compared.
+models with different vocabularies can be compared. ``bits_per_char`` divides by the characters
+(code points) instead: it compares scripts, where bytes do not (a Cyrillic letter is two bytes in
+UTF-8, a Han character three, a Latin letter one).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
 
     Texts are scored independently (no window crosses from one into the next) and pooled:
     returns ``loss`` (mean NLL per scored token, nats), ``ppl`` (= exp(loss)), ``bits_per_byte``,
-    ``n_tokens``, ``n_bytes``, ``n_texts``, ``context``, ``stride`` (default ``context // 2``) and
+    ``bits_per_char``, ``n_tokens``, ``n_bytes``, ``n_chars``, ``n_texts``, ``context``, ``stride`` (default ``context // 2``) and
     ``unk_rate`` (the share of all encoded tokens that are ``<unk>``: text the vocabulary cannot
     hold, which a score over it says nothing about). Files are read, encoded and scored in bounded
     pieces, so memory does not grow with their size.
@@ -164,7 +166,7 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
     _WindowStream(context, stride)  # checks the stride before any file is read
     unk_id = tokenizer.unk_id
     nll = 0.0
-    n_tokens = n_bytes = n_texts = n_ids = n_unk = 0
+    n_tokens = n_bytes = n_chars = n_texts = n_ids = n_unk = 0
     pending: list[Window] = []
     with tqdm(unit="window", desc="perplexity", disable=not progress) as bar:
 
@@ -177,12 +179,13 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
         for t in texts:
             n_texts += 1
             stream = _WindowStream(context, stride)
-            first_id, text_bytes = None, 0
+            first_id, text_bytes, text_chars = None, 0, 0
             for piece in _pieces(t, tokenizer.cut_chars):
                 ids = tokenizer.encode(piece)
                 if first_id is None and ids:
                     first_id = ids[0]
                 text_bytes += len(piece.encode("utf-8"))
+                text_chars += len(piece)
                 n_ids += len(ids)
                 n_unk += ids.count(unk_id)
                 pending += stream.feed(ids)
@@ -190,7 +193,9 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
                     score_pending()
             pending += stream.finish()
             if stream.seen >= 2:
-                n_bytes += max(0, text_bytes - len(tokenizer.decode([first_id]).encode("utf-8")))
+                first = tokenizer.decode([first_id])
+                n_bytes += max(0, text_bytes - len(first.encode("utf-8")))
+                n_chars += max(0, text_chars - len(first))
                 n_tokens += stream.seen - 1
         score_pending()
     if n_tokens == 0:
@@ -200,8 +205,10 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
         "loss": loss,
         "ppl": math.exp(loss),
         "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "bits_per_char": nll / math.log(2) / n_chars if n_chars else float("nan"),
         "n_tokens": n_tokens,
         "n_bytes": n_bytes,
+        "n_chars": n_chars,
         "n_texts": n_texts,
         "context": context,
         "stride": stride,
