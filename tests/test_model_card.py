@@ -56,6 +56,8 @@ def test_saved_eval_goes_into_the_exported_card(run, corpus_dir, tmp_path, capsy
     assert "growlm" in fm["tags"] and "license" not in fm  # growlm records no licence: none is guessed
     (result,) = fm["model-index"][0]["results"]
     assert result["metrics"][0] == {"type": "perplexity", "name": "ppl", "value": pytest.approx(printed["ppl"])}
+    names = {m["name"] for m in result["metrics"]}
+    assert {"bits_per_byte", "bits_per_char"} <= names and not names & {"n_tokens", "n_bytes", "n_chars"}  # counts are no scores
     meta, parent = read_meta(stage), read_meta(run / "stage-1")
     for fp in (meta["fingerprint"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"],
                parent["fingerprint"][:12]):

@@ -79,12 +79,12 @@ MIXTURES = ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-pro
 PROMPTS = {"en": "To be, or not to be", "ru": "Жизнь — это", "zh": "春眠不觉晓"}
 HEADLINE = ("grown-glyph", "monolithic-glyph")
 # Averaging logits multiplies the experts' distributions, so an expert that never saw a script gives its
-# tokens almost no probability and vetoes them whatever the others say: measured at full scale, an
-# English-only and a Russian-only expert merged scored 3.29 bits/byte on Russian against the Russian
-# expert's 1.80 (and 3.55 when only the Russian expert had seen English, the paper's design of experts
-# sharing one language). A 10% share of the other language in each expert's data (90/10: en 3.30, ru
-# 1.97) is the common ground the rule needs; 80/10/10 with Chinese too cost both experts more (en 3.43,
-# ru 2.04). So: (language, the languages it shares); the Chinese expert joins later and shares both.
+# tokens almost no probability and vetoes them whatever the others say. Measured at full scale, the
+# paper's merge scored on Russian: 3.29 bits/byte from an English-only and a Russian-only expert, against
+# the Russian expert's 1.80; 3.55 when only the Russian expert had also seen English (the paper's experts
+# share one language); 1.97 when each expert's data held a 10% share of the other's language (English
+# 3.30). Sharing Chinese too (80/10/10) cost both languages (en 3.43, ru 2.04). So each specialist is
+# (its language, the languages it shares); the Chinese expert joins later and shares both.
 SPECIALISTS = {"specialist-en": ("en", ("ru",)), "specialist-ru": ("ru", ("en",)), "specialist-zh": ("zh", ("en", "ru"))}
 SHARE = 0.1  # of a specialist's tokens, per shared language
 EXPERTS = ("specialist-en", "specialist-ru")  # the mixtures' experts

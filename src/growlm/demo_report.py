@@ -168,11 +168,12 @@ Dotted lines mark stage boundaries: the spike after each is the new random block
 {ed}
 
 {merge_words} `mixture-mean-logits` is the paper's merge: the mean of the experts' raw logits, no retraining.
-Averaging logits multiplies the experts' distributions, so an expert that never saw a script vetoes its tokens: each
-specialist therefore trains on its language with a {SHARE:.0%} share of the other's, the common ground the rule needs
-(the paper's experts shared English).
 `mixture-mean-logits+head` adds the paper's post-merge step: only the output layers tuned on {sc['tune_tokens']:,}
 tokens of en/ru text, the blocks untouched. `mixture-mean-probs` averages probabilities instead (Branch-Train-Merge).
+
+Averaging logits multiplies the experts' distributions, so an expert that never saw a script gives its tokens almost
+no probability and vetoes them, whatever the other expert says. Each specialist therefore trains on its language with
+a {SHARE:.0%} share of the other's: the common ground the rule needs (the paper's experts shared English).
 
 ## Russian: the specialist and the mixtures, per character
 

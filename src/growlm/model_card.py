@@ -35,7 +35,7 @@ EVALS = "evals.jsonl"
 CARD = "README.md"
 # result keys that describe the run, not a score (kept out of the card's metric lists)
 _BOOKKEEPING = {"task", "model", "model_fingerprint", "protocol", "n", "runs", "seed", "sample", "limit", "data",
-                "saved_at", "stage", "n_layers", "n_tokens", "n_bytes", "unk_rate", "invalid_rate", "context", "stride"}
+                "saved_at", "stage", "n_layers", "n_tokens", "n_bytes", "n_chars", "unk_rate", "invalid_rate", "context", "stride"}
 
 
 # ----------------------------------------------------------------------------------------------
