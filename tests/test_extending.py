@@ -191,3 +191,25 @@ def test_a_name_is_registered_once():
     with RULES.registered("twin", CombineRule()):
         assert "twin" in RULES
     assert "twin" not in RULES
+
+
+def test_a_path_parameter_is_a_file_relative_to_the_plan(corpus_dir, tmp_path, monkeypatch):
+    """Like every path in a plan, a substrate parameter typed Path (the glyph kind's font_path) is
+    relative to the plan file, not to wherever the command runs, and is checked when the plan is read."""
+    from cli_util import SMALL_PLAN, write_plan
+    from growlm.plan import load_plan, plan_to_json, resolve_plan
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    (plans / "my-font.otf").write_bytes(b"not read until the substrate is built")
+    plan = write_plan(plans, SMALL_PLAN.replace('kind = "binary"\nbits = 16\n',
+                                                'kind = "glyph"\n[substrate.params]\nfont_path = "my-font.otf"\n'),
+                      corpus_dir)
+    monkeypatch.chdir(tmp_path)  # the plan's folder is not the working directory
+    p = load_plan(Path("plans") / "plan.toml")
+    assert p.substrate.params == {"font_path": str(plans / "my-font.otf")}
+    assert resolve_plan(p) == p and plan_to_json(p)["substrate"]["params"] == {"font_path": str(plans / "my-font.otf")}
+    (plans / "my-font.otf").unlink()
+    with pytest.raises(GrowlmError) as e:
+        load_plan(plan)
+    assert str(e.value) == f"plan {plan}: substrate.params.font_path: file not found: {plans / 'my-font.otf'}"

@@ -293,7 +293,12 @@ def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
         "dir": fix(plan.tokenizer.dir, "tokenizer.dir", "dir"),
         "ngram_list": fix(plan.tokenizer.ngram_list, "tokenizer.ngram_list"),
     })
-    sub = plan.substrate.model_copy(update={"dir": fix(plan.substrate.dir, "substrate.dir", "dir")})
+    from growlm.substrate.registry import get_kind
+
+    files = get_kind(plan.substrate.kind).path_params
+    params = {k: str(fix(Path(v), f"substrate.params.{k}")) if k in files and v is not None else v
+              for k, v in plan.substrate.params.items()}
+    sub = plan.substrate.model_copy(update={"dir": fix(plan.substrate.dir, "substrate.dir", "dir"), "params": params})
     data = plan.data.model_copy(update={"train": fix_list(plan.data.train, "data.train"),
                                         "valid": fix_list(plan.data.valid, "data.valid")})
     stages = []

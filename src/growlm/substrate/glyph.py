@@ -393,8 +393,8 @@ def build_glyph(
 
 
 class GlyphParams(Params):
-    """``font_path`` (default: the bundled font), ``workers`` (rendering processes), ``basis``
-    (``"reference"`` or ``"vocab"``, see :func:`build_glyph`)."""
+    """``font_path`` (default: the bundled font; in a plan, relative to the plan file), ``workers``
+    (rendering processes), ``basis`` (``"reference"`` or ``"vocab"``, see :func:`build_glyph`)."""
 
     font_path: str | Path | None = None
     workers: int | None = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -70,6 +71,13 @@ class SubstrateKind:
     name: str
     builder: Callable[..., Substrate]
     params: type[Params]
+
+    @property
+    def path_params(self) -> tuple[str, ...]:
+        """The parameters typed as a filesystem path (``Path``, alone or in a union): files, which a
+        plan gives relative to the plan file like every other path in it."""
+        return tuple(k for k, f in self.params.model_fields.items()
+                     if f.annotation is Path or Path in get_args(f.annotation))
 
     def build(self, vocab: Vocab, dim: int, given: dict[str, Any]) -> Substrate:
         """Validate the parameters this kind declares (others in ``given`` are ignored, so one call, or
