@@ -321,7 +321,7 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
             models[f"{name}/{st.name}"] = st
     models.update(mixtures)
     domains = {**{lang: data[lang]["valid"] for lang in LANGS}, "mixed": data["mixed"]["valid"]}
-    lexicon = {lang: vocabulary(data[lang]["train"], lang) for lang in WORDS}
+    lexicon = {lang: training_words(data[lang]["train"], lang) for lang in WORDS}
     known = {lang: lex[0] for lang, lex in lexicon.items()}
     finals = {name: _final(run) for name, run in runs.items()} | mixtures
     ppl: dict[str, dict] = {}
@@ -364,7 +364,7 @@ def sample(lm: torch.nn.Module, tok, prompt: str, n_tokens: int) -> str:
     return prompt + tok.decode(outp[0, len(ids):].tolist())
 
 
-def vocabulary(text_file: Path, lang: str) -> tuple[frozenset[str], dict]:
+def training_words(text_file: Path, lang: str) -> tuple[frozenset[str], dict]:
     """The lowercased words of language ``lang`` (:data:`WORDS`) in a training text, and what they
     are like: how many distinct ``forms`` and their ``mean_length`` in letters over the running text
     (a sample's real-word rate depends on both, so rates compare across languages only with them)."""

@@ -152,10 +152,10 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
 
     Texts are scored independently (no window crosses from one into the next) and pooled:
     returns ``loss`` (mean NLL per scored token, nats), ``ppl`` (= exp(loss)), ``bits_per_byte``,
-    ``bits_per_char``, ``n_tokens``, ``n_bytes``, ``n_chars``, ``n_texts``, ``context``, ``stride`` (default ``context // 2``) and
-    ``unk_rate`` (the share of all encoded tokens that are ``<unk>``: text the vocabulary cannot
-    hold, which a score over it says nothing about). Files are read, encoded and scored in bounded
-    pieces, so memory does not grow with their size.
+    ``bits_per_char``, ``n_tokens``, ``n_bytes``, ``n_chars``, ``n_texts``, ``context``, ``stride``
+    (default ``context // 2``) and ``unk_rate`` (the share of all encoded tokens that are ``<unk>``:
+    text the vocabulary cannot hold, which a score over it says nothing about). Files are read,
+    encoded and scored in bounded pieces, so memory does not grow with their size.
     """
     if isinstance(texts, str | Path):
         texts = [texts]
