@@ -116,3 +116,32 @@ def test_run_cost_and_curve(tmp_path, corpus_dir):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(GrowlmError, match="stage-1.*records no training FLOPs"):
         stage_costs(run)
+
+
+def test_training_seconds_count_the_steps_only(tmp_path, corpus_dir, monkeypatch):
+    """``wall_s`` (what the equal-compute reading compares) is the time spent in training steps: the
+    evaluations and checkpoints between them are not training compute. A fake clock makes every step
+    take 1 s and every evaluation and checkpoint 1000 s."""
+    import types
+
+    import growlm.training as training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(fn, seconds):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(training.Loop, "_step", taking(training.Loop._step, 1.0))
+    monkeypatch.setattr(training, "evaluate_loss", taking(training.evaluate_loss, 1000.0))
+    monkeypatch.setattr(training.Loop, "_checkpoint", taking(training.Loop._checkpoint, 1000.0))
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", "log_every = 2\neval_every = 2"), corpus_dir)
+    run = growlm.train(plan, tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("valid_loss" in r for r in lines) >= 4 and clock[0] > 4000  # evaluations and checkpoints ran
+    assert all(r["wall_s"] == r["step"] for r in lines)
+    for c in stage_costs(run):
+        assert c["seconds"] == c["tokens"] / (4 * 32)  # one second per step of 4 x 32 tokens
