@@ -97,6 +97,23 @@ def test_checkpoint_is_never_written_past_a_bad_step(tmp_path):
     assert poisoned.calls == 3 and not any((tmp_path / "checkpoints").glob("*/step-*"))
 
 
+def test_optimizer_step_reports_the_gradient_norm_before_clipping():
+    """The norm the log reports is the whole gradient's, before the clip scales it down."""
+    from growlm.training import make_optimizer, optimizer_step
+
+    x, y = FixedBatches().next()
+    ref = fresh_model()
+    ref(x, targets=y).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+    assert expected > 1e-3  # so a clip at 1e-3 scales the gradient down
+    for clip, want in ((1e-3, expected.item()), (0.0, None)):
+        model = fresh_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = optimizer_step(model(x, targets=y), params, make_optimizer(params, 1e-2, 0.0), clip, torch.zeros(()))
+        assert step.halted == 0 and torch.isfinite(step.loss)
+        assert step.grad_norm is None if want is None else step.grad_norm.item() == pytest.approx(want, rel=1e-5)
+
+
 def test_step_does_not_read_the_device_every_step(tmp_path, monkeypatch):
     """Host reads (``.item()``, ``float()``, ``.tolist()``, ``bool()``) happen per log interval, not per step."""
     reads = []

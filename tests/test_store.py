@@ -128,7 +128,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_rng_and_data(tmp_path)
     halted = torch.zeros(())
     for _ in range(3):
         x, y = batches.next()
-        _, halted = optimizer_step(model(x, targets=y), params, opt, 1.0, halted)
+        halted = optimizer_step(model(x, targets=y), params, opt, 1.0, halted).halted
     state = StageState(step=3, tokens=96, wall_s=1.5, last_loss=2.5)
     ckpts = StageCheckpoints(tmp_path, "stage-1")
     assert ckpts.latest() is None

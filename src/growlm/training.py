@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -234,31 +235,34 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
 
 
+class Step(NamedTuple):
+    """What one :func:`optimizer_step` leaves on the device, none of it read by the host yet."""
+
+    loss: torch.Tensor  # the global loss; NaN for a bad step (every rank holds the same, so all agree on a stop)
+    halted: torch.Tensor  # the guard, set from the first bad step on
+    grad_norm: torch.Tensor | None  # before clipping (None without clipping)
+
+
 def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                   grad_clip: float, halted: torch.Tensor,
-                   norm_out: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   grad_clip: float, halted: torch.Tensor) -> Step:
     """Backward, clip and update, with a non-finite guard that needs no host sync.
 
     Once a step's global loss or gradient norm is not finite, ``halted`` (a 0-d device tensor) stays
     set and this and every later update is skipped on the device, so the weights keep their last good
-    values until the host next reads the losses. Returns this step's global loss (NaN for a bad
-    step; every rank holds the same value, so all agree on a stop) and the new ``halted``.
-    With ``grad_clip`` > 0, ``norm_out`` (when given) receives the gradient norm before clipping, as
-    a device tensor the host has not read.
+    values until the host next reads the losses.
     """
     global_loss = distributed.mean_across_ranks(loss.detach())
     loss.backward()
     finite = torch.isfinite(global_loss)
+    norm = None
     if grad_clip > 0:  # the norm is global too: DDP reduced the gradients, FSDP2 reduces the norm
-        norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        norm = distributed.whole(torch.nn.utils.clip_grad_norm_(params, grad_clip)).detach()
         finite &= torch.isfinite(norm)
-        if norm_out is not None:
-            norm_out.append(norm.detach())
     halted = torch.maximum(halted, (~finite).float())
     opt.found_inf = halted
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return torch.where(finite, global_loss.float(), torch.nan), halted
+    return Step(torch.where(finite, global_loss.float(), torch.nan), halted, norm)
 
 
 @dataclass
@@ -269,6 +273,7 @@ class _Fit:
     model: torch.nn.Module
     forward: torch.nn.Module  # the model, wrapped for data parallelism
     params: list[torch.nn.Parameter]
+    n_active: int  # their elements, for the log
     opt: torch.optim.Optimizer
     batches: Batches
     vbatches: list
@@ -330,7 +335,8 @@ class Loop:
         # wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those
         forward = distributed.wrap(model, self.spec.parallel, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        f = _Fit(stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
+        f = _Fit(stage, model, forward, params, sum(p.numel() for p in params),
+                 make_optimizer(params, lr, self.spec.weight_decay), batches,
                  vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank),
                  halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token)
         state, spec = f.state, self.spec
@@ -387,10 +393,9 @@ class Loop:
             else:
                 h = f.trunk_cache.trunk(f.model, x, f.batches.last_sequence_ids)
                 loss = f.forward(x, targets=y, trunk=h, trunk_depth=f.trunk_cache.depth)
-        norm: list[torch.Tensor] = []
-        step_loss, f.halted = optimizer_step(loss, f.params, f.opt, self.spec.grad_clip, f.halted, norm)
-        f.pending.append(step_loss)
-        f.grad_norm = norm[0] if norm else None
+        step = optimizer_step(loss, f.params, f.opt, self.spec.grad_clip, f.halted)
+        f.pending.append(step.loss)
+        f.halted, f.grad_norm = step.halted, step.grad_norm
         f.state.step += 1
         f.state.tokens += f.batches.tokens_per_batch
         return lr
@@ -402,7 +407,7 @@ class Loop:
         tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
         f.t_last, f.tok_last = now, state.tokens
         rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
-               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params),
+               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": f.n_active,
                "wall_s": round(state.wall_s, 3)}  # the stage's training time so far: steps only, no evals
         if f.flop_per_token is not None:
             rec["flops"] = round(f.flop_per_token * state.tokens)
