@@ -55,8 +55,9 @@ def stepper(model: GrowLM, trunk: torch.Tensor | None = None, trunk_depth: int |
         nonlocal halted
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = model(x, targets=y, trunk=trunk, trunk_depth=trunk_depth)
-        step_loss, halted = optimizer_step(loss, params, opt, 1.0, halted)
-        return step_loss
+        taken = optimizer_step(loss, params, opt, 1.0, halted)
+        halted = taken.halted
+        return taken.loss
 
     return step
 
