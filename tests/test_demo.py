@@ -61,6 +61,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert ppl[mix]["ru"]["loss"] < ppl["specialist-en/stage-2"]["ru"]["loss"]
     tw = res["training_words"]
     assert tw["ru"]["mean_length"] > tw["en"]["mean_length"] >= 3 and tw["ru"]["forms"] > 100
+    assert "drawn en 90% + ru 10%; ru 90% + en 10%; zh 80% + en 10% + ru 10%" in " ".join(report.split())
     assert "per character" in report and f"{tw['ru']['forms']:,} distinct forms" in report
     assert {b["protocol"] for b in res["bench"]} == {"paper", "loglik"}
     assert res["old_experts_unchanged"] is True

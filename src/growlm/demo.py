@@ -218,11 +218,16 @@ def _plan(*, substrate: dict, tokenizer: dict, data: dict, stages: list[dict], s
     })
 
 
+def share_weights(shared: tuple[str, ...]) -> list[float]:
+    """A specialist's data weights: its own language first, then :data:`SHARE` for each ``shared`` one."""
+    return [1 - SHARE * len(shared), *(SHARE for _ in shared)]
+
+
 def specialist_data(data: dict, lang: str, shared: tuple[str, ...]) -> dict:
-    """A specialist's data table: its language's training text, with :data:`SHARE` of the tokens from
-    each ``shared`` language; validated on its own language."""
-    return {"train": [data[x]["train"] for x in (lang, *shared)],
-            "weights": [1 - SHARE * len(shared), *(SHARE for _ in shared)], "valid": [data[lang]["valid"]]}
+    """A specialist's data table: its language's training text and each ``shared`` language's, weighted
+    by :func:`share_weights`; validated on its own language."""
+    return {"train": [data[x]["train"] for x in (lang, *shared)], "weights": share_weights(shared),
+            "valid": [data[lang]["valid"]]}
 
 
 def _grow_stages(depth: int, tokens: int) -> list[dict]:

