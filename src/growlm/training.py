@@ -273,7 +273,6 @@ class _Fit:
     model: torch.nn.Module
     forward: torch.nn.Module  # the model, wrapped for data parallelism
     params: list[torch.nn.Parameter]
-    n_active: int  # their elements, for the log
     opt: torch.optim.Optimizer
     batches: Batches
     vbatches: list
@@ -335,8 +334,7 @@ class Loop:
         # wrap first: FSDP2 replaces the parameters with shards, and the optimizer must hold those
         forward = distributed.wrap(model, self.spec.parallel, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
-        f = _Fit(stage, model, forward, params, sum(p.numel() for p in params),
-                 make_optimizer(params, lr, self.spec.weight_decay), batches,
+        f = _Fit(stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
                  vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank),
                  halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token)
         state, spec = f.state, self.spec
@@ -407,7 +405,7 @@ class Loop:
         tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
         f.t_last, f.tok_last = now, state.tokens
         rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
-               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": f.n_active,
+               "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params),
                "wall_s": round(state.wall_s, 3)}  # the stage's training time so far: steps only, no evals
         if f.flop_per_token is not None:
             rec["flops"] = round(f.flop_per_token * state.tokens)
