@@ -1,11 +1,27 @@
-"""Shared fixtures: a tiny real tokenizer, substrate and saved model, built once per test session."""
+"""Shared fixtures: real artefacts (a tokenizer, substrates, models, a trained run, a mixture, an export),
+each built once per test run, even across pytest-xdist's workers, and never changed by a test.
+
+Every artefact lives under one directory made for the run (``GROWLM_TEST_SHARED``); the first worker to
+ask builds it under a file lock, the others wait and reuse it. A test that changes what it is given works
+on a copy (``copy_of``); at the end of the session each worker checks that every shared artefact it used
+is still byte-identical to what was built. The run also gets its own ``GROWLM_CACHE``, so no test reads
+or writes the user's cache, and the glyph basis and token shards are computed once.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
+
+from cli_util import SMALL_PLAN, snapshot, write_plan
 
 TEXT_EN = (
     "The quick brown fox jumps over the lazy dog. A model grows layer by layer on a frozen substrate.\n"
@@ -15,32 +31,146 @@ TEXT_EN = (
 TEXT_RU = "Съешь же ещё этих мягких французских булок, да выпей чаю. Модель растёт слой за слоем.\n"
 TEXT_ZH = "我们的模型一层一层地生长。冻结的基底是共享的接口。\n"
 
+SHARED = "GROWLM_TEST_SHARED"
 
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory) -> Path:
-    """A small mixed-language corpus (train/valid files)."""
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text((TEXT_EN + TEXT_RU + TEXT_ZH) * 40, encoding="utf-8")
-    (d / "valid.txt").write_text((TEXT_EN + TEXT_RU + TEXT_ZH) * 4, encoding="utf-8")
-    (d / "en.txt").write_text(TEXT_EN * 60, encoding="utf-8")
-    (d / "ru.txt").write_text(TEXT_RU * 60, encoding="utf-8")
+# The end-to-end layer, run first so that xdist's workers share out the long tests before the short ones.
+E2E_FIRST = ("test_demo.py", "test_loop.py::test_compiled_plan_matches_eager", "test_lm_eval.py",
+             "test_gpu_check.py", "test_distributed.py", "test_bench.py")
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made the run's dirs
+        return
+    root = Path(tempfile.mkdtemp(prefix="growlm-tests-"))
+    config._growlm_shared = root
+    os.environ[SHARED] = str(root / "artefacts")
+    os.environ["GROWLM_CACHE"] = str(root / "cache")
+
+
+def pytest_unconfigure(config) -> None:
+    root = getattr(config, "_growlm_shared", None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The end-to-end tests first (marked ``e2e``), longest first, then the rest in file order."""
+    def rank(item) -> int:
+        for i, key in enumerate(E2E_FIRST):
+            if key in item.nodeid:
+                return i
+        return len(E2E_FIRST)
+
+    items.sort(key=rank)
+
+
+class Artefacts:
+    """The run's shared artefacts: each built by the first worker that asks, under a file lock, then reused."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.used = root, set()
+
+    def get(self, name: str, build: Callable[[Path], object]) -> Path:
+        """The artefact ``name``: the dir ``build(dir)`` wrote (it creates ``dir`` itself)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        d, done = self.root / name, self.root / f"{name}.built.json"
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(d, ignore_errors=True)
+                build(d)
+                done.write_text(json.dumps(snapshot(d)))
+        self.used.add(name)
+        return d
+
+    def check_unchanged(self) -> None:
+        for name in sorted(self.used):
+            built = json.loads((self.root / f"{name}.built.json").read_text())
+            assert snapshot(self.root / name) == built, f"a test changed the shared artefact {name!r}: use copy_of"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def artefacts() -> Artefacts:
+    """The shared artefacts; after the session, every one this worker used is byte-identical to what was built."""
+    a = Artefacts(Path(os.environ[SHARED]))
+    yield a
+    a.check_unchanged()
+
+
+def _in(d: Path) -> Path:
+    """``d``, made: for an artefact written below a dir of its own."""
+    d.mkdir()
     return d
 
 
+def copy_of(src: Path, dst: Path) -> Path:
+    """A private copy of a shared artefact, free to change."""
+    return Path(shutil.copytree(src, dst, symlinks=True))
+
+
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
+def corpus_dir(artefacts) -> Path:
+    """A small mixed-language corpus: train.txt, valid.txt, en.txt, ru.txt."""
+    def build(d: Path) -> None:
+        d.mkdir()
+        (d / "train.txt").write_text((TEXT_EN + TEXT_RU + TEXT_ZH) * 40, encoding="utf-8")
+        (d / "valid.txt").write_text((TEXT_EN + TEXT_RU + TEXT_ZH) * 4, encoding="utf-8")
+        (d / "en.txt").write_text(TEXT_EN * 60, encoding="utf-8")
+        (d / "ru.txt").write_text(TEXT_RU * 60, encoding="utf-8")
+
+    return artefacts.get("corpus", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(artefacts, corpus_dir) -> Path:
     """A compact bvv241-style tokenizer over the fixture corpus, saved to disk."""
     from growlm.tokenizer import build_tokenizer
 
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    build_tokenizer([corpus_dir / "train.txt"], compact=True).save(out)
-    return out
+    return artefacts.get("tokenizer", lambda d: build_tokenizer([corpus_dir / "train.txt"], compact=True).save(d))
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+def foreign_tokenizer(artefacts, corpus_dir) -> Path:
+    """A tokenizer built from other text (Russian only): another tokenizer fingerprint."""
+    from growlm.tokenizer import build_tokenizer
+
+    return artefacts.get("foreign-tokenizer", lambda d: build_tokenizer([corpus_dir / "ru.txt"], compact=True).save(d))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(artefacts, tiny_tokenizer_dir) -> Path:
     """A randomly initialised 2-block model over the 16-bit binary substrate, saved as a model dir."""
-    return save_tiny_model(tiny_tokenizer_dir, tmp_path_factory.mktemp("model") / "tiny", seed=0)
+    return artefacts.get("model", lambda d: save_tiny_model(tiny_tokenizer_dir, d, seed=0))
+
+
+@pytest.fixture(scope="session")
+def expert_b(artefacts, tiny_tokenizer_dir) -> Path:
+    """A second expert on the tiny model's docking port, its weights drawn from another seed."""
+    return artefacts.get("expert-b", lambda d: save_tiny_model(tiny_tokenizer_dir, d, seed=1))
+
+
+@pytest.fixture(scope="session")
+def mixture(artefacts, tiny_model_dir, expert_b) -> Path:
+    """The tiny model and ``expert_b`` merged by the default rule (the mean of logits)."""
+    from growlm.api import merge
+
+    return artefacts.get("mixture", lambda d: merge([tiny_model_dir, expert_b], _in(d) / "mix", progress=False)) / "mix"
+
+
+@pytest.fixture(scope="session")
+def hf_export(artefacts, tiny_model_dir) -> Path:
+    """The tiny model exported as a Hugging Face checkpoint."""
+    from growlm.interop import export_hf
+
+    return artefacts.get("hf", lambda d: export_hf(tiny_model_dir, _in(d) / "export")) / "export"
+
+
+@pytest.fixture(scope="session")
+def small_run(artefacts, corpus_dir) -> Path:
+    """``SMALL_PLAN`` trained uninterrupted: stage 1 grows 2 blocks, stage 2 one more with LoRA adapters on the
+    frozen ones. The plan and its data sit beside it (``small_run.parent / "plan.toml"``)."""
+    from growlm.training import train
+
+    return artefacts.get("small-run", lambda d: train(write_plan(_in(d), SMALL_PLAN, corpus_dir), d / "run", progress=False)) / "run"
 
 
 def save_tiny_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
