@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.growlm-installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml requirements.lock scripts/setup.sh
 	bash scripts/setup.sh
@@ -14,8 +14,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/growlm demo $(ARGS)
 
+# Every test but those marked slow, on two workers (pytest-xdist), the 25 slowest listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25
+
+# The edit loop: unit tests and in-process commands, without the end-to-end jobs (marked e2e).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not e2e"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -32,10 +32,8 @@ TEXT_RU = "Съешь же ещё этих мягких французских �
 TEXT_ZH = "我们的模型一层一层地生长。冻结的基底是共享的接口。\n"
 
 SHARED = "GROWLM_TEST_SHARED"
+USER_CACHE = "GROWLM_TEST_USER_CACHE"  # the user's own cache, where `growlm demo` keeps the text it downloads
 
-# The end-to-end layer, run first so that xdist's workers share out the long tests before the short ones.
-E2E_FIRST = ("test_demo.py", "test_loop.py::test_compiled_plan_matches_eager", "test_lm_eval.py",
-             "test_gpu_check.py", "test_distributed.py", "test_bench.py")
 
 
 def pytest_configure(config) -> None:
@@ -44,6 +42,7 @@ def pytest_configure(config) -> None:
     root = Path(tempfile.mkdtemp(prefix="growlm-tests-"))
     config._growlm_shared = root
     os.environ[SHARED] = str(root / "artefacts")
+    os.environ[USER_CACHE] = os.environ.get("GROWLM_CACHE", str(Path.home() / ".cache" / "growlm"))
     os.environ["GROWLM_CACHE"] = str(root / "cache")
 
 
@@ -54,14 +53,9 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The end-to-end tests first (marked ``e2e``), longest first, then the rest in file order."""
-    def rank(item) -> int:
-        for i, key in enumerate(E2E_FIRST):
-            if key in item.nodeid:
-                return i
-        return len(E2E_FIRST)
-
-    items.sort(key=rank)
+    """The end-to-end tests (marked ``e2e``) first: xdist's workers share out the long tests before the short
+    ones, so no worker is left with a long one at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 class Artefacts:

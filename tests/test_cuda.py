@@ -16,7 +16,7 @@ from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import StageSpec
 from growlm.training import make_optimizer, optimizer_step
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from cli_util import growlm
+from cli_util import child_env, growlm
+from conftest import USER_CACHE
 from growlm.demo import PROMPTS
 
 
+@pytest.mark.e2e
 def test_quick_demo_end_to_end(tmp_path):
+    """The installed console script, as a user types it (a relative --out), with the user's own cache of the
+    downloaded text; the second run in-process."""
     out = tmp_path / "demo"
-    r = growlm("demo", "--quick", "--out", "demo", timeout=600, cwd=tmp_path)  # a relative --out, as users type it
+    env = {"GROWLM_CACHE": os.environ[USER_CACHE]}
+    r = subprocess.run([str(Path(sys.executable).parent / "growlm"), "demo", "--quick", "--out", "demo"],
+                       capture_output=True, text=True, env=child_env(**env), cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
     for png in ("loss_curves.png", "bpb_vs_depth.png", "loss_vs_flops.png", "loss_vs_seconds.png"):
@@ -68,7 +78,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert ppl["mixture-mean-logits+zh"]["zh"]["loss"] < ppl["mixture-mean-logits"]["zh"]["loss"]
 
     # a second run never overwrites the first report silently: it is kept beside
-    r = growlm("demo", "--quick", "--seeds", "1", "--out", str(out), timeout=600)
+    r = growlm("demo", "--quick", "--seeds", "1", "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["seeds"] == [0]
     assert "from one seed" in (out / "report.md").read_text()

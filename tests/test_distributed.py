@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from cli_util import REPO, SMALL_PLAN, child_env, growlm, write_plan
-from growlm.training import train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")]
 
 
 def close(a: Path, b: Path, rtol: float = 1e-5) -> bool:
@@ -35,11 +35,10 @@ def torchrun(plan: Path, out: Path, *extra: str, env: dict | None = None) -> sub
     return subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def one_rank(corpus_dir, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("dp1")
-    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
-    return d / "run"
+@pytest.fixture(scope="session")
+def one_rank(small_run) -> Path:
+    """The same plan in one process, uninterrupted."""
+    return small_run
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -34,6 +34,7 @@ def by_name(lines: list[dict]) -> dict[str, dict]:
     return {x["figure"]: x for x in lines}
 
 
+@pytest.mark.e2e
 def test_dry_run_runs_every_step_and_records_every_figure(tmp_path):
     """``--dry-run`` on CPU: install check, speed figures (no MFU goal), ratios, memory, a forced profile, the
     kill-and-resume plan and the pytest subset, each as a JSON line with its goal; a summary; the files.
@@ -105,6 +106,7 @@ def fake_wheel(d: Path) -> Path:
 REQUIRE = ("--require", "gpucheck_fake_mod:gpucheck-fake")
 
 
+@pytest.mark.e2e
 def test_install_step_installs_only_what_fails_to_import_offline(tmp_path):
     """A module that does not import gets its wheel from the wheel dir (no index); the rest are left alone."""
     fake_wheel(tmp_path / "wheels")
@@ -118,6 +120,7 @@ def test_install_step_installs_only_what_fails_to_import_offline(tmp_path):
     assert (site / "gpucheck_fake_mod" / "__init__.py").is_file()
 
 
+@pytest.mark.e2e
 def test_install_step_checks_only_in_a_dry_run_and_fails_without_wheels(tmp_path):
     fake_wheel(tmp_path / "wheels")
     site = tmp_path / "site"
@@ -135,6 +138,7 @@ def test_install_step_checks_only_in_a_dry_run_and_fails_without_wheels(tmp_path
     assert "--prepare-wheels" in r.stderr
 
 
+@pytest.mark.e2e
 def test_prepare_wheels_pins_the_lock_for_the_gpu_python_and_never_torch(tmp_path):
     lock = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split() if "==" in line)
     r = subprocess.run(["bash", str(SCRIPT), "--prepare-wheels", str(tmp_path / "w"), "--print-only"],

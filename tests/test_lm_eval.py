@@ -79,17 +79,12 @@ def _tasks(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Any]:
-    """The four CLI runs, started together (each spends most of its time importing and indexing)."""
-    import growlm
-    from conftest import save_tiny_model
-    from growlm.interop import export_hf
-
+def runs(tiny_model_dir, hf_export, mixture, tmp_path_factory) -> dict[str, Any]:
+    """The four CLI runs, started together (each spends most of its time importing and indexing), on the
+    tiny model, its export and its mixture with a second expert."""
     root = tmp_path_factory.mktemp("lm_eval")
     tasks = _tasks(root)
-    export = export_hf(tiny_model_dir, root / "export")
-    mixture = growlm.merge([tiny_model_dir, save_tiny_model(tiny_tokenizer_dir, root / "expert_b", seed=1)],
-                           root / "mixture", progress=False)
+    export = hf_export
     # a private HF_HOME: nothing cached elsewhere can leak in, and the offline flags make any
     # attempt to reach the Hub fail loudly instead of downloading
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -138,6 +133,7 @@ def _loglikelihoods(out: Path, task: str) -> list[float]:
     return [float(s[0] if isinstance(s, list) else s) for s in scores]
 
 
+@pytest.mark.e2e
 def test_lm_eval_cli_prints_its_table_on_an_export(runs):
     for name in ("hf_script", "hf_module"):
         table = _table(runs[name][0])
@@ -146,6 +142,7 @@ def test_lm_eval_cli_prints_its_table_on_an_export(runs):
     assert table["growlm_tiny_ppl", "bits_per_byte"] > 0 and ("growlm_tiny_gen", "exact_match") in table
 
 
+@pytest.mark.e2e
 def test_growlm_model_scores_equal_the_hf_export(runs):
     table = _table(runs["growlm_model"][0])
     assert {("growlm_tiny_mc", "acc"), ("growlm_tiny_ppl", "bits_per_byte"), ("growlm_tiny_gen", "exact_match")} <= set(table)
@@ -159,6 +156,7 @@ def test_growlm_model_scores_equal_the_hf_export(runs):
            [d["resps"] for d in _samples(theirs, "growlm_tiny_gen")]
 
 
+@pytest.mark.e2e
 def test_growlm_mixture_is_scored_by_its_combine_rule(runs, tiny_tokenizer_dir):
     import growlm
 
