@@ -37,6 +37,10 @@ USER_CACHE = "GROWLM_TEST_USER_CACHE"  # the user's own cache, where `growlm dem
 
 
 def pytest_configure(config) -> None:
+    # One intra-op thread in every process of the run (this one, xdist's workers, every child they start, which
+    # inherit the variable): two workers of two threads each on two cores wait on each other's thread pools
+    # (measured: a 6 s test took 59 s), and runs compared bit for bit across processes use one thread count.
+    torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
     if hasattr(config, "workerinput"):  # an xdist worker: the controller made the run's dirs
         return
     root = Path(tempfile.mkdtemp(prefix="growlm-tests-"))

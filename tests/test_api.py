@@ -16,17 +16,20 @@ import pytest
 
 import growlm
 from cli_util import REPO, SMALL_PLAN, child_env, tensors_equal, write_plan
+from conftest import copy_of
 from growlm.cli import main
 from growlm.errors import GrowlmError
 
 
-def test_api_end_to_end(tmp_path, corpus_dir, capsys, monkeypatch):
-    # a plan file, read and trained as `growlm train plan.toml --out a`
-    plan_file = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+def test_api_end_to_end(small_run, tmp_path, capsys, monkeypatch):
+    # a plan file, read, and the run `growlm train plan.toml --out RUN` made of it (the shared one; the API
+    # call on a copy resumes it, every stage complete, and returns the run dir)
+    plan_file = small_run.parent / "plan.toml"
     plan = growlm.load_plan(plan_file)
-    assert isinstance(plan, growlm.Plan) and plan.data.train == [tmp_path / "train.txt"]
-    run = growlm.train(plan_file, tmp_path / "a", progress=False)
-    assert run == tmp_path / "a" and (run / "stage-2" / "model.json").is_file()
+    assert isinstance(plan, growlm.Plan) and plan.data.train == [small_run.parent / "train.txt"]
+    assert growlm.train(plan_file, copy_of(small_run, tmp_path / "a"), resume=True, progress=False) == tmp_path / "a"
+    run = small_run
+    assert (run / "stage-2" / "model.json").is_file()
     assert (run / "plan.toml").read_text() == SMALL_PLAN
 
     # the same plan as a Plan object, its data under a path TOML text would need escaping, stopped
@@ -34,7 +37,7 @@ def test_api_end_to_end(tmp_path, corpus_dir, capsys, monkeypatch):
     odd = tmp_path / 'data "quoted" \\ dir'
     odd.mkdir()
     for name in ("train.txt", "valid.txt"):
-        shutil.copyfile(tmp_path / name, odd / name)
+        shutil.copyfile(small_run.parent / name, odd / name)
     odd_plan = growlm.plan_from_dict(tomllib.loads(SMALL_PLAN), odd)
     assert odd_plan.data.valid == [odd / "valid.txt"]
     b = tmp_path / "b"
@@ -57,7 +60,7 @@ def test_api_end_to_end(tmp_path, corpus_dir, capsys, monkeypatch):
     assert type(model).__name__ == "GrowLM" and len(model.blocks) == 3 and tokenizer.encode("The quick")
 
     # evaluate: the dict `growlm eval --json` prints, for a path or a loaded model
-    valid = str(tmp_path / "valid.txt")
+    valid = str(small_run.parent / "valid.txt")
     scores = growlm.evaluate(stage, "ppl", data=[valid], progress=False)
     capsys.readouterr()
     assert main(["eval", str(stage), "--task", "ppl", "--data", valid, "--json"]) == 0
@@ -112,15 +115,13 @@ def test_import_is_light_and_the_api_verbs_stay_functions():
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env(), cwd=Path(__file__).parent)
 
 
-def test_evaluate_scores_a_loaded_model_as_it_is_in_memory(tiny_model_dir, tiny_tokenizer_dir, corpus_dir, tmp_path):
+def test_evaluate_scores_a_loaded_model_as_it_is_in_memory(tiny_model_dir, mixture, corpus_dir, tmp_path):
     """evaluate(growlm.load(...)) scores the weights the caller holds, never the files again, and a model
     changed in memory does not claim the stored fingerprint."""
     import torch
 
-    from conftest import save_tiny_model
-
     valid = corpus_dir / "valid.txt"
-    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    model_dir = copy_of(tiny_model_dir, tmp_path / "model")
     stored = growlm.evaluate(model_dir, "ppl", data=valid, progress=False)
     loaded = growlm.load(model_dir)
     assert loaded.fingerprint == stored["model_fingerprint"] and loaded.unchanged()
@@ -135,8 +136,7 @@ def test_evaluate_scores_a_loaded_model_as_it_is_in_memory(tiny_model_dir, tiny_
     assert changed.keys() == stored.keys() and changed["model"] == stored["model"] == str(model_dir)
 
     # a mixture likewise: its recorded fingerprint while unchanged, None after an expert's head is zeroed
-    other = save_tiny_model(tiny_tokenizer_dir, tmp_path / "other", seed=1)
-    mix = growlm.merge([tiny_model_dir, other], tmp_path / "mix")
+    mix = mixture
     stored = growlm.evaluate(mix, "ppl", data=valid, progress=False)
     loaded = growlm.load(mix)
     assert growlm.evaluate(loaded, "ppl", data=valid, progress=False) == stored

@@ -1,7 +1,8 @@
 """The training side of the probe's catalogue: run dirs, resume, metrics and what a failed start leaves.
 
 Each test reproduces one defect the outside probe found (see docs/reliability.md) through the real
-CLI, and fails on the code before its fix.
+CLI, and fails on the code before its fix. The CLI runs in this process, except where the guarantee needs
+a real one (kill -9, Ctrl-C, a file-size limit).
 """
 
 from __future__ import annotations
@@ -9,30 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cli_util import SMALL_PLAN, child_env, growlm, write_plan
-from growlm.hashing import sha256_file
+from cli_util import SMALL_PLAN, growlm, growlm_process, one_line_error, snapshot, write_plan
+from conftest import copy_of
 
 NO_CHECKPOINT = SMALL_PLAN.replace("checkpoint_every = 3", "checkpoint_every = 1000").replace("log_every = 2",
                                                                                               "log_every = 1")
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("growlm: error: "), (r.returncode, r.stderr)
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr)
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _records(run: Path) -> list[dict]:
@@ -42,7 +29,7 @@ def _records(run: Path) -> list[dict]:
 def test_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(corpus_dir, tmp_path):
     plan = write_plan(tmp_path, NO_CHECKPOINT, corpus_dir)
     run = tmp_path / "run"
-    r = growlm("train", str(plan), "--out", str(run), "--no-progress", env={"GROWLM_FAULT": "kill@step:1:4"})
+    r = growlm_process("train", plan, "--out", run, "--no-progress", env={"GROWLM_FAULT": "kill@step:1:4"})
     assert r.returncode == -9 and len(_records(run)) == 4
     with open(run / "metrics.jsonl", "a") as f:  # a disk that filled mid-line, or a kill mid-write
         f.write('{"stage": 1, "step": 5, "tok')
@@ -66,8 +53,7 @@ def test_disk_full_while_copying_the_plan_leaves_no_truncated_plan(corpus_dir, t
     plan = write_plan(tmp_path, text, corpus_dir)
     assert plan.stat().st_size > 16 * 1024
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "growlm", "train", str(plan), "--out", str(run), "--no-progress"],
-                       capture_output=True, text=True, env=child_env(), preexec_fn=_full_disk(16))
+    r = growlm_process("train", plan, "--out", run, "--no-progress", preexec_fn=_full_disk(16))
     one_line_error(r, "could not write", "plan.toml")
     assert not (run / "plan.toml").exists() and not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     r = growlm("train", str(plan), "--out", str(run), "--resume", "--no-progress")
@@ -100,16 +86,8 @@ def test_every_stages_data_is_checked_before_the_first_stage_trains(corpus_dir, 
     assert not list((tmp_path / "run").glob("stage-*"))
 
 
-@pytest.fixture(scope="module")
-def small_run(corpus_dir, tmp_path_factory) -> Path:
-    from growlm.training import train
-
-    d = tmp_path_factory.mktemp("small")
-    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
-    return d / "run"
-
-
 def test_out_inside_a_finished_stage_or_a_file_is_refused(small_run, tmp_path):
+    small_run = copy_of(small_run.parent, tmp_path / "small") / "run"  # a private copy: a bug may write into it
     before = snapshot(small_run)
     plan = small_run.parent / "plan.toml"
     for out in (small_run / "stage-1", small_run / "stage-1" / "sub", small_run / "stage-2" / "tokenizer" / "x"):
@@ -128,8 +106,8 @@ def test_unwritable_out_is_one_line(corpus_dir, tmp_path):
 def test_corrupt_state_json_on_resume_is_one_line_and_keeps_the_stages(corpus_dir, tmp_path):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     run = tmp_path / "run"
-    assert growlm("train", str(plan), "--out", str(run), "--no-progress",
-                  env={"GROWLM_FAULT": "kill@step:2:7"}).returncode == -9
+    assert growlm_process("train", plan, "--out", run, "--no-progress",
+                          env={"GROWLM_FAULT": "kill@step:2:7"}).returncode == -9
     (state,) = (run / "checkpoints" / "stage-2").glob("step-*/state.json")
     for corrupt in ('{"files": 3}', "{not json", '{"files": {}, "step": "x"}'):
         state.write_text(corrupt)
@@ -144,7 +122,7 @@ def test_the_printed_resume_command_is_shell_quoted(corpus_dir, tmp_path):
     d.mkdir()
     plan = write_plan(d, SMALL_PLAN, corpus_dir)
     run = tmp_path / "a run"
-    r = growlm("train", str(plan), "--out", str(run), "--no-progress", env={"GROWLM_FAULT": "sigint@step:1:3"})
+    r = growlm_process("train", plan, "--out", run, "--no-progress", env={"GROWLM_FAULT": "sigint@step:1:3"})
     assert r.returncode == 130
     command = r.stderr.split("continue with: ")[1].strip()
     assert shlex.split(command) == ["growlm", "train", str(plan), "--out", str(run), "--resume"]
@@ -180,17 +158,17 @@ def test_base_must_be_a_model_dir(corpus_dir, tmp_path):
 
 
 def test_verify_a_run_with_a_stray_shorter_stage_is_one_line(small_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
-    shutil.copytree(run / "stage-1", run / "stage-3")  # a copy of stage 1 where stage 3 would be
+    run = copy_of(small_run, tmp_path / "run")
+    copy_of(run / "stage-1", run / "stage-3")  # a copy of stage 1 where stage 3 would be
     r = growlm("verify", str(run))
     one_line_error(r, "stage-3")
     assert "Traceback" not in r.stderr
 
 
-def test_no_command_writes_into_a_finished_stage_or_run(small_run, capsys):
+def test_no_command_writes_into_a_finished_stage_or_run(small_run, tmp_path, capsys):
     from growlm.cli import main
 
+    small_run = copy_of(small_run.parent, tmp_path / "small") / "run"  # a private copy: a bug may write into it
     stage, before = small_run / "stage-2", snapshot(small_run)
     tok, model = str(stage / "tokenizer"), str(stage)
     commands = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_util import snapshot
 from growlm.cli import main
 from growlm.compose import Tuning, add_expert, load_mixture, merge
 from growlm.errors import GrowlmError
@@ -50,11 +50,6 @@ def idx(tiny_model_dir) -> torch.Tensor:
 def _expert_logits(paths: list[Path], idx: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([load_model(p).model.eval()(idx) for p in paths])
-
-
-def _tree_sha(root: Path) -> dict[str, str]:
-    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +138,7 @@ def test_round_trip_info_and_cached_generation(experts, idx, tmp_path):
     assert desc["format"] == "growlm-mixture" and desc["combine"] == "mean-logits"
     assert [e["path"] for e in desc["experts"]] == ["experts/0", "experts/1"]
     for i, src in enumerate(experts[:2]):  # byte-identical copies
-        assert _tree_sha(out / "experts" / str(i)) == _tree_sha(src)
+        assert snapshot(out / "experts" / str(i)) == snapshot(src)
     assert (out / "tokenizer").is_dir()
     mix1, tok = load_mixture(out)
     mix2, _ = load_mixture(out)
@@ -178,13 +173,9 @@ def test_experts_of_different_depth_and_cache_positions(experts, idx, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def foreign_expert(tiny_model_dir, corpus_dir, tmp_path_factory) -> Path:
+def foreign_expert(tiny_model_dir, foreign_tokenizer, tmp_path_factory) -> Path:
     """Same substrate, but a tokenizer built from other text: another tokenizer fingerprint."""
-    from growlm.tokenizer import build_tokenizer
-
-    d = tmp_path_factory.mktemp("foreign")
-    build_tokenizer([corpus_dir / "ru.txt"], compact=True).save(d / "tok")
-    return _variant(tiny_model_dir, d / "x", seed=9, tokenizer_dir=d / "tok")
+    return _variant(tiny_model_dir, tmp_path_factory.mktemp("foreign") / "x", seed=9, tokenizer_dir=foreign_tokenizer)
 
 
 def test_docking_port_mismatch_refused(experts, foreign_expert, tmp_path):
@@ -265,11 +256,11 @@ def test_tampered_mixture_refused(experts, tmp_path):
 
 def test_add_expert_keeps_old_bytes(experts, idx, tmp_path):
     old = merge(experts[:2], tmp_path / "old")
-    before = _tree_sha(old)
+    before = snapshot(old)
     new = add_expert(old, experts[2], tmp_path / "new")
-    assert _tree_sha(old) == before
+    assert snapshot(old) == before
     for i in range(2):
-        assert _tree_sha(new / "experts" / str(i)) == _tree_sha(old / "experts" / str(i))
+        assert snapshot(new / "experts" / str(i)) == snapshot(old / "experts" / str(i))
     mix, _ = load_mixture(new)
     assert len(mix.experts) == 3 and mix.rule.combine == "mean-logits"
     with torch.no_grad():
@@ -277,7 +268,7 @@ def test_add_expert_keeps_old_bytes(experts, idx, tmp_path):
     # the CLI path: a mixture dir among the inputs is expanded into its experts
     assert main(["merge", str(old), str(experts[2]), "--out", str(tmp_path / "cli"), "--combine", "mean-probs"]) == 0
     assert info_mixture(tmp_path / "cli")["n_experts"] == 3
-    assert _tree_sha(old) == before
+    assert snapshot(old) == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +299,7 @@ def test_router_and_head_tuning(experts, corpus_dir, idx, tmp_path, monkeypatch)
     for r in desc["tuning"]:
         assert math.isfinite(r["train_loss"]) and r["loss_after"] < r["loss_before"]
     for i, src in enumerate(experts[:2]):  # tuned heads live beside, never inside, the expert copies
-        assert _tree_sha(out / "experts" / str(i)) == _tree_sha(src)
+        assert snapshot(out / "experts" / str(i)) == snapshot(src)
     mix, _ = load_mixture(out)
     assert mix.router.proj.weight.abs().sum() > 0  # moved away from the zero init
     base = [load_model(p).model for p in experts[:2]]

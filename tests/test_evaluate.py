@@ -373,7 +373,9 @@ def test_missing_package_names_the_install(monkeypatch):
 
 
 def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
-    """``--data hf:NAME`` goes through ``datasets.load_dataset``; offline, a hub name is a one-line error."""
+    """``--data hf:NAME`` goes through ``datasets.load_dataset``; offline, a hub name is a one-line error.
+    In a fresh interpreter: ``datasets`` and ``huggingface_hub`` read the offline flags and ``HF_HOME`` when
+    imported, and this process may have imported them already."""
     pytest.importorskip("datasets")
     import subprocess
     import sys

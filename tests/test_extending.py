@@ -113,24 +113,12 @@ def test_toy_substrate_kind(corpus_dir, tmp_path, capsys):
 # A combine rule
 
 
-def _expert(src: Path, out: Path, seed: int) -> Path:
-    """A copy of ``src`` with a perturbed head: an expert that differs."""
-    from growlm.store.model import load_model, save_model
-
-    saved = load_model(src)
-    with torch.no_grad():
-        head = saved.model.head.weight
-        head.add_(0.05 * torch.randn(head.shape, generator=torch.Generator().manual_seed(seed)))
-    save_model(saved.model, out, tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"])
-    return out
-
-
-def test_toy_combine_rule(tiny_model_dir, tmp_path):
+def test_toy_combine_rule(tiny_model_dir, expert_b, tmp_path):
     from growlm.cli import build_parser
     from growlm.compose import RULES, add_expert, load_mixture, merge
     from growlm.store.model import load_model
 
-    a, b = _expert(tiny_model_dir, tmp_path / "a", 1), _expert(tiny_model_dir, tmp_path / "b", 2)
+    a, b = tiny_model_dir, expert_b  # two experts that differ, on one docking port
     idx = torch.randint(0, load_model(a).model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with loaded("A combine rule", RULES, "max-logits"):
         out = merge([a, b], tmp_path / "mix", combine="max-logits")

@@ -1,16 +1,18 @@
-"""Fault injection: bad files, bad input and crashes, through the real CLI as subprocesses.
+"""Fault injection: bad files, bad input and crashes, through the real CLI.
 
 Every case asserts the exit code, a one-line message that names the problem and where it is (no
-traceback), and that what was already written is byte-identical afterwards. Rows of the catalogue
-proven in test_growth.py: kill -9 then --resume, Ctrl-C, NaN loss, plan key errors, growing on
-another substrate. See docs/reliability.md for the whole map.
+traceback), and that what was already written is byte-identical afterwards. The CLI runs in this
+process, except where the guarantee needs a real one (kill -9, a resource limit, a lock held by another
+process, a child's peak memory). The reference every fault is compared with is the shared ``small_run``
+(``SMALL_PLAN`` trained uninterrupted). Rows of the catalogue proven in test_growth.py: kill -9 then
+--resume, Ctrl-C, NaN loss, plan key errors, growing on another substrate. See docs/reliability.md for
+the whole map.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -19,47 +21,31 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cli_util import REPO, SMALL_PLAN, child_env, growlm, tensors_equal, write_plan
+from cli_util import (
+    REPO,
+    SMALL_PLAN,
+    child_env,
+    growlm,
+    growlm_process,
+    one_line_error,
+    snapshot,
+    tensors_equal,
+    write_plan,
+)
+from conftest import copy_of
 from growlm.hashing import sha256_file
 from growlm.store.model import block_sha256, model_fingerprint
 from growlm.training import train
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("growlm: error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr)
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file below ``root`` (what must stay byte-identical)."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def ref_run(corpus_dir, tmp_path_factory) -> Path:
-    """An uninterrupted run of the small plan: the reference every fault is compared with."""
-    d = tmp_path_factory.mktemp("ref")
-    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
-    return d / "run"
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
 
 # ----------------------------------------------------------------------------------------------
 # crashes
 
 
-def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_path, ref_run):
+def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
-    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress",
-               env={"GROWLM_FAULT": "kill@checkpoint:2:6"})
+    # kill -9 needs a process of its own; the resume after it runs here
+    r = growlm_process("train", plan, "--out", tmp_path / "run", "--no-progress",
+                       env={"GROWLM_FAULT": "kill@checkpoint:2:6"})
     assert r.returncode == -9
     ck = tmp_path / "run" / "checkpoints" / "stage-2"
     assert (ck / "step-00000003" / "state.json").is_file()  # the previous checkpoint is complete
@@ -70,12 +56,13 @@ def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_p
     assert "step 3" in r.stdout  # resumed from the last complete checkpoint
     assert snapshot(tmp_path / "run" / "stage-1") == before
     for name in ("model.safetensors", "adapters.safetensors"):
-        assert tensors_equal(ref_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
+        assert tensors_equal(small_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
     assert not list(ck.parent.glob("**/*.tmp"))
 
 
-def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, ref_run):
+def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
+    # the first run is another live process holding the lock; the second runs here
     first = subprocess.Popen([sys.executable, "-m", "growlm", "train", str(plan), "--out", str(tmp_path / "run"),
                               "--no-progress"], env=child_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -90,15 +77,16 @@ def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, ref_run):
         one_line_error(second, "lock")
     assert first.returncode == 0, err
     for name in ("model.safetensors", "adapters.safetensors"):
-        assert tensors_equal(ref_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
+        assert tensors_equal(small_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
 
 
-def test_disk_full_leaves_earlier_stages_and_no_partial_files(corpus_dir, tmp_path, ref_run):
-    sizes = {p: p.stat().st_size for p in ref_run.rglob("*") if p.is_file()}
-    w1, w2 = (ref_run / f"stage-{n}" / "model.safetensors" for n in (1, 2))
+def test_disk_full_leaves_earlier_stages_and_no_partial_files(corpus_dir, tmp_path, small_run):
+    sizes = {p: p.stat().st_size for p in small_run.rglob("*") if p.is_file()}
+    w1, w2 = (small_run / f"stage-{n}" / "model.safetensors" for n in (1, 2))
     limit_kb = (sizes[w1] + sizes[w2]) // 2 // 1024
     assert all(s < limit_kb * 1024 for p, s in sizes.items() if p.name != "model.safetensors" or p == w1)
     plan = write_plan(tmp_path, SMALL_PLAN.replace("checkpoint_every = 3", "checkpoint_every = 1000"), corpus_dir)
+    # a full disk: a file-size limit on a process of its own
     cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -m growlm train {plan} --out {tmp_path / 'run'} --no-progress"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True,
                        env=child_env())
@@ -115,8 +103,8 @@ def test_disk_full_leaves_earlier_stages_and_no_partial_files(corpus_dir, tmp_pa
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_damaged_weights_are_refused_with_the_file_named(tmp_path, ref_run, damage):
-    model = copy_model(ref_run / "stage-1", tmp_path / "m")
+def test_damaged_weights_are_refused_with_the_file_named(tmp_path, small_run, damage):
+    model = copy_of(small_run / "stage-1", tmp_path / "m")
     f = model / "model.safetensors"
     data = bytearray(f.read_bytes())
     if damage == "truncate":
@@ -129,14 +117,14 @@ def test_damaged_weights_are_refused_with_the_file_named(tmp_path, ref_run, dama
         one_line_error(growlm(*args), str(f))
 
 
-def test_pickle_is_never_unpickled(tmp_path, ref_run):
+def test_pickle_is_never_unpickled(tmp_path, small_run):
     marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    model = copy_model(ref_run / "stage-1", tmp_path / "m")
+    model = copy_of(small_run / "stage-1", tmp_path / "m")
     f = model / "model.safetensors"
     f.write_bytes(pickle.dumps(Evil()))
     meta = json.loads((model / "model.json").read_text())
@@ -146,11 +134,11 @@ def test_pickle_is_never_unpickled(tmp_path, ref_run):
     assert not marker.exists()
 
 
-def test_merge_mismatch_is_refused_and_nothing_written(corpus_dir, tmp_path, ref_run):
+def test_merge_mismatch_is_refused_and_nothing_written(corpus_dir, tmp_path, small_run):
     other = SMALL_PLAN.replace('kind = "binary"\nbits = 16', 'kind = "random-bits"\nbits = 16')
     runs = train(write_plan(tmp_path, other, corpus_dir), tmp_path / "other", progress=False)
-    r = growlm("merge", str(ref_run / "stage-2"), str(runs[-1]), "--out", str(tmp_path / "mix"))
-    one_line_error(r, "substrate", str(ref_run / "stage-2"))
+    r = growlm("merge", str(small_run / "stage-2"), str(runs[-1]), "--out", str(tmp_path / "mix"))
+    one_line_error(r, "substrate", str(small_run / "stage-2"))
     assert not (tmp_path / "mix").exists()
 
 
@@ -218,12 +206,12 @@ def test_plan_path_escaping_to_nowhere_is_refused(corpus_dir, tmp_path):
 # verify
 
 
-def test_verify_passes_a_clean_run_and_finds_drift(tmp_path, ref_run):
-    r = growlm("verify", str(ref_run))
+def test_verify_passes_a_clean_run_and_finds_drift(tmp_path, small_run):
+    r = growlm("verify", str(small_run))
     assert r.returncode == 0, r.stderr
     assert "lineage of 2 stage(s) ok" in r.stdout
     run = tmp_path / "run"
-    shutil.copytree(ref_run, run)
+    copy_of(small_run, run)
     # forge stage-2: change frozen block 0 and rewrite every record so the files look self-consistent
     st2 = run / "stage-2"
     w = load_file(str(st2 / "model.safetensors"))

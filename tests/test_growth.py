@@ -1,4 +1,8 @@
-"""Constructive growth end to end: plans, frozen-means-frozen, init modes, LoRA, resume, bad input."""
+"""Constructive growth end to end: plans, frozen-means-frozen, init modes, LoRA, resume, bad input.
+
+The CLI runs in this process, except where the guarantee needs a real one (kill -9, Ctrl-C, SIGTERM). The
+reference for a resumed run is the shared ``small_run`` (``SMALL_PLAN`` trained uninterrupted).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_util import REPO, SMALL_PLAN, growlm, tensors_equal, write_plan
+from cli_util import REPO, SMALL_PLAN, growlm, growlm_process, tensors_equal, write_plan
 from growlm.errors import GrowlmError
 from growlm.growth import grow, plan_active_params, set_trainable
 from growlm.hashing import sha256_file
@@ -53,7 +57,7 @@ tokens = 16384
 
 @pytest.fixture(scope="module")
 def issue_run(corpus_dir, tmp_path_factory) -> Path:
-    """The issue's plan, run through the CLI exactly as written."""
+    """The issue's plan, run through the CLI (in this process) exactly as written."""
     d = tmp_path_factory.mktemp("issue")
     plan = write_plan(d, ISSUE_PLAN, corpus_dir)
     r = growlm("train", str(plan), "--out", str(d / "run"), "--no-progress")
@@ -203,11 +207,11 @@ def test_lora_merge_equivalence_in_memory():
 # resume and faults
 
 
-def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path):
+def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
-    ref = train(plan, tmp_path / "ref", progress=False)
-    killed = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress",
-                    env={"GROWLM_FAULT": "kill@step:2:7"})
+    # kill -9 needs a process of its own; the calls after it run here
+    killed = growlm_process("train", plan, "--out", tmp_path / "run", "--no-progress",
+                            env={"GROWLM_FAULT": "kill@step:2:7"})
     assert killed.returncode == -9
     assert (tmp_path / "run" / "stage-1").is_dir() and not (tmp_path / "run" / "stage-2").exists()
     assert any((tmp_path / "run" / "checkpoints" / "stage-2").glob("step-*"))
@@ -218,7 +222,7 @@ def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert sha256_file(tmp_path / "run" / "stage-1" / "model.safetensors") == s1
     for name in ("model.safetensors", "adapters.safetensors"):
-        assert tensors_equal(ref[1] / name, tmp_path / "run" / "stage-2" / name)
+        assert tensors_equal(small_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
     steps = [(x["stage"], x["step"]) for x in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
     assert len(steps) == len(set(steps))
 
@@ -227,8 +231,9 @@ def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path):
 def test_sigint_checkpoints_and_resumes(corpus_dir, tmp_path, sig):
     """Ctrl-C, and a scheduler's SIGTERM, write a checkpoint at the current step and exit cleanly."""
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
-    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress",
-               env={"GROWLM_FAULT": f"{sig}@step:1:5"})
+    # the signal and the exit code 130 need a process of their own; the resume runs here
+    r = growlm_process("train", plan, "--out", tmp_path / "run", "--no-progress",
+                       env={"GROWLM_FAULT": f"{sig}@step:1:5"})
     assert r.returncode == 130, r.stderr
     assert "interrupted" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "run" / "checkpoints" / "stage-1" / "step-00000005" / "state.json").is_file()
@@ -266,13 +271,11 @@ def test_plan_errors_before_training(corpus_dir, tmp_path, edit, expected):
     assert not any((tmp_path / "run").glob("stage-*"))
 
 
-def test_grow_on_another_substrate_is_refused(corpus_dir, tmp_path):
-    plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
-    first = train(plan, tmp_path / "a", progress=False)
+def test_grow_on_another_substrate_is_refused(corpus_dir, tmp_path, small_run):
     other = SMALL_PLAN.replace('kind = "binary"\nbits = 16', 'kind = "random-bits"\nbits = 16')
-    other = f'base = "{first[0]}"\n' + other
-    (tmp_path / "other.toml").write_text(other)
-    r = growlm("train", str(tmp_path / "other.toml"), "--out", str(tmp_path / "b"), "--no-progress")
+    other = f'base = "{small_run / "stage-1"}"\n' + other  # read only: the shared run's first stage
+    plan = write_plan(tmp_path, other, corpus_dir)
+    r = growlm("train", str(plan), "--out", str(tmp_path / "b"), "--no-progress")
     assert r.returncode == 2 and "substrate fingerprint" in r.stderr
     assert not any((tmp_path / "b").glob("stage-*"))
 

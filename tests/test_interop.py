@@ -5,16 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_of
 from growlm.errors import GrowlmError
 from growlm.interop import EXPORT_META, export_hf, import_hf
 from growlm.store.model import load_model, save_model
@@ -29,15 +28,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    return export_hf(tiny_model_dir, tmp_path_factory.mktemp("hf") / "export")
-
-
-@pytest.fixture(scope="module")
-def hf_model(hf_dir):
+def hf_model(hf_export):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    return AutoModelForCausalLM.from_pretrained(hf_export).eval()
 
 
 def _logits_hf(model, ids: torch.Tensor) -> torch.Tensor:
@@ -50,19 +44,19 @@ def _logits_growlm(model, ids: torch.Tensor) -> torch.Tensor:
         return model.eval()(ids)
 
 
-def test_export_writes_a_standard_checkpoint(hf_dir, tiny_model_dir):
-    names = {p.name for p in hf_dir.iterdir()}
+def test_export_writes_a_standard_checkpoint(hf_export, tiny_model_dir):
+    names = {p.name for p in hf_export.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json", EXPORT_META} <= names
-    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg = json.loads((hf_export / "config.json").read_text())
     assert cfg["architectures"] == ["GPTNeoXForCausalLM"] and cfg["use_parallel_residual"] is False
     assert cfg["rotary_pct"] == 1.0 and cfg["tie_word_embeddings"] is False and cfg["max_position_embeddings"] == 128
-    record = json.loads((hf_dir / EXPORT_META).read_text())
+    record = json.loads((hf_export / EXPORT_META).read_text())
     meta = load_model(tiny_model_dir).meta
     assert record["source"]["fingerprint"] == meta["fingerprint"]
     assert record["substrate_fingerprint"] == meta["substrate_fingerprint"]
     assert record["tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
-    assert load_file(str(hf_dir / "model.safetensors"))["gpt_neox.embed_in.weight"].shape == (cfg["vocab_size"], 64)
+    assert load_file(str(hf_export / "model.safetensors"))["gpt_neox.embed_in.weight"].shape == (cfg["vocab_size"], 64)
 
 
 def test_exported_logits_match(hf_model, tiny_model_dir):
@@ -85,20 +79,20 @@ def test_greedy_generation_matches(hf_model, tiny_model_dir):
         assert theirs.tolist() == ours.tolist()
 
 
-def test_auto_tokenizer_matches(hf_dir, tiny_model_dir):
+def test_auto_tokenizer_matches(hf_export, tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = load_model(tiny_model_dir).tokenizer()
-    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    hf_tok = AutoTokenizer.from_pretrained(hf_export)
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     for text in TEXTS:
         assert hf_tok(text)["input_ids"] == tok.encode(text)
         assert hf_tok.decode(tok.encode(text)) == tok.decode(tok.encode(text))
 
 
-def test_import_round_trip_is_the_same_model(hf_dir, tiny_model_dir, tmp_path):
+def test_import_round_trip_is_the_same_model(hf_export, tiny_model_dir, tmp_path):
     src = load_model(tiny_model_dir)
-    back = load_model(import_hf(hf_dir, tmp_path / "imported"))
+    back = load_model(import_hf(hf_export, tmp_path / "imported"))
     assert back.model.cfg == src.model.cfg  # substrate width 16 restored from the lifted [V, 64] matrix
     for key in ("substrate_fingerprint", "tokenizer_fingerprint", "substrate", "fingerprint", "lineage"):
         assert back.meta[key] == src.meta[key], key
@@ -106,12 +100,12 @@ def test_import_round_trip_is_the_same_model(hf_dir, tiny_model_dir, tmp_path):
     assert torch.equal(_logits_growlm(back.model, ids), _logits_growlm(src.model, ids))
 
 
-def test_import_of_a_checkpoint_resaved_by_transformers(hf_dir, hf_model, tiny_model_dir, tmp_path):
+def test_import_of_a_checkpoint_resaved_by_transformers(hf_export, hf_model, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     resaved = tmp_path / "resaved"
     hf_model.save_pretrained(resaved)  # transformers' own names and config keys, no growlm_export.json
-    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(resaved)
+    AutoTokenizer.from_pretrained(hf_export).save_pretrained(resaved)
     src = load_model(tiny_model_dir)
     back = load_model(import_hf(resaved, tmp_path / "imported"))
     assert back.model.cfg.embed_dim == 64 and back.meta["substrate"]["kind"] == "imported"
@@ -120,9 +114,9 @@ def test_import_of_a_checkpoint_resaved_by_transformers(hf_dir, hf_model, tiny_m
     assert torch.equal(_logits_growlm(back.model, ids), _logits_growlm(src.model, ids))
 
 
-def test_import_of_a_changed_embedding_is_a_new_substrate(hf_dir, tiny_model_dir, tmp_path):
+def test_import_of_a_changed_embedding_is_a_new_substrate(hf_export, tiny_model_dir, tmp_path):
     changed = tmp_path / "changed"
-    shutil.copytree(hf_dir, changed)
+    copy_of(hf_export, changed)
     state = load_file(str(changed / "model.safetensors"))
     state["gpt_neox.embed_in.weight"] = state["gpt_neox.embed_in.weight"] + 0.01 * torch.randn_like(
         state["gpt_neox.embed_in.weight"])
@@ -161,12 +155,12 @@ def test_export_merges_lora_adapters(tiny_model_dir, tmp_path):
     assert (base - reference).abs().max().item() > 1e-3  # the adapters really changed the model
 
 
-def test_refuses_existing_out_dir(hf_dir, tiny_model_dir, tmp_path):
+def test_refuses_existing_out_dir(hf_export, tiny_model_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(GrowlmError, match="refusing to overwrite"):
         export_hf(tiny_model_dir, tmp_path / "taken")
     with pytest.raises(GrowlmError, match="refusing to overwrite"):
-        import_hf(hf_dir, tmp_path / "taken")
+        import_hf(hf_export, tmp_path / "taken")
     assert not any((tmp_path / "taken").iterdir())
 
 
@@ -176,9 +170,9 @@ def test_refuses_existing_out_dir(hf_dir, tiny_model_dir, tmp_path):
     ({"rotary_pct": 0.25, "rope_parameters": None}, "rotary embedding covers 0.25"),
     ({"hidden_act": "relu"}, "exact GELU"),
 ])
-def test_import_refuses_other_architectures(hf_dir, tmp_path, change, message):
+def test_import_refuses_other_architectures(hf_export, tmp_path, change, message):
     other = tmp_path / "other"
-    shutil.copytree(hf_dir, other)
+    copy_of(hf_export, other)
     cfg = json.loads((other / "config.json").read_text()) | change
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GrowlmError, match=message) as err:
@@ -200,8 +194,9 @@ LM_EVAL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
-def test_lm_eval_harness_runs_the_export_offline(hf_dir, tmp_path):
+def test_lm_eval_harness_runs_the_export_offline(hf_export, tmp_path):
     docs = [
         {"question": "What is the capital of France?", "choices": ["Paris", "red", "blue"], "answer": 0},
         {"question": "Which colour is the sky?", "choices": ["green", "blue", "yellow"], "answer": 1},
@@ -234,7 +229,7 @@ def test_lm_eval_harness_runs_the_export_offline(hf_dir, tmp_path):
     # attempt to reach the Hub fail loudly instead of downloading
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                         "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(hf_dir), str(tasks)], env=env,
+    proc = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(hf_export), str(tasks)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))

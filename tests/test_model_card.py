@@ -9,21 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_util import SMALL_PLAN, write_plan
-from conftest import save_tiny_model
+from conftest import copy_of
 from growlm.cli import main
 from growlm.model_card import EVALS, read_evals, save_eval
 from growlm.store.model import load_model, read_meta
 
 
 @pytest.fixture(scope="module")
-def run(corpus_dir, tmp_path_factory) -> Path:
-    """A trained two-stage run (stage 2 adds a block and LoRA adapters on the frozen ones)."""
-    from growlm.training import train
-
-    d = tmp_path_factory.mktemp("card")
-    train(write_plan(d, SMALL_PLAN, corpus_dir), d / "run", progress=False)
-    return d / "run"
+def run(small_run, tmp_path_factory) -> Path:
+    """A trained two-stage run (stage 2 adds a block and LoRA adapters on the frozen ones): this module's
+    copy of the shared one, since ``eval --save`` writes a sidecar into its stage dirs."""
+    return copy_of(small_run, tmp_path_factory.mktemp("card") / "run")
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -98,12 +94,12 @@ def test_per_stage_save_writes_each_stage(run, corpus_dir, capsys):
     assert not (run / EVALS).exists()
 
 
-def test_save_on_a_mixture_is_refused(tiny_model_dir, tiny_tokenizer_dir, corpus_dir, tmp_path, capsys):
+def test_save_on_a_mixture_is_refused(tiny_model_dir, expert_b, corpus_dir, tmp_path, capsys):
     """A mixture records every file it holds, so a sidecar would fail its verification: --save is
     refused in one line before any scoring, and the mixture stays as it was (it still verifies)."""
     from growlm.api import merge
 
-    other = save_tiny_model(tiny_tokenizer_dir, tmp_path / "b", seed=1)
+    other = copy_of(expert_b, tmp_path / "b")  # a copy: it gets a sidecar of its own
     # an expert's own saved results travel into the mixture as a recorded file, and it verifies
     save_eval(other, {"task": "ppl", "model_fingerprint": read_meta(other)["fingerprint"], "ppl": 2.0})
     mix = merge([tiny_model_dir, other], tmp_path / "mix", progress=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,19 +36,6 @@ class StubTokenizer:
 
     def token_strings(self) -> list[str]:
         return list(self.strings)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def glyph_cache(tmp_path_factory: pytest.TempPathFactory):
-    """A private basis cache: the first glyph build renders the reference set, later ones reuse it."""
-    old = os.environ.get("GROWLM_CACHE")
-    path = tmp_path_factory.mktemp("growlm-cache")
-    os.environ["GROWLM_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("GROWLM_CACHE", None)
-    else:
-        os.environ["GROWLM_CACHE"] = old
 
 
 SMALL = StubTokenizer(["<pad>", "a", "b", "th", "the", "中", "Ж", " ", "\n", "<unused_9>"])
@@ -311,15 +298,35 @@ def test_glyph_parallel_render_equals_serial() -> None:
 
 
 @needs_font
-def test_reference_basis_is_cached(glyph_cache: Path) -> None:
+def test_reference_basis_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A glyph build writes the reference basis to the cache, later builds reuse it, and a broken one is
+    rebuilt, to the same basis. The glyph builds of a test run share the run's cache, so the 65,536 code
+    points are rendered once a run: this test breaks a private copy of it, and its rebuild renders a
+    sample of them afresh (which must equal the cached bits) and takes the rest from the intact copy."""
     build("glyph")
-    (path,) = glyph_cache.glob("glyph-basis-*.safetensors")
+    (shared,) = glyph_mod.cache_dir().glob("glyph-basis-*.safetensors")  # written by a build: nothing else does
+    monkeypatch.setenv("GROWLM_CACHE", str(tmp_path))
+    path = Path(shutil.copy2(shared, tmp_path / shared.name))
     stamp = path.stat().st_mtime_ns
     build("glyph")
     assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
     before = build("glyph").fingerprint
+
+    cached, render, rendered = load_file(str(shared))["bits"].numpy(), glyph_mod.render_packed, []
+
+    def render_reference(tokens, font_path, workers=None):
+        if len(tokens) != glyph_mod.REFERENCE_SIZE:  # a vocabulary's multi-character tokens: rendered as ever
+            return render(tokens, font_path, workers)
+        assert tokens == [chr(i) for i in range(glyph_mod.REFERENCE_SIZE)]
+        sample = list(range(0, glyph_mod.REFERENCE_SIZE, 64))  # one code point in 64, across the whole BMP
+        assert np.array_equal(render([tokens[i] for i in sample], font_path, 1), cached[sample])
+        rendered.append(len(tokens))
+        return cached.copy()
+
+    monkeypatch.setattr(glyph_mod, "render_packed", render_reference)
     path.write_bytes(b"corrupt")  # a broken cache is rebuilt, to the same basis
     assert build("glyph").fingerprint == before
+    assert rendered == [glyph_mod.REFERENCE_SIZE]  # rebuilt from a rendering, not read from anywhere
     assert path.stat().st_size > 1_000_000
 
 

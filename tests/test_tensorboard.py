@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli_util import SMALL_PLAN, growlm, write_plan
+from cli_util import SMALL_PLAN, growlm, growlm_process, write_plan
 from growlm.cli import main
 
 STEPS = 10  # each SMALL_PLAN stage: 1280 tokens / (batch 4 × context 32)
@@ -58,10 +58,11 @@ def test_flag_is_not_part_of_the_plan(tb_run):
 
 def test_resumed_run_hides_what_the_killed_one_logged_past_its_checkpoint(corpus_dir, tmp_path):
     """Killed at stage 2 step 5 (checkpoint at step 3, a loss logged at step 4): the resumed run logs step 4
-    again and TensorBoard shows it once, as metrics.jsonl does."""
+    again and TensorBoard shows it once, as metrics.jsonl does. The kill -9 needs a process of its own; the
+    resume runs in this one."""
     plan, run = write_plan(tmp_path, SMALL_PLAN, corpus_dir), tmp_path / "run"
-    killed = growlm("train", str(plan), "--out", str(run), "--tensorboard", "--no-progress",
-                    env={"GROWLM_FAULT": "kill@step:2:5"})
+    killed = growlm_process("train", str(plan), "--out", str(run), "--tensorboard", "--no-progress",
+                            env={"GROWLM_FAULT": "kill@step:2:5"})
     assert killed.returncode != 0
     growlm("train", str(plan), "--out", str(run), "--resume", "--tensorboard", "--no-progress", check=True)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

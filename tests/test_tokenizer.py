@@ -39,7 +39,8 @@ FRAGMENTS = [
 ]  # fmt: skip
 
 
-def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+def one_line_message(excinfo: pytest.ExceptionInfo) -> str:
+    """The raised error's message, one non-empty line (cli_util.one_line_error checks a command's stderr)."""
     msg = str(excinfo.value)
     assert "\n" not in msg and msg
     return msg
@@ -92,15 +93,15 @@ def test_preset_reproduces_paper(preset: Tokenizer) -> None:
 def test_preset_errors(tmp_path: Path) -> None:
     with pytest.raises(GrowlmError, match="bvv241-2-3") as e:
         build_preset("bvv999", NGRAM_LIST)
-    one_line_error(e)
+    one_line_message(e)
     with pytest.raises(GrowlmError, match="not found") as e:
         build_preset("bvv241-2-3", tmp_path / "missing.txt")
-    one_line_error(e)
+    one_line_message(e)
     bad = tmp_path / "bad.txt"
     bad.write_text("[{'lang': 'en', 'top_ngrams': {2: __import__('os')}}]", encoding="utf-8")
     with pytest.raises(GrowlmError, match="not a Python literal") as e:
         build_preset("bvv241-2-3", bad)
-    one_line_error(e)
+    one_line_message(e)
 
 
 def test_other_ngram_list_and_shipped_notice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,7 +195,7 @@ def test_specials_in_text_and_decode_errors(preset: Tokenizer) -> None:
     assert preset.decode([preset.bos_id, 104, preset.pad_id]) == "<s>h<pad>"
     with pytest.raises(GrowlmError, match="outside the vocabulary") as e:
         preset.decode([65536])
-    one_line_error(e)
+    one_line_message(e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_too_many_ngrams(tmp_path: Path) -> None:
     f.write_text(" ".join(words), encoding="utf-8")
     with pytest.raises(GrowlmError, match=r"n-grams do not fit the 8,192 free n-gram slots") as e:
         build_tokenizer([f], top_k=100_000)
-    assert one_line_error(e).split()[0].replace(",", "").isdigit()
+    assert one_line_message(e).split()[0].replace(",", "").isdigit()
     assert build_tokenizer([f], top_k=100_000, compact=True).meta["ngram_count"] > 8192
 
 
@@ -271,11 +272,11 @@ def test_save_load_roundtrip(compact: Tokenizer, tmp_path: Path) -> None:
 def test_load_errors(compact: Tokenizer, tmp_path: Path) -> None:
     with pytest.raises(GrowlmError, match="not found") as e:
         Tokenizer.load(tmp_path / "nope")
-    assert str(tmp_path / "nope") in one_line_error(e)
+    assert str(tmp_path / "nope") in one_line_message(e)
     (tmp_path / "empty").mkdir()
     with pytest.raises(GrowlmError, match="not a growlm tokenizer directory") as e:
         Tokenizer.load(tmp_path / "empty")
-    one_line_error(e)
+    one_line_message(e)
     d = compact.save(tmp_path / "tok")
     tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = tj["model"]["vocab"]
@@ -283,7 +284,7 @@ def test_load_errors(compact: Tokenizer, tmp_path: Path) -> None:
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     with pytest.raises(GrowlmError, match="fingerprint mismatch") as e:
         Tokenizer.load(d)
-    assert str(d) in one_line_error(e)
+    assert str(d) in one_line_message(e)
 
 
 def test_transformers_loads_identical_ids(preset: Tokenizer, tmp_path: Path) -> None:
@@ -310,17 +311,17 @@ def test_transformers_loads_identical_ids(preset: Tokenizer, tmp_path: Path) -> 
 def test_corpus_errors(tmp_path: Path) -> None:
     with pytest.raises(GrowlmError, match="corpus file not found: ") as e:
         read_text(tmp_path / "missing.txt")
-    one_line_error(e)
+    one_line_message(e)
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(GrowlmError, match="corpus file is empty: ") as e:
         read_text(tmp_path / "empty.txt")
-    one_line_error(e)
+    one_line_message(e)
     bad = tmp_path / "bad.txt"
     bad.write_bytes("héllo wörld\n".encode() * 3 + b"ok \xff tail")
     for chunk in (1, 2, 3, 7, 1 << 20):
         with pytest.raises(GrowlmError, match=r"is not UTF-8: invalid byte 0xff at byte offset 45$") as e:
             list(iter_text_chunks(bad, chunk))
-        one_line_error(e)
+        one_line_message(e)
     truncated = tmp_path / "truncated.txt"
     truncated.write_bytes(b"abc\xe4\xb8")
     with pytest.raises(GrowlmError, match="invalid byte 0xe4 at byte offset 3"):
