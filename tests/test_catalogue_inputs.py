@@ -3,7 +3,8 @@ evaluation that read a whole file at once, and mistakes that ended in a tracebac
 
 Every mistake must end in one line ``growlm: error: ...`` with exit code 2 and leave what existed
 byte-identical. Cases that need a process of their own (a file-size limit, dropped privileges, a
-reader that would block) run the CLI as a subprocess; pure argument checks call ``cli.main``.
+reader that would block, a peak memory) run the CLI in a child process; the rest run it in this
+process (``growlm``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_util import SMALL_PLAN, child_env, write_plan
-from growlm.cli import main
+from cli_util import SMALL_PLAN, child_env, growlm, one_line_error, snapshot, write_plan
+from conftest import copy_of
 from growlm.hashing import sha256_file
 
 # One torch thread: on a shared 2-core machine several threads per child only wait for each other.
@@ -29,25 +30,21 @@ ENV = {"OMP_NUM_THREADS": "1"}
 HANG_S = 60
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file below ``root``, and every entry's name (what must stay as it was)."""
-    return {str(p.relative_to(root)): sha256_file(p) if p.is_file() else "" for p in sorted(root.rglob("*"))}
+def entries(root: Path) -> dict[str, str]:
+    """``snapshot(root)``, and the name of every other entry (a dir, even an empty one): what must stay as it was."""
+    return {**{str(p.relative_to(root)): "" for p in root.rglob("*")}, **snapshot(root)}
 
 
-def assert_one_line_error(rc: int, stderr: str, *needles: str) -> None:
-    assert rc == 2, (rc, stderr)
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("growlm: error: "), stderr
-    for n in needles:
-        assert n in stderr, (n, stderr)
+def error(argv: list, *needles: str) -> None:
+    """``growlm ARGV`` fails with exit code 2 and one error line naming every needle."""
+    one_line_error(growlm(*argv), *needles)
 
 
-def main_error(capsys, argv: list[str], *needles: str) -> str:
-    """Run ``cli.main`` in this process; it must return 2 with one error line. Returns stdout."""
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert_one_line_error(rc, err, *needles)
-    return out
+def ok(argv: list) -> subprocess.CompletedProcess:
+    """``growlm ARGV`` succeeds."""
+    r = growlm(*argv)
+    assert r.returncode == 0, r.stderr
+    return r
 
 
 def unprivileged() -> list[str]:
@@ -81,8 +78,8 @@ print("RESULTS" + json.dumps(results))
 """
 
 
-def in_child(calls: list, prefix: list[str] = (), file_limit_kb: int | None = None) -> list[tuple[int, str, str]]:
-    """(rc, stdout, stderr) of each call, run in one child process under ``prefix`` and, when
+def in_child(calls: list, prefix: list[str] = (), file_limit_kb: int | None = None) -> list[subprocess.CompletedProcess]:
+    """The exit code, stdout and stderr of each call, run in one child process under ``prefix`` and, when
     given, a file-size limit (a write past it fails with EFBIG: Python ignores SIGXFSZ). A call
     that blocks fails the test by the timeout instead of hanging it."""
     cmd = [*prefix, sys.executable, "-c", _BATCH, json.dumps([[str(a) for a in c] if isinstance(c, list) else c
@@ -91,7 +88,8 @@ def in_child(calls: list, prefix: list[str] = (), file_limit_kb: int | None = No
         cmd = ["bash", "-c", f'ulimit -f {file_limit_kb}; exec "$@"', "bash", *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(**ENV), timeout=HANG_S)
     assert r.returncode == 0 and "RESULTS" in r.stdout, r.stderr
-    return [tuple(x) for x in json.loads(r.stdout.split("RESULTS", 1)[1])]
+    return [subprocess.CompletedProcess(call, *x) for call, x in zip(calls, json.loads(r.stdout.split("RESULTS", 1)[1]),
+                                                                      strict=True)]
 
 
 @pytest.fixture
@@ -118,60 +116,56 @@ def _build_args(kind: str, corpus_dir: Path, tok_dir: Path, out: Path, variant: 
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "substrate"])
-def test_build_refuses_a_non_empty_out_unless_overwrite(kind, corpus_dir, tiny_tokenizer_dir, tmp_path, capsys):
+def test_build_refuses_a_non_empty_out_unless_overwrite(kind, corpus_dir, tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 0)) == 0
-    before = snapshot(tmp_path)
-    main_error(capsys, _build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1), str(out), "--overwrite")
-    assert snapshot(tmp_path) == before
-    assert main(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1) + ["--overwrite"]) == 0
-    after = snapshot(tmp_path)
+    ok(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 0))
+    before = entries(tmp_path)
+    error(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1), str(out), "--overwrite")
+    assert entries(tmp_path) == before
+    ok(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1) + ["--overwrite"])
+    after = entries(tmp_path)
     assert set(after) == set(before) and after != before  # replaced in place, nothing left beside it
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "substrate"])
 def test_build_into_an_empty_dir_is_fine(kind, corpus_dir, tiny_tokenizer_dir, tmp_path):
     (tmp_path / "out").mkdir()
-    assert main(_build_args(kind, corpus_dir, tiny_tokenizer_dir, tmp_path / "out", 0)) == 0
+    ok(_build_args(kind, corpus_dir, tiny_tokenizer_dir, tmp_path / "out", 0))
     assert len(list((tmp_path / "out").iterdir())) >= 2
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "substrate", "export"])
-def test_out_that_is_a_file_is_one_line(kind, corpus_dir, tiny_tokenizer_dir, tiny_model_dir, tmp_path, capsys):
+def test_out_that_is_a_file_is_one_line(kind, corpus_dir, tiny_tokenizer_dir, tiny_model_dir, tmp_path):
     out = tmp_path / "taken"
     out.write_text("not a dir\n")
     args = (["export", str(tiny_model_dir), "--out", str(out)] if kind == "export"
             else _build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 0) + ["--overwrite"])
-    main_error(capsys, args, str(out))
-    assert out.read_text() == "not a dir\n" and snapshot(tmp_path) == {"taken": sha256_file(out)}
+    error(args, str(out))
+    assert out.read_text() == "not a dir\n" and entries(tmp_path) == {"taken": sha256_file(out)}
 
 
-def test_outs_in_a_read_only_dir_are_one_line(corpus_dir, tiny_tokenizer_dir, tiny_model_dir, read_only):
-    from growlm.interop import export_hf
-
-    hf = export_hf(tiny_model_dir, read_only.parent / "hf")
+def test_outs_in_a_read_only_dir_are_one_line(corpus_dir, tiny_tokenizer_dir, tiny_model_dir, hf_export, read_only):
     run = read_only / "run"  # a run dir (RUN/stage-N) where eval --per-stage cannot write RUN/eval
     read_only.chmod(0o755)
-    shutil.copytree(tiny_model_dir, run / "stage-1")
+    copy_of(tiny_model_dir, run / "stage-1")
     run.chmod(0o555)
     read_only.chmod(0o555)
-    before = snapshot(read_only)
+    before = entries(read_only)
     outs = [read_only / name for name in ("tok", "sub", "export", "imported")]
     calls = [_build_args("tokenizer", corpus_dir, tiny_tokenizer_dir, outs[0], 0),
              _build_args("substrate", corpus_dir, tiny_tokenizer_dir, outs[1], 0),
              ["export", tiny_model_dir, "--out", outs[2]],
-             ["import", hf, "--out", outs[3]],
+             ["import", hf_export, "--out", outs[3]],
              ["eval", run, "--per-stage", "--task", "ppl", "--data", corpus_dir / "valid.txt"]]
     try:
         results = in_child(calls, prefix=unprivileged())
     finally:
         run.chmod(0o755)
-    for out, (rc, _, err) in zip(outs, results, strict=False):
-        assert_one_line_error(rc, err, str(out), "Permission denied")
-    rc, stdout, err = results[-1]
-    assert_one_line_error(rc, err, str(run / "eval"), "Permission denied")
-    assert "stage=1" in stdout and "loss=" in stdout  # the scores still reach the user
-    assert snapshot(read_only) == before
+    for out, r in zip(outs, results, strict=False):
+        one_line_error(r, str(out), "Permission denied")
+    one_line_error(results[-1], str(run / "eval"), "Permission denied")
+    assert "stage=1" in results[-1].stdout and "loss=" in results[-1].stdout  # the scores still reach the user
+    assert entries(read_only) == before
 
 
 SAVE_INTO = {
@@ -185,23 +179,23 @@ def test_a_full_disk_never_leaves_a_partial_file(corpus_dir, tiny_tokenizer_dir,
     kinds = ("tokenizer", "substrate")
     built = {k: tmp_path / f"built-{k}" for k in kinds}
     for k in kinds:
-        assert main(_build_args(k, corpus_dir, tiny_tokenizer_dir, built[k], 0)) == 0
+        ok(_build_args(k, corpus_dir, tiny_tokenizer_dir, built[k], 0))
         (tmp_path / f"save-{k}").mkdir()
-    before = snapshot(tmp_path)
+    before = entries(tmp_path)
     calls = [_build_args(k, corpus_dir, tiny_tokenizer_dir, built[k], 1) + ["--overwrite"] for k in kinds]
     calls += [SAVE_INTO[k].format(src=str(tiny_tokenizer_dir), out=str(tmp_path / f"save-{k}")) for k in kinds]
     results = in_child(calls, file_limit_kb=4)
-    for k, (rc, _, err) in zip(kinds, results[:2], strict=True):  # --overwrite: the old dir stays whole
-        assert_one_line_error(rc, err, "could not write", str(built[k]))
-    for k, (rc, _, err) in zip(kinds, results[2:], strict=True):  # save: no half-written file
-        assert rc != 0 and "could not write" in err, err
+    for k, r in zip(kinds, results[:2], strict=True):  # --overwrite: the old dir stays whole
+        one_line_error(r, "could not write", str(built[k]))
+    for k, r in zip(kinds, results[2:], strict=True):  # save: no half-written file
+        assert r.returncode != 0 and "could not write" in r.stderr, r.stderr
         out = tmp_path / f"save-{k}"
         assert all(f.stat().st_size < 4096 and not f.name.startswith(".") for f in out.iterdir())
         assert not (out / ("tokenizer.json" if k == "tokenizer" else "substrate.safetensors")).exists()
     def built_dirs(snap: dict[str, str]) -> dict[str, str]:
         return {f: h for f, h in snap.items() if f.startswith("built-")}
 
-    assert built_dirs(snapshot(tmp_path)) == built_dirs(before) and len(built_dirs(before)) > 4
+    assert built_dirs(entries(tmp_path)) == built_dirs(before) and len(built_dirs(before)) > 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +219,8 @@ def test_fifos_as_input_files_are_refused_by_name(fifo, corpus_dir, tiny_model_d
         plan = write_plan(d, SMALL_PLAN.replace(f'{key} = ["{key}.txt"]', f'{key} = ["fifo.txt"]'), corpus_dir)
         os.mkfifo(d / "fifo.txt")
         calls.append(["train", plan, "--out", d / "run", "--no-progress"])
-    for rc, _, err in in_child(calls):
-        assert_one_line_error(rc, err, "fifo.txt", "FIFO")
+    for r in in_child(calls):
+        one_line_error(r, "fifo.txt", "FIFO")
     assert not (tmp_path / "tok").exists()
 
 
@@ -307,16 +301,14 @@ def test_streamed_ppl_equals_scoring_the_whole_text(tiny_model_dir, corpus_dir, 
     assert res["unk_rate"] == 0.0
 
 
-def test_eval_reports_and_warns_about_unknown_characters(tiny_model_dir, corpus_dir, tmp_path, capsys):
+def test_eval_reports_and_warns_about_unknown_characters(tiny_model_dir, corpus_dir, tmp_path):
     odd = tmp_path / "greek.txt"
     odd.write_text("Καλημέρα κόσμε, ένα μοντέλο μεγαλώνει. " * 20, encoding="utf-8")  # no Greek in the corpus
-    assert main(["eval", str(tiny_model_dir), "--task", "ppl", "--data", str(odd), "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert 0.5 < json.loads(out)["unk_rate"] <= 1.0
-    assert err.startswith("growlm: warning:") and "<unk>" in err and len(err.splitlines()) == 1
-    assert main(["eval", str(tiny_model_dir), "--task", "ppl", "--data", str(corpus_dir / "valid.txt"), "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert json.loads(out)["unk_rate"] == 0.0 and "warning" not in err
+    r = ok(["eval", tiny_model_dir, "--task", "ppl", "--data", odd, "--json"])
+    assert 0.5 < json.loads(r.stdout)["unk_rate"] <= 1.0
+    assert r.stderr.startswith("growlm: warning:") and "<unk>" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = ok(["eval", tiny_model_dir, "--task", "ppl", "--data", corpus_dir / "valid.txt", "--json"])
+    assert json.loads(r.stdout)["unk_rate"] == 0.0 and "warning" not in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,9 +316,9 @@ def test_eval_reports_and_warns_about_unknown_characters(tiny_model_dir, corpus_
 
 
 @pytest.mark.parametrize("ngrams", ["abc", "0", "", "2,x"])
-def test_bad_ngrams_are_one_line(ngrams, corpus_dir, tmp_path, capsys):
-    main_error(capsys, ["tokenizer", "build", "--corpus", str(corpus_dir / "en.txt"), "--ngrams", ngrams,
-                        "--out", str(tmp_path / "tok")], "n-gram")
+def test_bad_ngrams_are_one_line(ngrams, corpus_dir, tmp_path):
+    error(["tokenizer", "build", "--corpus", corpus_dir / "en.txt", "--ngrams", ngrams, "--out", tmp_path / "tok"],
+          "n-gram")
     assert not (tmp_path / "tok").exists()
 
 
@@ -338,48 +330,44 @@ def test_bad_ngrams_are_one_line(ngrams, corpus_dir, tmp_path, capsys):
     (["--top-k", "-3"], "--top-k"),
     (["--max-new-tokens", "-5"], "--max-new-tokens"),
 ])
-def test_bad_generate_options_are_one_line(args, needle, tiny_model_dir, capsys):
-    main_error(capsys, ["generate", str(tiny_model_dir), "--prompt", "The", *args], needle)
+def test_bad_generate_options_are_one_line(args, needle, tiny_model_dir):
+    error(["generate", tiny_model_dir, "--prompt", "The", *args], needle)
 
 
-def test_zero_new_tokens_prints_the_prompt(tiny_model_dir, capsys):
-    assert main(["generate", str(tiny_model_dir), "--prompt", "The fox", "--max-new-tokens", "0"]) == 0
-    assert capsys.readouterr().out == "The fox\n"
+def test_zero_new_tokens_prints_the_prompt(tiny_model_dir):
+    assert ok(["generate", tiny_model_dir, "--prompt", "The fox", "--max-new-tokens", "0"]).stdout == "The fox\n"
 
 
 @pytest.mark.parametrize("args,needle", [
     (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--runs", "0"], "--runs"),
 ])
-def test_bad_eval_counts_are_one_line(args, needle, tiny_model_dir, corpus_dir, capsys):
-    main_error(capsys, ["eval", str(tiny_model_dir), "--task", "ppl", "--data", str(corpus_dir / "valid.txt"), *args],
-               needle)
+def test_bad_eval_counts_are_one_line(args, needle, tiny_model_dir, corpus_dir):
+    error(["eval", tiny_model_dir, "--task", "ppl", "--data", corpus_dir / "valid.txt", *args], needle)
 
 
 @pytest.mark.parametrize("task", ["ppl", "arc_easy"])
-def test_symlink_loops_are_one_line(task, tiny_model_dir, corpus_dir, tmp_path, capsys):
+def test_symlink_loops_are_one_line(task, tiny_model_dir, corpus_dir, tmp_path):
     loop = tmp_path / "loop"
     loop.symlink_to("loop")
-    main_error(capsys, ["eval", str(tiny_model_dir), "--task", task, "--data", str(loop)], str(loop))
-    main_error(capsys, ["eval", str(loop), "--task", "ppl", "--data", str(corpus_dir / "valid.txt")], str(loop))
+    error(["eval", tiny_model_dir, "--task", task, "--data", loop], str(loop))
+    error(["eval", loop, "--task", "ppl", "--data", corpus_dir / "valid.txt"], str(loop))
 
 
 @pytest.mark.parametrize("delta", [5, -5])
-def test_import_with_an_edited_vocab_size_is_one_line(delta, tiny_model_dir, tmp_path, capsys):
-    from growlm.interop import export_hf
-
-    hf = export_hf(tiny_model_dir, tmp_path / "hf")
+def test_import_with_an_edited_vocab_size_is_one_line(delta, hf_export, tmp_path):
+    hf = copy_of(hf_export, tmp_path / "hf")
     cfg = json.loads((hf / "config.json").read_text())
     cfg["vocab_size"] += delta
     (hf / "config.json").write_text(json.dumps(cfg))
-    main_error(capsys, ["import", str(hf), "--out", str(tmp_path / "imported")], "vocab_size", "embed_in")
+    error(["import", hf, "--out", tmp_path / "imported"], "vocab_size", "embed_in")
     assert not (tmp_path / "imported").exists()
 
 
-def test_an_unanticipated_os_error_is_one_line(monkeypatch, tmp_path, capsys):
+def test_an_unanticipated_os_error_is_one_line(monkeypatch, tmp_path):
     import growlm.info
 
     def boom(path):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(growlm.info, "info_model", boom)
-    main_error(capsys, ["info", str(tmp_path / "m")], "Permission denied", str(tmp_path / "m"))
+    error(["info", tmp_path / "m"], "Permission denied", str(tmp_path / "m"))

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_util import growlm
+from cli_util import growlm, growlm_process, one_line_error
+from conftest import copy_of
 from growlm.compose import load_mixture, merge
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
@@ -33,14 +34,6 @@ def verify_fails(path: Path) -> bool:
     except GrowlmError as e:
         assert "\n" not in str(e)
         return True
-
-
-def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode != 0, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("growlm: error: "), r.stderr
-    for n in needles:
-        assert n in r.stderr, (n, r.stderr)
 
 
 def refused(call, *needles: str) -> str:
@@ -67,33 +60,7 @@ def edit_json(f: Path, edit) -> None:
 @pytest.fixture
 def model(tiny_model_dir, tmp_path) -> Path:
     """A private copy of the tiny model, free to tamper with."""
-    return Path(shutil.copytree(tiny_model_dir, tmp_path / "m"))
-
-
-@pytest.fixture(scope="module")
-def foreign_tokenizer(corpus_dir, tmp_path_factory) -> Path:
-    from growlm.tokenizer import build_tokenizer
-
-    out = tmp_path_factory.mktemp("foreign") / "tok"
-    build_tokenizer([corpus_dir / "ru.txt"], compact=True).save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def expert_b(tiny_model_dir, tmp_path_factory) -> Path:
-    """A second expert on the tiny model's port: its head differs, so a router has something to learn."""
-    saved = load_model(tiny_model_dir)
-    with torch.no_grad():
-        saved.model.head.weight.add_(0.05 * torch.randn(saved.model.head.weight.shape,
-                                                        generator=torch.Generator().manual_seed(1)))
-    out = tmp_path_factory.mktemp("expert") / "b"
-    save_model(saved.model, out, tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def mixture(tiny_model_dir, expert_b, tmp_path_factory) -> Path:
-    return merge([tiny_model_dir, expert_b], tmp_path_factory.mktemp("mix") / "mix")
+    return copy_of(tiny_model_dir, tmp_path / "m")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +69,7 @@ def mixture(tiny_model_dir, expert_b, tmp_path_factory) -> Path:
 
 def test_swapped_tokenizer_is_refused_by_load_verify_and_eval(model, foreign_tokenizer, corpus_dir):
     shutil.rmtree(model / "tokenizer")
-    shutil.copytree(foreign_tokenizer, model / "tokenizer")
+    copy_of(foreign_tokenizer, model / "tokenizer")
     refused(lambda: load_model(model), str(model), "tokenizer", "replaced")
     report = verify(model)
     assert not report["ok"] and any("tokenizer" in p for p in report["problems"])
@@ -157,7 +124,7 @@ def test_symlink_in_model_dir_is_refused_everywhere(model, tiny_model_dir, tmp_p
 
 
 def test_symlink_in_mixture_dir_is_refused(mixture, tmp_path):
-    bad = Path(shutil.copytree(mixture, tmp_path / "mix"))
+    bad = copy_of(mixture, tmp_path / "mix")
     outside = tmp_path / "elsewhere"
     shutil.move(bad / "tokenizer", outside)
     (bad / "tokenizer").symlink_to(outside)
@@ -180,7 +147,7 @@ def test_model_json_file_names_stay_inside(model, name):
 
 @pytest.mark.parametrize("key", ["files", "tensors"])
 def test_mixture_json_names_stay_inside(mixture, tmp_path, key):
-    bad = Path(shutil.copytree(mixture, tmp_path / "mix"))
+    bad = copy_of(mixture, tmp_path / "mix")
     outside = os.path.relpath(mixture / "experts" / "0" / "model.safetensors", bad)  # ../..., to a real file
     if key == "files":
         edit_json(bad / "mixture.json", lambda d: d["files"].update({outside: sha256_file(bad / outside)}))
@@ -191,7 +158,7 @@ def test_mixture_json_names_stay_inside(mixture, tmp_path, key):
 
 
 def test_mixture_file_dropped_from_the_record_is_refused(mixture, tmp_path):
-    bad = Path(shutil.copytree(mixture, tmp_path / "mix"))
+    bad = copy_of(mixture, tmp_path / "mix")
     edit_json(bad / "mixture.json", lambda d: d["files"].pop("experts/0/model.json"))
     refused(lambda: load_mixture(bad), "experts/0/model.json", "not recorded")
     assert not verify(bad)["ok"]
@@ -203,7 +170,7 @@ def test_mixture_file_dropped_from_the_record_is_refused(mixture, tmp_path):
 
 @pytest.mark.parametrize("where", ["inside", "dotdot", "link"])
 def test_merge_into_an_input_is_refused_before_writing(tiny_model_dir, tmp_path, where):
-    a = Path(shutil.copytree(tiny_model_dir, tmp_path / "a"))
+    a = copy_of(tiny_model_dir, tmp_path / "a")
     (tmp_path / "link").symlink_to(a)  # an input reached through a link is still that input
     out = {"inside": a / "mix", "dotdot": tmp_path / "x" / ".." / "a" / "mix", "link": tmp_path / "link" / "mix"}[where]
     before = tree(tmp_path)
@@ -213,7 +180,7 @@ def test_merge_into_an_input_is_refused_before_writing(tiny_model_dir, tmp_path,
 
 
 def test_merge_into_an_input_cli(tiny_model_dir, tmp_path):
-    a = Path(shutil.copytree(tiny_model_dir, tmp_path / "a"))
+    a = copy_of(tiny_model_dir, tmp_path / "a")
     before = tree(tmp_path)
     r = growlm("merge", str(a), str(tiny_model_dir), "--out", str(a / "mix"))
     one_line_error(r, "inside")
@@ -229,8 +196,8 @@ def test_killed_merge_leaves_nothing_for_good(tiny_model_dir, expert_b, corpus_d
     data.write_bytes((corpus_dir / "train.txt").read_bytes()[:3000])
     where = tmp_path / "out"
     experts = (str(tiny_model_dir), str(expert_b), "--out", str(where / "mix"))
-    r = growlm("merge", *experts, "--router", "--data", str(data), "--tokens", "1024",
-               env={"GROWLM_FAULT": "kill@step:1:1"})
+    r = growlm_process("merge", *experts, "--router", "--data", str(data), "--tokens", "1024",
+                       env={"GROWLM_FAULT": "kill@step:1:1"})  # a kill -9 needs a process of its own
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     # the mixture's temp dir and the router's training dir, both named for their killed owner
     assert sorted(p.name.split(".")[1] for p in where.iterdir()) == ["merge-train", "mix"]
@@ -301,7 +268,7 @@ def test_edited_config_cli(model):
 
 def test_info_ignores_stray_stage_dirs(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(tiny_model_dir, run / "stage-1")
+    copy_of(tiny_model_dir, run / "stage-1")
     (run / "stage-old").mkdir()
     (run / "stage-x").write_text("not a stage")
     r = growlm("info", str(run), "--json")
@@ -325,7 +292,7 @@ def test_info_ignores_stray_stage_dirs(tiny_model_dir, tmp_path):
     lambda d: d.update(files=[]),
 ])
 def test_corrupt_mixture_json_is_one_line(mixture, tmp_path, edit):
-    bad = Path(shutil.copytree(mixture, tmp_path / "mix"))
+    bad = copy_of(mixture, tmp_path / "mix")
     edit_json(bad / "mixture.json", edit)
     msg = refused(lambda: load_mixture(bad), "mixture.json")
     assert refused(lambda: info_mixture(bad)) == msg
@@ -333,7 +300,7 @@ def test_corrupt_mixture_json_is_one_line(mixture, tmp_path, edit):
 
 
 def test_corrupt_mixture_json_cli(mixture, tmp_path, corpus_dir):
-    bad = Path(shutil.copytree(mixture, tmp_path / "mix"))
+    bad = copy_of(mixture, tmp_path / "mix")
     edit_json(bad / "mixture.json", lambda d: d.update(experts="experts/0"))
     one_line_error(growlm("eval", str(bad), "--task", "ppl", "--data", str(corpus_dir / "valid.txt")), "experts")
     assert read_meta(bad / "experts" / "0")  # the experts themselves are untouched and fine
@@ -352,7 +319,7 @@ def test_a_model_json_that_contradicts_itself_about_its_substrate_is_refused(mod
 def test_a_router_over_identical_experts_is_refused_before_training(model, corpus_dir, tmp_path):
     from growlm.compose import Tuning
 
-    twin = Path(shutil.copytree(model, tmp_path / "twin"))
+    twin = copy_of(model, tmp_path / "twin")
     refused(lambda: merge([model, twin], tmp_path / "mix", tuning=Tuning(data=[corpus_dir / "train.txt"], router=True)),
             "--router needs experts that differ")
     assert not (tmp_path / "mix").exists()

@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from cli_util import SMALL_PLAN
+from conftest import copy_of
 
 # ----------------------------------------------------------------------------------------------
 # Profiles
@@ -407,38 +408,34 @@ def touches(paths: list[tuple], keys: set[str], doc: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixtures: a real run (with a LoRA stage), a second expert and a mixture, built once
+# Fixtures: a real run (with a LoRA stage) and a weighted mixture, built once; the model, a second
+# expert and an HF export are the run's shared artefacts
 
 
 FAST_PLAN = SMALL_PLAN.replace("tokens = 1280", "tokens = 256")
 
 
 @pytest.fixture(scope="module")
-def pool(corpus_dir, tiny_model_dir, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
-    """Read-only artefacts every test copies from: model, LoRA stage, run, mixture, HF export."""
-    from conftest import save_tiny_model
-
+def pool(corpus_dir, tiny_model_dir, expert_b, hf_export, tmp_path_factory) -> dict[str, Path]:
+    """Read-only artefacts every test copies from: model, second expert on the same docking port, LoRA
+    stage, run, mixture, HF export of the model."""
     root = tmp_path_factory.mktemp("fuzzpool")
     for name in ("train.txt", "valid.txt"):
         shutil.copyfile(corpus_dir / name, root / name)
-    shutil.copytree(tiny_model_dir, root / "model")
-    save_tiny_model(tiny_tokenizer_dir, root / "model2", seed=1)  # a second expert on the same docking port
     (root / "plan.toml").write_text(FAST_PLAN)
     r = run_cli(["train", str(root / "plan.toml"), "--out", str(root / "run"), "--no-progress"], root, TRAIN_TIMEOUT)
     assert r.ok, r.crash or r.stderr
-    r = run_cli(["merge", str(root / "model"), str(root / "model2"), "--out", str(root / "mixture"),
+    r = run_cli(["merge", str(tiny_model_dir), str(expert_b), "--out", str(root / "mixture"),
                  "--combine", "weighted", "--weights", "0.7,0.3"], root)
     assert r.ok, r.crash or r.stderr
-    r = run_cli(["export", str(root / "model"), "--out", str(root / "hf")], root)
-    assert r.ok, r.crash or r.stderr
-    return {"root": root, "model": root / "model", "model2": root / "model2", "run": root / "run",
-            "lora": root / "run" / "stage-2", "mixture": root / "mixture", "hf": root / "hf",
+    return {"root": root, "model": tiny_model_dir, "model2": expert_b, "run": root / "run",
+            "lora": root / "run" / "stage-2", "mixture": root / "mixture", "hf": hf_export,
             "train": root / "train.txt", "valid": root / "valid.txt", "plan": root / "plan.toml"}
 
 
-def copy_pool_item(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
+# The tests' bodies keep this name: with ``derandomize`` a test's source seeds its examples, so a rename
+# would swap every example for others.
+copy_pool_item = copy_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -981,10 +978,15 @@ def argv_strategy(ex: dict[str, Path]):
     return build()
 
 
+_ARGV_POOL_NAMES = ("model", "model2", "lora", "mixture", "run", "hf")
+
+
 def argv_example_dir(root: Path, pool: dict[str, Path], corpus_dir: Path) -> dict[str, Path]:
+    """The example's files, but for the copies of the pool's artefacts: only their paths (``root/in-NAME``),
+    which :func:`copy_named` fills in for the argv drawn."""
     ex = {"root": root}
-    for k in ("model", "model2", "lora", "mixture", "run", "hf"):
-        ex[k] = copy_pool_item(pool[k], root / f"in-{k}")
+    for k in _ARGV_POOL_NAMES:
+        ex[k] = root / f"in-{k}"
     for name in ("train", "valid"):
         ex[name] = Path(shutil.copyfile(pool[name], root / f"{name}.txt"))
     ex["plan"] = Path(shutil.copyfile(pool["plan"], root / "plan.toml"))
@@ -997,7 +999,18 @@ def argv_example_dir(root: Path, pool: dict[str, Path], corpus_dir: Path) -> dic
     return ex
 
 
-_ARGV_POOL_NAMES = ("model", "model2", "lora", "mixture", "run", "hf")
+def copy_named(argv: list[str], ex: dict[str, Path], pool: dict[str, Path]) -> None:
+    """Copy into the example the pool's artefacts that ``argv`` can reach: each one whose path, a path
+    inside it, or a dir above it (``.``, ``..``, ``/``, an empty path: the example's dir or above) is an
+    argument or a ``--flag=`` value. Another copy could only be found by a command told where to look,
+    so leaving it out changes nothing the command sees; copying only these saves most of an example's time."""
+    root = ex["root"]
+    named = {os.path.normpath(os.path.join(root, v)) for a in argv
+             for v in {a, a.split("=", 1)[1] if a.startswith("--") and "=" in a else a}}
+    for k in _ARGV_POOL_NAMES:
+        p = str(ex[k])
+        if any(n == p or n.startswith(p + os.sep) or p.startswith(n.rstrip(os.sep) + os.sep) for n in named):
+            copy_of(pool[k], ex[k])
 
 
 @budget(150)
@@ -1007,6 +1020,7 @@ def test_fuzz_argv(pool, corpus_dir, data):
     with example_dir() as root:
         ex = argv_example_dir(root, pool, corpus_dir)
         argv = data.draw(argv_strategy(ex), label="argv")
+        copy_named(argv, ex, pool)
         outs = [Path(a.split("=", 1)[1]) for a in argv if a.startswith("--out=")]
         outs = [Path(os.path.abspath(root / o)) for o in outs if str(o) not in ("", ".")]
         extra = []

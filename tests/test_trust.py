@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_util import REPO, growlm
+from cli_util import REPO, growlm, write_plan
+from conftest import copy_of
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
 from growlm.info import info_model
@@ -127,11 +127,9 @@ def _adapters(names, stage: str) -> set[str]:
 
 
 def _run(tmp: Path, corpus_dir: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Spy]:
-    for name in ("train.txt", "valid.txt"):
-        (tmp / name).write_bytes((corpus_dir / name).read_bytes())
-    (tmp / "plan.toml").write_text(text)
+    plan = write_plan(tmp, text, corpus_dir)
     spy = Spy(monkeypatch)
-    train(tmp / "plan.toml", tmp / "run", progress=False)
+    train(plan, tmp / "run", progress=False)
     return tmp / "run", spy
 
 
@@ -304,14 +302,14 @@ def test_verify_rechecks_the_audit_from_the_files(kinds, tmp_path):
     assert len(re.findall(r"stage-\d+: audit ok", r.stdout)) == 8
 
     forged = tmp_path / "untrained-head"
-    shutil.copytree(run, forged)
+    copy_of(run, forged)
     parent = load_file(str(forged / "stage-1" / "model.safetensors"))
     _forge(forged / "stage-2", lambda w: w.update({"head.weight": parent["head.weight"]}))
     r = growlm("verify", str(forged))
     assert r.returncode != 0 and "stage-2: 1 trainable tensor(s) did not change: head.weight" in r.stdout + r.stderr
 
     relabelled = tmp_path / "relabelled"
-    shutil.copytree(run, relabelled)
+    copy_of(run, relabelled)
     meta = json.loads((relabelled / "stage-6" / "model.json").read_text())
     meta["stage"]["train"] = "all"  # claims a monolithic stage where only the head trained
     (relabelled / "stage-6" / "model.json").write_text(json.dumps(meta))
@@ -322,7 +320,7 @@ def test_verify_rechecks_the_audit_from_the_files(kinds, tmp_path):
 
 def test_verify_finds_a_stage_that_did_not_start_from_its_parent(kinds, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(kinds[0], run)
+    copy_of(kinds[0], run)
     meta = json.loads((run / "stage-3" / "model.json").read_text())
     meta["audit"]["start_sha256"]["blocks.0.ln1.weight"] = "0" * 64
     (run / "stage-3" / "model.json").write_text(json.dumps(meta))
@@ -342,10 +340,7 @@ def _shrink(config: Path, tmp: Path, corpus_dir: Path) -> Path:
     for key, value in (("d_model", "32"), ("n_heads", "2"), ("context", "16"), ("batch_size", "4"),
                        ("tokens", "192"), ("rank", "2"), ("checkpoint_every", "100"), ("eval_every", "100")):
         text = re.sub(rf"\b{key} = [\d_]+", f"{key} = {value}", text)
-    (tmp / "plan.toml").write_text(text)
-    for name in ("train.txt", "valid.txt"):
-        (tmp / name).write_bytes((corpus_dir / name).read_bytes())
-    return tmp / "plan.toml"
+    return write_plan(tmp, text, corpus_dir)
 
 
 @pytest.mark.parametrize("config", ["9l-unicode-v1.toml", "16l-16bit-v3.toml"])
