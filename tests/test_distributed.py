@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_util import REPO, SMALL_PLAN, child_env, growlm, write_plan
+from cli_util import REPO, SMALL_PLAN, child_env, growlm, growlm_process, write_plan
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")]
@@ -73,12 +73,12 @@ def test_indivisible_batch_is_a_clear_error(corpus_dir, tmp_path):
 def test_a_dead_rank_ends_the_run_and_resume_completes(corpus_dir, tmp_path, one_rank, parallel):
     plan = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", f'log_every = 2\nparallel = "{parallel}"'),
                       corpus_dir)
-    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2",
-               env={"GROWLM_FAULT": "kill@step:2:7", "GROWLM_FAULT_RANK": "1"}, timeout=300)
+    r = growlm_process("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2",
+                       env={"GROWLM_FAULT": "kill@step:2:7", "GROWLM_FAULT_RANK": "1"}, timeout=300)
     assert r.returncode != 0
     assert "a training process failed" in r.stderr and "--resume" in r.stderr
     assert (tmp_path / "run" / "stage-1" / "model.json").is_file()
     assert not (tmp_path / "run" / "stage-2").exists()
-    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2", "--resume", timeout=300)
+    r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert close(tmp_path / "run" / "stage-2" / "model.safetensors", one_rank / "stage-2" / "model.safetensors")
