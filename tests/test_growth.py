@@ -55,14 +55,15 @@ lora = { rank = 4, blocks = "frozen" }   # LoRA on the frozen blocks while the n
 tokens = 16384
 """
 
-@pytest.fixture(scope="module")
-def issue_run(corpus_dir, tmp_path_factory) -> Path:
-    """The issue's plan, run through the CLI (in this process) exactly as written."""
-    d = tmp_path_factory.mktemp("issue")
-    plan = write_plan(d, ISSUE_PLAN, corpus_dir)
-    r = growlm("train", str(plan), "--out", str(d / "run"), "--no-progress")
-    assert r.returncode == 0, r.stderr
-    return d / "run"
+@pytest.fixture(scope="session")
+def issue_run(artefacts, corpus_dir) -> Path:
+    """The issue's plan, run through the CLI (in this process) exactly as written, once a test run."""
+    def build(d: Path) -> None:
+        d.mkdir()
+        r = growlm("train", str(write_plan(d, ISSUE_PLAN, corpus_dir)), "--out", str(d / "run"), "--no-progress")
+        assert r.returncode == 0, r.stderr
+
+    return artefacts.get("issue-run", build) / "run"
 
 
 def test_issue_plan_runs_and_info_shows_depths(issue_run):

@@ -78,13 +78,11 @@ def _tasks(root: Path) -> Path:
     return tasks
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, hf_export, mixture, tmp_path_factory) -> dict[str, Any]:
-    """The four CLI runs, started together (each spends most of its time importing and indexing), on the
-    tiny model, its export and its mixture with a second expert."""
-    root = tmp_path_factory.mktemp("lm_eval")
+def _run_all(root: Path, model: Path, export: Path, mixture: Path) -> None:
+    """The four CLI runs, started together (each spends most of its time importing and indexing); each
+    one's output dir, exit code, stdout and stderr under ``root``."""
+    root.mkdir()
     tasks = _tasks(root)
-    export = hf_export
     # a private HF_HOME: nothing cached elsewhere can leak in, and the offline flags make any
     # attempt to reach the Hub fail loudly instead of downloading
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -97,16 +95,27 @@ def runs(tiny_model_dir, hf_export, mixture, tmp_path_factory) -> dict[str, Any]
                       f"pretrained={export}", "--tasks", TASKS, "--batch_size", "4"],
         "hf_module": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export}",
                       "--tasks", "growlm_tiny_mc"],
-        "growlm_model": [*growlm_cli, "--model_args", f"path={tiny_model_dir}", "--batch_size", "4"],
+        "growlm_model": [*growlm_cli, "--model_args", f"path={model}", "--batch_size", "4"],
         "growlm_mixture": [*growlm_cli, "--model_args", f"path={mixture}", "--batch_size", "2"],
     }
-    procs = {name: (subprocess.Popen([*cmd, *common, "--output_path", str(root / name)], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE), root / name)
+    procs = {name: subprocess.Popen([*cmd, *common, "--output_path", str(root / name)], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for name, cmd in commands.items()}
-    done = {}
-    for name, (proc, out) in procs.items():
+    for name, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
-        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out)
+        (root / f"{name}.json").write_text(json.dumps({"args": proc.args, "rc": proc.returncode, "stdout": stdout,
+                                                       "stderr": stderr}))
+
+
+@pytest.fixture(scope="module")
+def runs(artefacts, tiny_model_dir, hf_export, mixture) -> dict[str, Any]:
+    """The four CLI runs on the tiny model, its export and its mixture with a second expert, made once a test
+    run (the tests that read them may run on different xdist workers)."""
+    root = artefacts.get("lm-eval-runs", lambda d: _run_all(d, tiny_model_dir, hf_export, mixture))
+    done = {}
+    for f in root.glob("*.json"):
+        r = json.loads(f.read_text())
+        done[f.stem] = (subprocess.CompletedProcess(r["args"], r["rc"], r["stdout"], r["stderr"]), root / f.stem)
     return done | {"mixture": mixture}
 
 
