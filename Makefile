@@ -18,9 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25
 
-# The edit loop: unit tests and in-process commands, without the end-to-end jobs (marked e2e).
+# The edit loop: unit tests and in-process commands, without the end-to-end jobs and real processes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not e2e"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not e2e and not process"
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -57,9 +57,9 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The end-to-end tests (marked ``e2e``) first: xdist's workers share out the long tests before the short
-    ones, so no worker is left with a long one at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The end-to-end jobs (marked ``e2e``) first, then the tests that start processes (``process``), then the
+    rest: xdist's workers share out the long tests before the short ones, so none is left with a long one last."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.get_closest_marker("process") is None))
 
 
 class Artefacts:

@@ -106,6 +106,7 @@ def test_plan_from_dict_errors_name_the_key(tmp_path):
         growlm.load_plan(bad)
 
 
+@pytest.mark.process
 def test_import_is_light_and_the_api_verbs_stay_functions():
     """``import growlm`` loads neither torch nor pydantic, and importing the modules behind the verbs
     (``growlm.training``, ``growlm.evaluation``) leaves ``growlm.train`` and ``growlm.evaluate`` the API functions."""

@@ -144,6 +144,7 @@ def test_out_that_is_a_file_is_one_line(kind, corpus_dir, tiny_tokenizer_dir, ti
     assert out.read_text() == "not a dir\n" and entries(tmp_path) == {"taken": sha256_file(out)}
 
 
+@pytest.mark.process
 def test_outs_in_a_read_only_dir_are_one_line(corpus_dir, tiny_tokenizer_dir, tiny_model_dir, hf_export, read_only):
     run = read_only / "run"  # a run dir (RUN/stage-N) where eval --per-stage cannot write RUN/eval
     read_only.chmod(0o755)
@@ -175,6 +176,7 @@ SAVE_INTO = {
 }
 
 
+@pytest.mark.process
 def test_a_full_disk_never_leaves_a_partial_file(corpus_dir, tiny_tokenizer_dir, tmp_path):
     kinds = ("tokenizer", "substrate")
     built = {k: tmp_path / f"built-{k}" for k in kinds}
@@ -209,6 +211,7 @@ def fifo(tmp_path) -> Path:
     return f
 
 
+@pytest.mark.process
 def test_fifos_as_input_files_are_refused_by_name(fifo, corpus_dir, tiny_model_dir, tmp_path):
     calls = [["tokenizer", "build", "--corpus", fifo, "--out", tmp_path / "tok"],
              ["eval", tiny_model_dir, "--task", "ppl", "--data", fifo],
@@ -249,6 +252,7 @@ def flat_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.process
 def test_ppl_of_a_huge_single_line_stays_bounded(flat_model_dir, corpus_dir, tmp_path):
     big = tmp_path / "line.txt"
     chunk = "the quick brown fox jumps over the lazy dog " * 1000

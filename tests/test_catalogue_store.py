@@ -191,6 +191,7 @@ def test_merge_into_an_input_cli(tiny_model_dir, tmp_path):
 # 5. leftovers of killed writers
 
 
+@pytest.mark.process
 def test_killed_merge_leaves_nothing_for_good(tiny_model_dir, expert_b, corpus_dir, tmp_path):
     data = tmp_path / "data.txt"  # a few batches' worth: the kill comes at the router's first step
     data.write_bytes((corpus_dir / "train.txt").read_bytes()[:3000])

@@ -26,6 +26,7 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.process
 def test_kill_before_the_first_checkpoint_then_resume_logs_each_step_once(corpus_dir, tmp_path):
     plan = write_plan(tmp_path, NO_CHECKPOINT, corpus_dir)
     run = tmp_path / "run"
@@ -48,6 +49,7 @@ def _full_disk(kb: int):
     return limit
 
 
+@pytest.mark.process
 def test_disk_full_while_copying_the_plan_leaves_no_truncated_plan(corpus_dir, tmp_path):
     text = SMALL_PLAN + "# " + "a long comment keeps this plan larger than the disk allows\n# " * 300
     plan = write_plan(tmp_path, text, corpus_dir)
@@ -103,6 +105,7 @@ def test_unwritable_out_is_one_line(corpus_dir, tmp_path):
                    "cannot write the run dir")
 
 
+@pytest.mark.process
 def test_corrupt_state_json_on_resume_is_one_line_and_keeps_the_stages(corpus_dir, tmp_path):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     run = tmp_path / "run"
@@ -117,6 +120,7 @@ def test_corrupt_state_json_on_resume_is_one_line_and_keeps_the_stages(corpus_di
         assert snapshot(run) == before
 
 
+@pytest.mark.process
 def test_the_printed_resume_command_is_shell_quoted(corpus_dir, tmp_path):
     d = tmp_path / "my plans; rm -rf ~"
     d.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_util import child_env, growlm
+from cli_util import child_env, growlm, one_line_error
 from conftest import USER_CACHE
 from growlm.demo import PROMPTS
 
@@ -18,7 +18,7 @@ from growlm.demo import PROMPTS
 @pytest.mark.e2e
 def test_quick_demo_end_to_end(tmp_path):
     """The installed console script, as a user types it (a relative --out), with the user's own cache of the
-    downloaded text; the second run in-process."""
+    downloaded text."""
     out = tmp_path / "demo"
     env = {"GROWLM_CACHE": os.environ[USER_CACHE]}
     r = subprocess.run([str(Path(sys.executable).parent / "growlm"), "demo", "--quick", "--out", "demo"],
@@ -77,13 +77,35 @@ def test_quick_demo_end_to_end(tmp_path):
     assert res["old_experts_unchanged"] is True
     assert ppl["mixture-mean-logits+zh"]["zh"]["loss"] < ppl["mixture-mean-logits"]["zh"]["loss"]
 
-    # a second run never overwrites the first report silently: it is kept beside
-    r = growlm("demo", "--quick", "--seeds", "1", "--out", str(out), env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["seeds"] == [0]
-    assert "from one seed" in (out / "report.md").read_text()
-    kept = list(tmp_path.glob("demo.prev-*"))
-    assert len(kept) == 1 and (kept[0] / "report.md").read_text() == report
+
+
+def test_a_second_run_keeps_the_first_report_beside(tmp_path, capsys):
+    """A second run never overwrites the first report silently: it is moved beside (``force`` replaces it)."""
+    from rich.console import Console
+
+    from growlm.demo import _fresh_out
+
+    out = tmp_path / "demo"
+    (out / "runs").mkdir(parents=True)
+    (out / "report.md").write_text("first")
+    assert _fresh_out(out, False, Console()) == out
+    (kept,) = tmp_path.glob("demo.prev-*")
+    assert (kept / "report.md").read_text() == "first" and (kept / "runs").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["plans"]
+    (out / "report.md").write_text("second")
+    _fresh_out(out, True, Console())
+    assert list(tmp_path.glob("demo.prev-*")) == [kept] and not (out / "report.md").exists()
+
+
+def test_the_cli_passes_its_flags_to_the_demo(tmp_path, monkeypatch):
+    from growlm import demo as demo_module
+
+    one_line_error(growlm("demo", "--quick", "--seeds", "0", "--out", str(tmp_path / "d")), "--seeds")
+    assert not (tmp_path / "d").exists()
+    calls = []
+    monkeypatch.setattr(demo_module, "demo", lambda **kw: calls.append(kw))
+    assert growlm("demo", "--quick", "--seeds", "1", "--out", str(tmp_path / "d")).returncode == 0
+    assert calls == [{"out": tmp_path / "d", "quick": True, "force": False, "seeds": 1}]
 
 
 def test_headline_says_whether_the_difference_exceeds_the_seed_spread():

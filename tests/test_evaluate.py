@@ -372,6 +372,7 @@ def test_missing_package_names_the_install(monkeypatch):
     assert set(TASK_NAMES) == {"ppl", "mmlu", "arc_easy", "arc_challenge", "csqa", "boolq", "squad_v2", "bleu"}
 
 
+@pytest.mark.process
 def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
     """``--data hf:NAME`` goes through ``datasets.load_dataset``; offline, a hub name is a one-line error.
     In a fresh interpreter: ``datasets`` and ``huggingface_hub`` read the offline flags and ``HF_HOME`` when

@@ -41,6 +41,7 @@ from growlm.training import train
 # crashes
 
 
+@pytest.mark.process
 def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     # kill -9 needs a process of its own; the resume after it runs here
@@ -60,6 +61,7 @@ def test_kill_during_checkpoint_write_uses_previous_checkpoint(corpus_dir, tmp_p
     assert not list(ck.parent.glob("**/*.tmp"))
 
 
+@pytest.mark.process
 def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     # the first run is another live process holding the lock; the second runs here
@@ -80,6 +82,7 @@ def test_two_runs_on_one_out_dir(corpus_dir, tmp_path, small_run):
         assert tensors_equal(small_run / "stage-2" / name, tmp_path / "run" / "stage-2" / name)
 
 
+@pytest.mark.process
 def test_disk_full_leaves_earlier_stages_and_no_partial_files(corpus_dir, tmp_path, small_run):
     sizes = {p: p.stat().st_size for p in small_run.rglob("*") if p.is_file()}
     w1, w2 = (small_run / f"stage-{n}" / "model.safetensors" for n in (1, 2))
@@ -183,6 +186,7 @@ def _run_measuring_peak_rss(args: list[str]) -> tuple[subprocess.CompletedProces
     return r, int(hwm) / 1024
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("megabytes", [8, pytest.param(100, marks=pytest.mark.slow)])
 def test_huge_single_line_corpus_stays_bounded(tmp_path, megabytes):
     f = tmp_path / "line.txt"

@@ -208,6 +208,7 @@ def test_lora_merge_equivalence_in_memory():
 # resume and faults
 
 
+@pytest.mark.process
 def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path, small_run):
     plan = write_plan(tmp_path, SMALL_PLAN, corpus_dir)
     # kill -9 needs a process of its own; the calls after it run here
@@ -228,6 +229,7 @@ def test_resume_after_kill_is_bit_identical(corpus_dir, tmp_path, small_run):
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
 def test_sigint_checkpoints_and_resumes(corpus_dir, tmp_path, sig):
     """Ctrl-C, and a scheduler's SIGTERM, write a checkpoint at the current step and exit cleanly."""

@@ -56,6 +56,7 @@ def test_flag_is_not_part_of_the_plan(tb_run):
     assert main(["train", str(plan), "--out", str(run), "--resume", "--tensorboard", "--no-progress"]) == 0
 
 
+@pytest.mark.process
 def test_resumed_run_hides_what_the_killed_one_logged_past_its_checkpoint(corpus_dir, tmp_path):
     """Killed at stage 2 step 5 (checkpoint at step 3, a loss logged at step 4): the resumed run logs step 4
     again and TensorBoard shows it once, as metrics.jsonl does. The kill -9 needs a process of its own; the
