@@ -57,9 +57,16 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The end-to-end jobs (marked ``e2e``) first, then the tests that start processes (``process``), then the
-    rest: xdist's workers share out the long tests before the short ones, so none is left with a long one last."""
-    items.sort(key=lambda item: (item.get_closest_marker("e2e") is None, item.get_closest_marker("process") is None))
+    """Longest first: the end-to-end jobs (marked ``e2e``, the longest with their usual ``seconds`` on two
+    cores), then the tests that start processes (``process``), then the rest, so that xdist's workers share
+    out the long tests before the short ones and none is left with a long one at the end."""
+    def expected(item) -> float:
+        e2e = item.get_closest_marker("e2e")
+        if e2e is not None:
+            return e2e.kwargs.get("seconds", 10)
+        return 5 if item.get_closest_marker("process") else 0
+
+    items.sort(key=expected, reverse=True)
 
 
 class Artefacts:

@@ -15,7 +15,7 @@ from conftest import USER_CACHE
 from growlm.demo import PROMPTS
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(seconds=40)
 def test_quick_demo_end_to_end(tmp_path):
     """The installed console script, as a user types it (a relative --out), with the user's own cache of the
     downloaded text."""

@@ -69,6 +69,7 @@ def test_indivisible_batch_is_a_clear_error(corpus_dir, tmp_path):
     assert "batch_size 3 is not divisible by the world size 2" in r.stderr
 
 
+@pytest.mark.e2e(seconds=30)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_dead_rank_ends_the_run_and_resume_completes(corpus_dir, tmp_path, one_rank, parallel):
     plan = write_plan(tmp_path, SMALL_PLAN.replace("log_every = 2", f'log_every = 2\nparallel = "{parallel}"'),

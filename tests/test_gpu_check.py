@@ -34,7 +34,7 @@ def by_name(lines: list[dict]) -> dict[str, dict]:
     return {x["figure"]: x for x in lines}
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(seconds=50)
 def test_dry_run_runs_every_step_and_records_every_figure(tmp_path):
     """``--dry-run`` on CPU: install check, speed figures (no MFU goal), ratios, memory, a forced profile, the
     kill-and-resume plan and the pytest subset, each as a JSON line with its goal; a summary; the files.

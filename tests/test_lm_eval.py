@@ -142,7 +142,7 @@ def _loglikelihoods(out: Path, task: str) -> list[float]:
     return [float(s[0] if isinstance(s, list) else s) for s in scores]
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(seconds=50)
 def test_lm_eval_cli_prints_its_table_on_an_export(runs):
     for name in ("hf_script", "hf_module"):
         table = _table(runs[name][0])

@@ -124,7 +124,7 @@ def test_step_does_not_read_the_device_every_step(tmp_path, monkeypatch):
     assert len(reads) <= 24 // 12 + 1, reads
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(seconds=60)
 def test_compiled_plan_matches_eager(corpus_dir, tmp_path):
     """``train.compile = true`` (the CUDA default) through a grow stage and a LoRA stage (peft) on CPU in fp32:
     the same losses and weights as eager, within float tolerance. Pinned to the CPU: on a GPU machine ``auto``
