@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,9 +127,27 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in r.stderr, (n, r.stderr)
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file below ``root`` (what must stay byte-identical)."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry below ``root`` by relative path, links not followed: a file's sha256 and mode, a link's
+    target, a dir, another kind (a FIFO, say). Equal snapshots: nothing was written, made, removed or changed."""
+    snap: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                s = os.lstat(p)
+            except OSError:  # removed while walked
+                continue
+            key = os.path.relpath(p, root)
+            if stat.S_ISREG(s.st_mode):
+                snap[key] = ("f", sha256_file(Path(p)), stat.S_IMODE(s.st_mode))
+            elif stat.S_ISLNK(s.st_mode):
+                snap[key] = ("l", os.readlink(p))
+            elif stat.S_ISDIR(s.st_mode):
+                snap[key] = ("d",)
+            else:
+                snap[key] = ("o", stat.S_IFMT(s.st_mode))
+    return snap
 
 
 def tensors_equal(a: Path, b: Path) -> bool:

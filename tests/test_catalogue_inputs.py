@@ -22,17 +22,11 @@ import torch
 
 from cli_util import SMALL_PLAN, child_env, growlm, one_line_error, snapshot, write_plan
 from conftest import copy_of
-from growlm.hashing import sha256_file
 
 # One torch thread: on a shared 2-core machine several threads per child only wait for each other.
 ENV = {"OMP_NUM_THREADS": "1"}
 # A reader blocked on a FIFO never returns; this turns that hang into a failure.
 HANG_S = 60
-
-
-def entries(root: Path) -> dict[str, str]:
-    """``snapshot(root)``, and the name of every other entry (a dir, even an empty one): what must stay as it was."""
-    return {**{str(p.relative_to(root)): "" for p in root.rglob("*")}, **snapshot(root)}
 
 
 def error(argv: list, *needles: str) -> None:
@@ -119,11 +113,11 @@ def _build_args(kind: str, corpus_dir: Path, tok_dir: Path, out: Path, variant: 
 def test_build_refuses_a_non_empty_out_unless_overwrite(kind, corpus_dir, tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     ok(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 0))
-    before = entries(tmp_path)
+    before = snapshot(tmp_path)
     error(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1), str(out), "--overwrite")
-    assert entries(tmp_path) == before
+    assert snapshot(tmp_path) == before
     ok(_build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 1) + ["--overwrite"])
-    after = entries(tmp_path)
+    after = snapshot(tmp_path)
     assert set(after) == set(before) and after != before  # replaced in place, nothing left beside it
 
 
@@ -140,8 +134,9 @@ def test_out_that_is_a_file_is_one_line(kind, corpus_dir, tiny_tokenizer_dir, ti
     out.write_text("not a dir\n")
     args = (["export", str(tiny_model_dir), "--out", str(out)] if kind == "export"
             else _build_args(kind, corpus_dir, tiny_tokenizer_dir, out, 0) + ["--overwrite"])
+    before = snapshot(tmp_path)
     error(args, str(out))
-    assert out.read_text() == "not a dir\n" and entries(tmp_path) == {"taken": sha256_file(out)}
+    assert out.read_text() == "not a dir\n" and snapshot(tmp_path) == before and list(before) == ["taken"]
 
 
 @pytest.mark.process
@@ -151,7 +146,7 @@ def test_outs_in_a_read_only_dir_are_one_line(corpus_dir, tiny_tokenizer_dir, ti
     copy_of(tiny_model_dir, run / "stage-1")
     run.chmod(0o555)
     read_only.chmod(0o555)
-    before = entries(read_only)
+    before = snapshot(read_only)
     outs = [read_only / name for name in ("tok", "sub", "export", "imported")]
     calls = [_build_args("tokenizer", corpus_dir, tiny_tokenizer_dir, outs[0], 0),
              _build_args("substrate", corpus_dir, tiny_tokenizer_dir, outs[1], 0),
@@ -166,7 +161,7 @@ def test_outs_in_a_read_only_dir_are_one_line(corpus_dir, tiny_tokenizer_dir, ti
         one_line_error(r, str(out), "Permission denied")
     one_line_error(results[-1], str(run / "eval"), "Permission denied")
     assert "stage=1" in results[-1].stdout and "loss=" in results[-1].stdout  # the scores still reach the user
-    assert entries(read_only) == before
+    assert snapshot(read_only) == before
 
 
 SAVE_INTO = {
@@ -183,7 +178,7 @@ def test_a_full_disk_never_leaves_a_partial_file(corpus_dir, tiny_tokenizer_dir,
     for k in kinds:
         ok(_build_args(k, corpus_dir, tiny_tokenizer_dir, built[k], 0))
         (tmp_path / f"save-{k}").mkdir()
-    before = entries(tmp_path)
+    before = snapshot(tmp_path)
     calls = [_build_args(k, corpus_dir, tiny_tokenizer_dir, built[k], 1) + ["--overwrite"] for k in kinds]
     calls += [SAVE_INTO[k].format(src=str(tiny_tokenizer_dir), out=str(tmp_path / f"save-{k}")) for k in kinds]
     results = in_child(calls, file_limit_kb=4)
@@ -197,7 +192,7 @@ def test_a_full_disk_never_leaves_a_partial_file(corpus_dir, tiny_tokenizer_dir,
     def built_dirs(snap: dict[str, str]) -> dict[str, str]:
         return {f: h for f, h in snap.items() if f.startswith("built-")}
 
-    assert built_dirs(entries(tmp_path)) == built_dirs(before) and len(built_dirs(before)) > 4
+    assert built_dirs(snapshot(tmp_path)) == built_dirs(before) and len(built_dirs(before)) > 4
 
 
 # ----------------------------------------------------------------------------------------------

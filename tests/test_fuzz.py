@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import tempfile
 import tomllib
 import traceback
@@ -45,6 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from cli_util import SMALL_PLAN
+from cli_util import snapshot as cli_snapshot
 from conftest import copy_of
 
 # ----------------------------------------------------------------------------------------------
@@ -172,31 +172,8 @@ def check_outcome(res: Result) -> None:
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under ``root`` (not following links): kind and content hash."""
-    snap: dict[str, tuple] = {}
-    root = Path(root)
-    if not root.exists():
-        return snap
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            try:
-                s = os.lstat(p)
-            except OSError:
-                continue
-            if stat.S_ISREG(s.st_mode):
-                h = hashlib.sha256()
-                with open(p, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-                snap[p] = ("f", h.hexdigest(), stat.S_IMODE(s.st_mode))
-            elif stat.S_ISLNK(s.st_mode):
-                snap[p] = ("l", os.readlink(p))
-            elif stat.S_ISDIR(s.st_mode):
-                snap[p] = ("d",)
-            else:
-                snap[p] = ("o", stat.S_IFMT(s.st_mode))
-    return snap
+    """``cli_util.snapshot`` keyed by absolute path, so the snapshots of several watched dirs can be merged."""
+    return {os.path.join(root, k): v for k, v in cli_snapshot(Path(root)).items()}
 
 
 def _under(p: str, roots: list[Path]) -> bool:
