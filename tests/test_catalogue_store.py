@@ -263,6 +263,24 @@ def test_edited_config_cli(model):
     one_line_error(growlm("info", str(model)), "model.json", "config.n_heads")
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["lora"][0].pop("alpha"), "lora[0].alpha is missing"),
+    (lambda m: m["lora"][0].update(rank=0), "lora[0].rank must be at least 1"),
+    (lambda m: m.update(lora=None), "records adapters.safetensors but no LoRA record"),  # never dropped silently
+    (lambda m: m["lora"][0].update(blocks=[0, 0]), "lora[0].blocks must be distinct"),
+    (lambda m: m["lora"][0].update(blocks=[7]), "lora[0].blocks must be distinct block indices below 3"),
+    (lambda m: m["lora"][0].update(targets=["qkv", "nope"]), "lora[0].targets must be distinct names"),
+    (lambda m: m["lora"][0].update(targets=[]), "lora[0].targets"),
+], ids=["no-alpha", "rank-0", "null", "duplicate-blocks", "block-out-of-range", "unknown-target", "no-targets"])
+def test_edited_lora_records_are_refused_by_verify_and_every_load(small_run, tmp_path, edit, needle):
+    """The adapters a load builds come from model.json's LoRA records: one it cannot build from is refused in
+    one line by ``verify`` as by every command that loads, never a traceback or adapters dropped silently."""
+    stage = copy_of(small_run / "stage-2", tmp_path / "stage")
+    edit_json(stage / "model.json", edit)
+    for argv in (["verify", str(stage)], ["info", str(stage)], ["generate", str(stage), "--prompt", "The"]):
+        one_line_error(growlm(*argv), "model.json", needle)
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. stray stage-* dirs
 

@@ -410,11 +410,6 @@ def pool(corpus_dir, tiny_model_dir, expert_b, hf_export, tmp_path_factory) -> d
             "train": root / "train.txt", "valid": root / "valid.txt", "plan": root / "plan.toml"}
 
 
-# The tests' bodies keep this name: with ``derandomize`` a test's source seeds its examples, so a rename
-# would swap every example for others.
-copy_pool_item = copy_of
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. Plan TOML
 
@@ -661,7 +656,7 @@ def test_fuzz_model_json(pool, data):
     desc, raw, paths = data.draw(json_file_edit(doc), label="edit")
     note(f"base {base}, edit {desc}")
     with example_dir() as root:
-        m = copy_pool_item(pool[base], root / "m")
+        m = copy_of(pool[base], root / "m")
         (m / "model.json").write_bytes(raw)
         valid = shutil.copyfile(pool["valid"], root / "valid.txt")
         for argv, outs in model_commands(m, root, valid):
@@ -725,7 +720,7 @@ def test_model_dir_escapes(pool, case):
     """A model dir whose records or files point outside it (or are FIFOs/dirs) must be refused by
     verify, and no command may hang or crash on it."""
     with example_dir() as root:
-        m = copy_pool_item(pool["model"], root / "m")
+        m = copy_of(pool["model"], root / "m")
         outside = root / "outside"
         outside.mkdir()
         _escape_cases(m, outside)[case]()
@@ -767,7 +762,7 @@ def test_fuzz_mixture_json(pool, data):
     written, and a tampered record never verifies OK."""
     target = data.draw(st.sampled_from(["mixture.json"] * 3 + ["experts/1/model.json"]), label="file")
     with example_dir() as root:
-        m = copy_pool_item(pool["mixture"], root / "mix")
+        m = copy_of(pool["mixture"], root / "mix")
         doc = json.loads((m / target).read_text())
         desc, raw, paths = data.draw(json_file_edit(doc), label="edit")
         note(f"{target}: {desc}")
@@ -785,7 +780,7 @@ def test_fuzz_mixture_json(pool, data):
 def test_mixture_escapes(pool, case):
     """Mixture dirs that point outside themselves: refused by verify, never a crash or hang."""
     with example_dir() as root:
-        m = copy_pool_item(pool["mixture"], root / "mix")
+        m = copy_of(pool["mixture"], root / "mix")
         outside = root / "outside"
         outside.mkdir()
         desc = json.loads((m / "mixture.json").read_text())
@@ -824,7 +819,7 @@ def test_fuzz_run_dir(pool, data):
     """Damage one record of a finished run (a stage's model.json, plan.json, metrics, a stray dir)
     and run the commands that read runs; finished stages never change, resume never crashes."""
     with example_dir() as root:
-        run = copy_pool_item(pool["run"], root / "run")
+        run = copy_of(pool["run"], root / "run")
         files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()
                        and (p.suffix in (".json", ".jsonl", ".toml") or p.name == ".lock"))
         kind = data.draw(st.sampled_from(["json", "bytes", "stray", "delete"]), label="kind")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import shutil
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.lora import TARGETS
 from growlm.model import GrowLM, ModelConfig
 from growlm.store.files import (
     atomic_dir,
@@ -175,8 +177,6 @@ def read_meta(path: Path) -> dict:
         field(meta, key, (int,), f)
     if not all(isinstance(fp, str) for fp in field(meta, "lineage", (list,), f)):
         raise GrowlmError(f"{f} is corrupt: lineage is not a list of fingerprints")
-    if "lora" in meta:
-        field(meta, "lora", (list, type(None)), f)
     blocks = field(meta, "blocks", (list,), f)
     if len(blocks) != cfg.n_layers:
         raise GrowlmError(f"{f} is inconsistent: {cfg.n_layers} layers but {len(blocks)} block hashes")
@@ -191,7 +191,34 @@ def read_meta(path: Path) -> dict:
         field(files, name, (str,), f, "the checksum of ")
     if WEIGHTS not in files:
         raise GrowlmError(f"{f} is corrupt: it records no checksum for {WEIGHTS}")
+    lora = field(meta, "lora", (list, type(None)), f) if "lora" in meta else None
+    for i, rec in enumerate(lora or []):
+        check_lora_record(rec, cfg.n_layers, f, f"lora[{i}].")
+    if bool(lora) != (ADAPTERS in files):  # adapters without records would be dropped silently on load
+        raise GrowlmError(f"{f} is inconsistent: it records {'no ' if ADAPTERS not in files else ''}{ADAPTERS} "
+                          f"but {'no' if not lora else len(lora)} LoRA record(s)")
     return meta
+
+
+def check_lora_record(rec: object, n_layers: int, f: Path, where: str) -> None:
+    """A LoRA record of model.json as :func:`growlm.lora.add_lora` writes it, or a one-line error naming the key:
+    a load builds the adapters from it, so a record it cannot build from is refused before any tensor is read."""
+    if not isinstance(rec, dict):
+        raise GrowlmError(f"{f} is corrupt: {where[:-1]} is not an object")
+    field(rec, "name", (str,), f, where)
+    rank = field(rec, "rank", (int,), f, where)
+    alpha = field(rec, "alpha", (float,), f, where)
+    if rank < 1 or not math.isfinite(alpha) or alpha <= 0:
+        raise GrowlmError(f"{f} is corrupt: {where}rank must be at least 1 and {where}alpha a positive number "
+                          f"(got {rank!r}, {alpha!r})")
+    blocks, targets = field(rec, "blocks", (list,), f, where), field(rec, "targets", (list,), f, where)
+    if not blocks or len(set(map(repr, blocks))) != len(blocks) or \
+            not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < n_layers for b in blocks):
+        raise GrowlmError(f"{f} is corrupt: {where}blocks must be distinct block indices below {n_layers}, "
+                          f"got {blocks!r:.60}")
+    if not targets or len(set(map(repr, targets))) != len(targets) or not all(t in TARGETS for t in targets):
+        raise GrowlmError(f"{f} is corrupt: {where}targets must be distinct names of {', '.join(TARGETS)}, "
+                          f"got {targets!r:.60}")
 
 
 def model_config(meta: dict, f: Path) -> ModelConfig:
