@@ -189,3 +189,15 @@ def test_no_command_writes_into_a_finished_stage_or_run(small_run, tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is inside the growlm model, mixture or run" in err[0], (argv, err)
     assert snapshot(small_run) == before
+
+
+def test_nproc_is_checked_before_anything_starts(small_run, tmp_path):
+    """--nproc below 1 is refused, and a batch that the ranks could not split is refused here, in one line,
+    before torchrun starts a process (56 lines of torchrun's traceback and a resume hint for a run that never
+    existed, before)."""
+    plan = small_run.parent / "plan.toml"
+    for n in ("0", "-1"):
+        one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", n), "--nproc", n)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "3"),
+                   "batch_size 4 is not divisible by the world size 3")
+    assert not (tmp_path / "run").exists()

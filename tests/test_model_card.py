@@ -121,3 +121,13 @@ def test_save_refuses_a_symlinked_sidecar(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match="symlink"):
         save_eval(link, {"task": "ppl"})
     assert elsewhere.read_text() == ""
+
+
+def test_save_after_a_torn_last_line_is_read_back(tiny_model_dir, tmp_path):
+    """A sidecar whose last line was torn (a kill mid-append): the next result starts a line of its own, so it is
+    read back (and reaches the card) instead of being glued onto the torn one."""
+    model = copy_of(tiny_model_dir, tmp_path / "m")
+    fp = read_meta(model)["fingerprint"]
+    (model / EVALS).write_text('{"task": "ppl", "model_fingerprint": "' + fp + '", "ppl": 3.0}\n{"task": "pp')
+    save_eval(model, {"task": "ppl", "model_fingerprint": fp, "ppl": 2.0})
+    assert [r["ppl"] for r in read_evals(model, fp)] == [3.0, 2.0]

@@ -163,12 +163,18 @@ def cmd_info(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    if a.nproc and a.nproc > 1:
+    if a.nproc is not None and a.nproc < 1:
+        raise GrowlmError(f"--nproc: at least 1 process, got {a.nproc}")
+    if a.nproc is not None and a.nproc > 1:
+        from growlm.data import check_batch_split
         from growlm.distributed import launch
+        from growlm.plan import load_plan
 
         if a.tensorboard:  # the torchrun command line carries the plan, not this flag
             raise GrowlmError("--tensorboard does not reach the processes of --nproc; set [train] tensorboard = true "
                               "in the plan instead")
+        # what every rank would refuse, refused once here, before torchrun starts them
+        check_batch_split(load_plan(Path(a.plan)).train.batch_size, a.nproc)
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
     from growlm.distributed import world
     from growlm.training import train
@@ -378,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("plan", metavar="PLAN", help="a plan file: TOML, or JSON (e.g. a run's RUN/plan.json)")
     b.add_argument("--out", required=True, metavar="RUN")
     b.add_argument("--resume", action="store_true", help="continue a stopped run")
-    b.add_argument("--nproc", type=int, default=0, help="launch N data-parallel processes with torchrun")
+    b.add_argument("--nproc", type=int, default=None, help="launch N data-parallel processes with torchrun")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--tensorboard", action="store_true",
                    help="also write scalars to RUN/tensorboard (overrides the plan's train.tensorboard)")

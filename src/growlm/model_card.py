@@ -54,8 +54,10 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     rec = {**result, "data": data, "saved_at": datetime.now(UTC).isoformat(timespec="seconds")}
     line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
     try:
-        with open(path, "ab") as fh:
-            size = fh.tell()
+        with open(path, "a+b") as fh:
+            size = fh.seek(0, 2)
+            if size and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n":
+                line = b"\n" + line  # after a torn last line (a kill mid-append), never glued onto it
             try:
                 fh.write(line)
                 fh.flush()
