@@ -277,3 +277,26 @@ def test_batches_errors(tok, corpus_dir, tmp_path):
 
 def test_large_vocab_uses_uint32():
     assert data.token_dtype(65_536) == np.uint16 and data.token_dtype(65_537) == np.uint32
+
+
+def test_huge_weights_mix_as_their_ratio(tok, corpus_dir, tmp_path):
+    """Weights whose sum overflows (1e308 twice) still mix 1:1; every batch from the second file was the result."""
+    sources = [Source([corpus_dir / "en.txt"], 1e308), Source([corpus_dir / "ru.txt"], 1e308)]
+    b = _batches(tok, corpus_dir, tmp_path, sources=sources, batch_size=64)
+    picks = [s for _ in range(30) for _ in [b.next()] for s, _ in b.last_sequence_ids]
+    assert abs(picks.count(0) / len(picks) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("key, edit", [
+    ("data.weights", ('train = ["train.txt"]\n', 'train = ["train.txt", "valid.txt"]\nweights = [inf, 1.0]\n')),
+    ("train.lr", ("lr = 3e-3", "lr = inf")),
+    ("train.weight_decay", ("lr = 3e-3", "lr = 3e-3\nweight_decay = inf")),
+    ("model.rope_theta", ("context = 32", "context = 32\nrope_theta = nan")),
+])
+def test_plan_numbers_must_be_finite(corpus_dir, tmp_path, key, edit):
+    from cli_util import SMALL_PLAN, write_plan
+    from growlm.errors import GrowlmError
+    from growlm.plan import load_plan
+
+    with pytest.raises(GrowlmError, match=rf"{key}"):
+        load_plan(write_plan(tmp_path, SMALL_PLAN.replace(*edit), corpus_dir))

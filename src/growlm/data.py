@@ -398,6 +398,10 @@ class Batches:
             _Packed(s.paths, tokenizer, Path(cache_dir), context + 1, f"source {i}") for i, s in enumerate(sources)
         ]
         weights = np.array([s.weight for s in sources], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            total = weights.sum()
+        if not np.isfinite(total):  # huge weights overflow the sum: scale them down first (only then, so
+            weights = weights / weights.max()  # every other mixture draws exactly as before)
         self._cum = np.cumsum(weights / weights.sum())
         self._mix_key = _key("mix", seed)
         self._rows = 0  # global rows drawn so far (all ranks)

@@ -32,7 +32,8 @@ from growlm.corpus import regular_file
 from growlm.errors import GrowlmError
 
 Pos = Annotated[int, Field(gt=0)]
-PosFloat = Annotated[float, Field(gt=0)]
+# finite: an infinite rate, decay or weight ends in NaN steps or an overflowing mixture far from the plan's key
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Spec(BaseModel):
@@ -135,8 +136,8 @@ class TrainSpec(_Spec):
     lr: PosFloat = 3e-3
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.05  # fraction of each stage's steps
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     seed: int = 0
     checkpoint_every: Pos = 100
     eval_every: Pos | None = None
