@@ -146,3 +146,16 @@ def test_evaluate_scores_a_loaded_model_as_it_is_in_memory(tiny_model_dir, mixtu
     changed = growlm.evaluate(loaded, "ppl", data=valid, progress=False)
     assert changed["loss"] != pytest.approx(stored["loss"]) and changed["model_fingerprint"] is None
     assert growlm.evaluate(mix, "ppl", data=valid, progress=False) == stored  # the dir itself is as it was
+
+
+def test_a_lora_scaling_changed_in_memory_is_a_changed_model(small_run):
+    """How the adapters apply is part of the model: a LoRA scaling changed in memory (no tensor touched) makes
+    ``unchanged()`` false, so the stored fingerprint is not claimed for what it now computes."""
+    from growlm.lora import lora_layers
+
+    loaded = growlm.load(small_run / "stage-2")
+    assert loaded.unchanged()
+    name, layer = next(iter(lora_layers(loaded.model)))
+    for adapter in layer.scaling:
+        layer.scaling[adapter] *= 100
+    assert not loaded.unchanged(), name

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cli_util import growlm, growlm_process, one_line_error
 from conftest import copy_of
@@ -261,6 +262,39 @@ def test_edited_config_is_one_line(model, edit, needle):
 def test_edited_config_cli(model):
     edit_json(model / "model.json", lambda m: m["config"].update(n_heads="4"))
     one_line_error(growlm("info", str(model)), "model.json", "config.n_heads")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["lora"][0].update(alpha=400.0),  # changed eval's loss under the same fingerprint, before
+    lambda m: m["lora"][0].update(blocks=[0]),  # valid, but not the blocks the adapters were trained on
+    lambda m: m["config"].update(rope_theta=5.0),  # every shape as before: only the fingerprint tells
+], ids=["alpha", "blocks", "config"])
+def test_a_record_that_changes_what_the_model_computes_is_inside_its_fingerprint(small_run, corpus_dir, tmp_path,
+                                                                                 edit):
+    stage = copy_of(small_run / "stage-2", tmp_path / "stage")
+    assert growlm("verify", str(stage)).returncode == 0
+    edit_json(stage / "model.json", edit)
+    one_line_error(growlm("verify", str(stage)), "fingerprint")
+    one_line_error(growlm("eval", str(stage), "--task", "ppl", "--data", str(corpus_dir / "valid.txt")),
+                   "model.json", "fingerprint")
+
+
+def test_a_model_from_before_lora_was_fingerprinted_still_loads_with_a_note(small_run, tmp_path):
+    """model.json version 1 (its fingerprint made without the LoRA records) loads and verifies, and says so."""
+    from growlm.store.model import model_fingerprint
+
+    stage = copy_of(small_run / "stage-2", tmp_path / "stage")
+    weights, adapters = (load_file(str(stage / n)) for n in ("model.safetensors", "adapters.safetensors"))
+
+    def as_before(m: dict) -> None:
+        m["version"] = 1
+        m["fingerprint"] = model_fingerprint(m["config"], m["substrate_fingerprint"], m["tokenizer_fingerprint"],
+                                             weights, adapters)
+
+    edit_json(stage / "model.json", as_before)
+    r = growlm("verify", str(stage))
+    assert r.returncode == 0 and "written before fingerprints covered the LoRA records" in r.stdout, r.stderr
+    load_model(stage)
 
 
 @pytest.mark.parametrize("edit, needle", [

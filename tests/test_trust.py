@@ -22,7 +22,7 @@ from conftest import copy_of
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
 from growlm.info import info_model
-from growlm.store.model import block_sha256, model_fingerprint
+from growlm.store.model import block_sha256, recorded_fingerprint_of
 from growlm.training import Loop, train
 
 HEAD = {"head.weight", "ln_f.weight", "ln_f.bias"}
@@ -290,8 +290,7 @@ def _forge(stage: Path, edit) -> None:
     meta["blocks"] = [{"index": b["index"], "sha256": block_sha256(w, b["index"])} for b in meta["blocks"]]
     meta["files"]["model.safetensors"] = sha256_file(stage / "model.safetensors")
     adapters = load_file(str(stage / "adapters.safetensors")) if (stage / "adapters.safetensors").exists() else {}
-    meta["fingerprint"] = model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"],
-                                            w, adapters)
+    meta["fingerprint"] = recorded_fingerprint_of(meta, w, adapters)
     (stage / "model.json").write_text(json.dumps(meta))
 
 

@@ -74,20 +74,28 @@ class Loaded:
     tokenizer: Tokenizer
     path: Path
     fingerprint: str  # the model's, as recorded in its dir when it was loaded
-    state_sha256: str = field(repr=False)  # of model.state_dict() as loaded: tells a model changed since
+    state_sha256: str = field(repr=False)  # of the state as loaded (tensors, LoRA scaling): tells a model changed since
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.model, self.tokenizer))
 
     def unchanged(self) -> bool:
-        """Whether the model's tensors are still those it was loaded with (hashes every tensor)."""
+        """Whether the model still computes what it was loaded to compute: every tensor, and how its LoRA
+        adapters apply (their scaling), as when it was loaded."""
         return _state_sha256(self.model) == self.state_sha256
 
 
 def _state_sha256(model: Any) -> str:
-    from growlm.hashing import sha256_tensors
+    from hashlib import sha256
 
-    return sha256_tensors(model.state_dict())
+    from growlm.hashing import canonical_json, sha256_tensors
+    from growlm.lora import lora_layers
+
+    state = model.state_dict()
+    h = sha256_tensors(state)
+    if any(".lora_" in k for k in state):  # peft is loaded only then
+        h += sha256(canonical_json({name: mod.scaling for name, mod in lora_layers(model)})).hexdigest()
+    return h
 
 
 def load(path: PathLike) -> Loaded:

@@ -18,13 +18,14 @@ from growlm.store import MixtureDir, ModelDir, resolve, stages
 from growlm.store.mixture import EXPERTS_DIR
 from growlm.store.model import (
     ADAPTERS,
+    LORA_COVERED,
     WEIGHTS,
     block_sha256,
     check_port,
     checked_skeleton,
     load_tensors,
-    model_fingerprint,
     read_meta,
+    recorded_fingerprint_of,
     verify_files,
 )
 
@@ -57,7 +58,10 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
         lines.append(f"{path}: tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} ok")
         if meta["substrate"]["kind"] != "trainable":
             lines.append(f"{path}: substrate {meta['substrate']['kind']} fingerprint {meta['substrate_fingerprint'][:12]} ok")
-    fp = model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"], weights, adapters)
+    fp = recorded_fingerprint_of(meta, weights, adapters)
+    if adapters and meta["version"] < LORA_COVERED:
+        lines.append(f"{path}: note: written before fingerprints covered the LoRA records (rank, alpha, blocks, "
+                     f"targets); they are checked for form only")
     if fp != meta["fingerprint"]:
         problems.append(f"{path}: model fingerprint {fp[:12]} differs from the recorded {meta['fingerprint'][:12]}")
     else:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.lora import TARGETS
+from growlm.lora import TARGETS, attach_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.store.files import (
     atomic_dir,
@@ -70,10 +70,20 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+# model.json version 2: the fingerprint covers the LoRA records too (how the adapters apply: rank, alpha, blocks,
+# targets). A version-1 dir with adapters predates that: it still loads and verifies, with a note saying so.
+LORA_COVERED = 2
+LORA_KEYS = ("name", "rank", "alpha", "blocks", "targets")
+
+
 def model_fingerprint(config: dict, substrate_fp: str, tokenizer_fp: str, weights: dict[str, torch.Tensor],
-                      adapters: dict[str, torch.Tensor]) -> str:
-    """sha256 over config, interface fingerprints and every tensor: equal iff the model computes the same."""
-    h = hashlib.sha256(canonical_json({"config": config, "substrate": substrate_fp, "tokenizer": tokenizer_fp}))
+                      adapters: dict[str, torch.Tensor], lora: list[dict] | None = None) -> str:
+    """sha256 over config, interface fingerprints, every tensor and (``lora``) the records the adapters are
+    applied by: equal iff the model computes the same. A model without adapters hashes as it always has."""
+    desc = {"config": config, "substrate": substrate_fp, "tokenizer": tokenizer_fp}
+    if lora is not None:
+        desc["lora"] = [{k: float(r[k]) if k == "alpha" else r[k] for k in LORA_KEYS} for r in lora]
+    h = hashlib.sha256(canonical_json(desc))
     h.update(sha256_tensors(weights).encode())
     h.update(sha256_tensors(adapters).encode())
     return h.hexdigest()
@@ -128,10 +138,11 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
     adapters = adapter_state(model)
     config = model.cfg.to_dict()
     config["n_layers"] = len(model.blocks)
-    fp = model_fingerprint(config, substrate["fingerprint"], tok.fingerprint, weights, adapters)
+    records = list(model.lora_records) if adapters else None
+    fp = model_fingerprint(config, substrate["fingerprint"], tok.fingerprint, weights, adapters, records)
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": 1,
+        "version": LORA_COVERED if adapters else 1,  # a model without adapters: byte-identical to before
         "config": config,
         "substrate": substrate,
         "substrate_fingerprint": substrate["fingerprint"],
@@ -191,6 +202,8 @@ def read_meta(path: Path) -> dict:
         field(files, name, (str,), f, "the checksum of ")
     if WEIGHTS not in files:
         raise GrowlmError(f"{f} is corrupt: it records no checksum for {WEIGHTS}")
+    if field(meta, "version", (int,), f) not in (1, LORA_COVERED):
+        raise GrowlmError(f"{f} is corrupt: version {meta['version']!r} is not one this growlm reads (1 or {LORA_COVERED})")
     lora = field(meta, "lora", (list, type(None)), f) if "lora" in meta else None
     for i, rec in enumerate(lora or []):
         check_lora_record(rec, cfg.n_layers, f, f"lora[{i}].")
@@ -198,6 +211,14 @@ def read_meta(path: Path) -> dict:
         raise GrowlmError(f"{f} is inconsistent: it records {'no ' if ADAPTERS not in files else ''}{ADAPTERS} "
                           f"but {'no' if not lora else len(lora)} LoRA record(s)")
     return meta
+
+
+def recorded_fingerprint_of(meta: dict, weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> str:
+    """The model fingerprint recomputed from the tensors and model.json's records, as :func:`save_model` made it
+    (with the LoRA records from version 2 on): equal to the recorded one iff nothing that computes was edited."""
+    lora = meta.get("lora") if adapters and meta["version"] >= LORA_COVERED else None
+    return model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"], weights,
+                             adapters, lora)
 
 
 def check_lora_record(rec: object, n_layers: int, f: Path, where: str) -> None:
@@ -335,8 +356,10 @@ def _read_embedding(f: Path) -> torch.Tensor:
 def load_model(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> SavedModel:
     """Load a model dir written by :func:`save_model`; adapters, if any, are re-attached (not merged).
 
-    ``verify=False`` skips only the files' checksums (for a caller that just checked them); the
-    config, the tensor shapes and the docking port are always checked.
+    ``verify=False`` skips only the files' checksums and the fingerprint (for a caller that just checked
+    them); the config, the tensor shapes and the docking port are always checked. The fingerprint is
+    recomputed from the tensors and model.json's records, so an edited record (a LoRA alpha, a config
+    value) never computes something else under the recorded name.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -349,10 +372,12 @@ def load_model(path: Path, device: str | torch.device = "cpu", verify: bool = Tr
         raise GrowlmError(problems[0])
     model.load_state_dict(weights, strict=True, assign=True)
     model.embed.weight.requires_grad_(model.cfg.trainable_embedding)
-    if (path / ADAPTERS).is_file() and meta.get("lora"):
-        from growlm.lora import attach_adapters
-
-        attach_adapters(model, meta["lora"], load_tensors(path / ADAPTERS))
+    adapters = load_tensors(path / ADAPTERS) if ADAPTERS in meta["files"] else {}
+    if verify and recorded_fingerprint_of(meta, weights, adapters) != meta["fingerprint"]:
+        raise GrowlmError(f"{path / MODEL_JSON}: its records do not give its fingerprint "
+                          f"{meta['fingerprint'][:12]}: it was edited (`growlm verify {path}` says more)")
+    if adapters:
+        attach_adapters(model, meta["lora"], adapters)
         model.lora_records = list(meta["lora"])
     model.to(device)
     return SavedModel(model=model, meta=meta, path=path, _tokenizer=tok)
