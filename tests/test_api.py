@@ -159,3 +159,30 @@ def test_a_lora_scaling_changed_in_memory_is_a_changed_model(small_run):
     for adapter in layer.scaling:
         layer.scaling[adapter] *= 100
     assert not loaded.unchanged(), name
+
+
+def test_the_api_takes_what_its_docs_and_readme_give_and_refuses_the_rest_in_one_line(small_run, corpus_dir,
+                                                                                       tmp_path, monkeypatch):
+    """Issue 25 D19: raw exceptions where the API promises one-line GrowlmErrors."""
+    valid = corpus_dir / "valid.txt"
+    # evaluate((model, tokenizer)): the pair README's `model, tokenizer = growlm.load(...)` gives
+    model, tokenizer = growlm.load(small_run / "stage-2")
+    pair = growlm.evaluate((model, tokenizer), "ppl", data=valid, progress=False)
+    stored = growlm.evaluate(small_run / "stage-2", "ppl", data=valid, progress=False)
+    assert pair["loss"] == stored["loss"] and pair["model_fingerprint"] is None  # no dir: no stored name claimed
+    for bad in (3, None):
+        with pytest.raises(GrowlmError, match="evaluate: a model dir"):
+            growlm.evaluate(bad, "ppl", data=valid)
+    # train(dict): the plan's tables, paths relative to the current directory
+    monkeypatch.chdir(small_run.parent)
+    tables = tomllib.loads((small_run.parent / "plan.toml").read_text())
+    tables["stage"] = tables["stage"][:1]
+    run = growlm.train(tables, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert (run / "stage-1" / "model.json").is_file()
+    with pytest.raises(GrowlmError, match="plan: a Plan, a plan file or a dict"):
+        growlm.train(42, tmp_path / "other")
+    # merge(weights="ab")
+    with pytest.raises(GrowlmError, match="weights must be one number per expert"):
+        growlm.merge([small_run / "stage-1", small_run / "stage-2"], tmp_path / "mix", combine="weighted",
+                     weights="ab")
+    assert not (tmp_path / "mix").exists() and not (tmp_path / "other").exists()

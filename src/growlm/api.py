@@ -49,18 +49,24 @@ def plan_from_dict(raw: Mapping[str, Any], root: PathLike | None = None, *, chec
     return build_plan(raw, root, check_paths=check_paths)
 
 
-def train(plan: Plan | PathLike, out: PathLike, *, resume: bool = False, progress: bool = True,
+def train(plan: Plan | Mapping[str, Any] | PathLike, out: PathLike, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], object] = print) -> Path:
-    """Run every stage of ``plan`` (a :class:`~growlm.plan.Plan` or a plan file) into the run dir
-    ``out``, as ``growlm train`` does; returns the run dir (its models are ``RUN/stage-N``).
+    """Run every stage of ``plan`` (a :class:`~growlm.plan.Plan`, a plan file, or the plan's tables as a dict,
+    its paths relative to the current directory) into the run dir ``out``, as ``growlm train`` does; returns the
+    run dir (its models are ``RUN/stage-N``).
 
     ``resume=True`` continues a stopped run of the same plan. ``progress`` shows a progress bar,
     ``log`` receives the per-stage report lines. A run started from a Plan object
     records it in ``RUN/plan.json`` (there is no ``RUN/plan.toml``), so it resumes from the command
     line with ``growlm train RUN/plan.json --out RUN --resume``.
     """
+    from growlm.plan import Plan
     from growlm.training import train as run_plan
 
+    if isinstance(plan, Mapping):
+        plan = plan_from_dict(plan)
+    elif not isinstance(plan, Plan | str | os.PathLike):
+        raise GrowlmError(f"plan: a Plan, a plan file or a dict of its tables, not {type(plan).__name__}")
     run_plan(plan, Path(out), resume=resume, progress=progress, log=log)
     return Path(out)
 
@@ -112,7 +118,7 @@ def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Se
     """Score a model on ``task`` (``ppl`` or a benchmark); returns the dict ``growlm eval --json`` prints.
 
     ``model_or_path``: a model, stage or mixture dir, scored as stored there; or what :func:`load`
-    returned, scored as it is in memory now (nothing is read again). Its ``model_fingerprint`` is the
+    returned (or its unpacked ``(model, tokenizer)``), scored as it is in memory now (nothing is read again). Its ``model_fingerprint`` is the
     recorded one while its tensors are those loaded, and None once they were changed: those scores
     belong to no stored model. ``data``: the task's data (``ppl``: text files, required; a benchmark: its files or ``hf:NAME``,
     default the offline packages). ``protocol``: ``paper`` (default) or ``loglik``. ``limit``: items
@@ -127,6 +133,12 @@ def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Se
         fingerprint = model_or_path.fingerprint if model_or_path.unchanged() else None
         return evaluate_model(model_or_path.model, model_or_path.tokenizer, task, name=str(model_or_path.path),
                               fingerprint=fingerprint, **options)
+    if isinstance(model_or_path, tuple) and len(model_or_path) == 2:  # model, tokenizer = growlm.load(...)
+        model, tokenizer = model_or_path  # no dir, no record: its scores claim no stored fingerprint
+        return evaluate_model(model, tokenizer, task, name=type(model).__name__, fingerprint=None, **options)
+    if not isinstance(model_or_path, str | os.PathLike):
+        raise GrowlmError(f"evaluate: a model dir, growlm.load()'s result or its (model, tokenizer), not "
+                          f"{type(model_or_path).__name__}")
     return score(Path(model_or_path), task, **options)
 
 
