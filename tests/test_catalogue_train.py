@@ -201,3 +201,11 @@ def test_nproc_is_checked_before_anything_starts(small_run, tmp_path):
     one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "3"),
                    "batch_size 4 is not divisible by the world size 3")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_with_a_newline_is_refused_before_anything_is_written(small_run, tmp_path):
+    """Issue 25 D16: a run dir whose name holds a newline: the resume command printed after Ctrl-C named another
+    dir (and running it started a fresh run there). Refused up front; nothing is made."""
+    one_line_error(growlm("train", str(small_run.parent / "plan.toml"), "--out", str(tmp_path / "a\nrun")),
+                   "control character")
+    assert list(tmp_path.iterdir()) == []

@@ -526,8 +526,12 @@ class Trainer(Loop):
                           self.plan.model.context, self.plan.model.d_model, depth)
 
     def _check_out(self) -> None:
-        """``--out`` must be a directory (or not exist yet) outside any model, mixture or run."""
+        """``--out`` must be a directory (or not exist yet) outside any model, mixture or run, with a name the
+        printed resume command can carry (a newline in it would name another dir there)."""
         run = self.run
+        if any(not c.isprintable() for c in str(run)):
+            raise GrowlmError(f"--out {str(run)!r} holds a control character (a newline, say): a resume command "
+                              f"could not name it; choose another name")
         if run.exists() and not run.is_dir():
             raise GrowlmError(f"--out {run} is a file, not a directory")
         check_out(run, run_itself=True)
