@@ -170,12 +170,12 @@ def make_rule(combine: str, n: int, weights: Sequence[float] | None = None, spac
         return Rule(combine, space, None)
     if weights is None:
         raise GrowlmError(f'combine = "{combine}" needs weights (one per expert, e.g. --weights 0.7,0.3)')
-    try:
-        if isinstance(weights, str | bytes):
-            raise TypeError
-        ws = [float(w) for w in weights]
+    try:  # a string is iterable too: "ab" would be two weights
+        ws = None if isinstance(weights, str | bytes) else [float(w) for w in weights]
     except (TypeError, ValueError):
-        raise GrowlmError(f"weights must be one number per expert, got {weights!r:.60}") from None
+        ws = None
+    if ws is None:
+        raise GrowlmError(f"weights must be one number per expert, got {weights!r:.60}")
     if len(ws) != n:
         raise GrowlmError(f"{len(ws)} weights given for {n} experts")
     if any(not math.isfinite(w) or w < 0 for w in ws):

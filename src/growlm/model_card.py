@@ -56,8 +56,10 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     try:
         with open(path, "a+b") as fh:
             size = fh.seek(0, 2)
-            if size and fh.seek(size - 1) >= 0 and fh.read(1) != b"\n":
-                line = b"\n" + line  # after a torn last line (a kill mid-append), never glued onto it
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":  # a torn last line (a kill mid-append): never glue a record onto it
+                    line = b"\n" + line
             try:
                 fh.write(line)
                 fh.flush()
