@@ -227,4 +227,4 @@ def test_verify_passes_a_clean_run_and_finds_drift(tmp_path, small_run):
     adapters = load_file(str(st2 / "adapters.safetensors"))
     meta["fingerprint"] = recorded_fingerprint_of(meta, w, adapters)
     (st2 / "model.json").write_text(json.dumps(meta))
-    one_line_error(growlm("verify", str(run)), "frozen block 0 changed")
+    one_line_error(growlm("verify", str(run)), "frozen tensor", "blocks.0.attn.qkv.weight", "changed")

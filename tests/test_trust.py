@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -314,7 +315,9 @@ def test_verify_rechecks_the_audit_from_the_files(kinds, tmp_path):
     (relabelled / "stage-6" / "model.json").write_text(json.dumps(meta))
     r = growlm("verify", str(relabelled), "--json")
     assert r.returncode != 0
-    assert any("stage-6" in p and "did not change" in p for p in json.loads(r.stdout)["problems"])
+    # what a stage trained is derived from the plan it recorded, so the claim is a contradiction, not a licence
+    assert any(p.startswith("stage-6: the stage record says train = 'all'") and "'head'" in p
+               for p in json.loads(r.stdout)["problems"])
 
 
 def test_verify_finds_a_stage_that_did_not_start_from_its_parent(kinds, tmp_path):
@@ -363,3 +366,79 @@ def test_paper_plans_shrunk_train_every_block_they_add(config, corpus_dir, tmp_p
         prev = now
     assert len(stages) == (9 if config.startswith("9l") else 8)
     assert growlm("verify", str(tmp_path / "run")).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# verify derives what a stage trained from its recorded plan, never from the stage's own claims
+
+
+def _digests(stage: Path) -> dict[str, str]:
+    from growlm.audit import digests
+
+    return digests(_files(stage).items())
+
+
+def _reseal(stage: Path, edit_meta, parent: Path | None) -> None:
+    """Rewrite ``stage``'s records around its current files after ``edit_meta``: block hashes, checksums,
+    fingerprint, lineage and a self-consistent audit (its start digests taken from ``parent``)."""
+    from growlm.audit import record
+    from growlm.growth import trainable_names
+
+    meta = json.loads((stage / "model.json").read_text())
+    edit_meta(meta)
+    now = _digests(stage)
+    if meta.get("audit") is not None:
+        st = meta["stage"]
+        declared = trainable_names(now, train=st["train"], new_blocks=st["new_blocks"], adapter=st["adapter"],
+                                   trainable_embedding=False)
+        before, began = _digests(parent) if parent else {}, meta["audit"]["start_sha256"]
+        start = {n: before.get(n, began.get(n)) if n in declared else d for n, d in now.items()}
+        meta["audit"] = record(start, now, declared, meta["audit"]["steps"])
+    if parent is not None:
+        meta["lineage"][-1] = json.loads((parent / "model.json").read_text())["fingerprint"]
+    (stage / "model.json").write_text(json.dumps(meta))
+    _forge(stage, lambda w: None)
+
+
+def _problems(run: Path) -> list[str]:
+    r = growlm("verify", str(run), "--json")
+    assert r.returncode != 0, r.stdout
+    return json.loads(r.stdout)["problems"]
+
+
+def test_verify_derives_the_new_blocks_from_the_plan_not_from_the_stage_record(kinds, tmp_path):
+    """A frozen block changed in stages 2 and 3, stage 2's ``new_blocks`` relabelled to name it, every hash,
+    audit, fingerprint and lineage rewritten to agree: the plan says stage 2 grew block 2 over 2 blocks."""
+    run = copy_of(kinds[0], tmp_path / "run")
+    for i in range(4, 9):
+        shutil.rmtree(run / f"stage-{i}")
+    for i in (2, 3):  # every tensor of block 0 moves, as if stage 2 had trained it
+        _forge(run / f"stage-{i}", lambda w: [t.add_(0.5) for k, t in w.items() if k.startswith("blocks.0.")])
+    _reseal(run / "stage-2", lambda m: m["stage"].update(new_blocks=[0]), run / "stage-1")
+    _reseal(run / "stage-3", lambda m: None, run / "stage-2")
+    problems = _problems(run)
+    assert any(p.startswith("stage-2:") and "new_blocks" in p and "[2]" in p for p in problems), problems
+    assert any(p.startswith("stage-2:") and "blocks.0." in p for p in problems), problems
+
+
+def test_a_deleted_audit_hides_nothing(kinds, tmp_path):
+    """The head changed in the adapters-only stage 7, the audit deleted from stages 7 and 8, the rest rewritten
+    to agree: the lineage shows the head moved where the plan freezes it, and the missing audits are failures
+    (this growlm records audits)."""
+    run = copy_of(kinds[0], tmp_path / "run")
+    _forge(run / "stage-7", lambda w: w["head.weight"].mul_(1.5))
+    for i in (7, 8):
+        _reseal(run / f"stage-{i}", lambda m: m.pop("audit"), run / f"stage-{i - 1}")
+    problems = _problems(run)
+    assert any(p.startswith("stage-7:") and "head.weight" in p for p in problems), problems
+    assert sum("no trainable-set audit" in p for p in problems) == 2, problems
+
+
+def test_stage_records_are_checked_against_the_recorded_plan(kinds, tmp_path):
+    """Stage 4's LoRA alpha edited (4 -> 400) and resealed: the plan it recorded gives 2 x rank."""
+    run = copy_of(kinds[0], tmp_path / "run")
+    for i in range(5, 9):
+        shutil.rmtree(run / f"stage-{i}")
+    _reseal(run / "stage-4", lambda m: m["lora"][-1].update(alpha=400.0), run / "stage-3")
+    problems = _problems(run)
+    assert any(p.startswith("stage-4:") and "alpha" in p for p in problems), problems

@@ -3,18 +3,24 @@
 For every model dir: each file's sha256 against model.json, each block's sha256 recomputed from
 the weights, the substrate fingerprint recomputed from the embedding (frozen kinds), and the model
 fingerprint. For a run, also the lineage: every stage names its parent's fingerprint, and every
-block that was frozen in a stage has the same sha256 as in the stage before — frozen means
-provably frozen across the whole lineage.
+tensor a stage did not train has the same bytes as in the stage before — frozen means provably
+frozen across the whole lineage.
+
+What a stage trained is derived, never read from the stage's own claims: the plan every stage
+records (one plan per run) and the parent's depth give the blocks it grew, its adapter and its LoRA
+records; the stage record (``new_blocks``, ``train``, ...) must agree with them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from growlm import audit
 from growlm.errors import GrowlmError
-from growlm.growth import trainable_names
-from growlm.store import MixtureDir, ModelDir, resolve, stages
+from growlm.growth import lora_blocks, trainable_names
+from growlm.plan import plan_from_dict
+from growlm.store import PLAN_JSON, MixtureDir, ModelDir, resolve, stages
 from growlm.store.mixture import EXPERTS_DIR
 from growlm.store.model import (
     ADAPTERS,
@@ -94,55 +100,131 @@ def verify(path: Path) -> dict:
         return {"ok": not problems, "lines": lines, "problems": problems}
     if isinstance(found, ModelDir):
         meta, lines, problems = verify_model(path)
-        if not problems and meta.get("audit") is not None:  # a run's stage: its audit, without the parent
-            ln, problems = _check_audit(_stage_index(meta), meta, _file_digests(path), None)
-            lines += ln
+        if not problems and isinstance(meta.get("stage"), dict):  # a run's stage, checked without its parent
+            n = meta["stage"].get("index")
+            n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+            derived, problems = _derive_stage(n, meta, None)
+            if derived is not None:
+                ln, pr = _check_audit(n, meta, derived, _file_digests(path), None)
+                lines, problems = lines + ln, problems + pr
         return {"ok": not problems, "lines": lines, "problems": problems}
-    run_stages = stages(found)
-    lines, problems, prev, prev_digests = [], [], None, None
+    return _verify_run(path, stages(found))
+
+
+def _verify_run(path: Path, run_stages: list[tuple[int, Path]]) -> dict:
+    """Every stage of a run, each against the plan the run recorded and against its parent stage."""
+    lines, problems, prev, prev_digests, plan = [], [], None, None, None
     for n, sdir in run_stages:
         meta, ln, pr = verify_model(sdir)
         lines += ln
         problems += pr
         if prev is not None:
             problems += _check_lineage(n, meta, prev)
+        if plan is None and isinstance(meta.get("plan"), dict):
+            plan = meta["plan"]
+            problems += _check_run_plan(path, plan)
+        elif meta.get("plan") != plan:
+            problems.append(f"stage-{n}: records another plan than the stages before it (a run has one plan)")
+        derived, dp = _derive_stage(n, meta, prev)
+        problems += dp
         now = None if pr else _file_digests(sdir)
-        if now is not None:
-            ln, pr = _check_audit(n, meta, now, prev_digests)
+        if now is not None and derived is not None:
+            ln, pr = _check_audit(n, meta, derived, now, prev_digests)
             lines += ln
             problems += pr
+            if prev_digests is not None:
+                problems += _check_frozen(n, meta, derived, now, prev_digests)
         prev, prev_digests = meta, now
     if not problems:
-        lines.append(f"{path}: lineage of {len(run_stages)} stage(s) ok: every frozen block unchanged since its stage")
+        lines.append(f"{path}: lineage of {len(run_stages)} stage(s) ok: every frozen tensor unchanged since its stage")
     return {"ok": not problems, "lines": lines, "problems": problems}
 
 
+def _check_run_plan(run: Path, recorded: dict) -> list[str]:
+    """``RUN/plan.json`` (what ``--resume`` starts from) must be the plan the stages recorded."""
+    try:
+        mine = json.loads((run / PLAN_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []  # stage dirs gathered by hand: the stages' own records are the run's plan
+    except (OSError, ValueError) as e:
+        return [f"{run / PLAN_JSON} is unreadable: {e}"]
+    if mine != recorded:
+        return [f"{run / PLAN_JSON} differs from the plan its stages recorded: it was edited after they trained"]
+    return []
+
+
 def _check_lineage(n: int, meta: dict, parent: dict) -> list[str]:
-    """A stage against its parent: lineage link, substrate, and every block it did not train."""
+    """A stage against its parent: the lineage link and the substrate."""
     out = []
     if not meta["lineage"] or meta["lineage"][-1] != parent["fingerprint"]:
         out.append(f"stage-{n}: its lineage does not name stage-{n - 1} ({parent['fingerprint'][:12]}) as its parent")
     if meta["substrate_fingerprint"] != parent["substrate_fingerprint"]:
         out.append(f"stage-{n}: substrate fingerprint changed from stage-{n - 1}")
-    stage = meta.get("stage") or {}
-    if stage.get("train") == "all":
-        return out  # a monolithic stage trains every block by design
-    new = set(stage.get("new_blocks", []))
-    mine = {blk["index"]: blk["sha256"] for blk in meta["blocks"]}
-    for blk in parent["blocks"]:
-        if blk["index"] in new:
-            continue
-        now = mine.get(blk["index"])
-        if now is None:
-            out.append(f"stage-{n}: lacks block {blk['index']} of stage-{n - 1}: it cannot have grown from it")
-        elif now != blk["sha256"]:
-            out.append(f"stage-{n}: frozen block {blk['index']} changed (sha256 {blk['sha256'][:12]} -> {now[:12]})")
     return out
 
 
-def _stage_index(meta: dict) -> int | str:
-    stage = meta.get("stage")
-    return stage.get("index", "?") if isinstance(stage, dict) else "?"
+def _declared(meta: dict, derived: dict, names) -> set[str]:
+    return trainable_names(names, train=derived["train"], new_blocks=derived["new_blocks"], adapter=derived["adapter"],
+                           trainable_embedding=bool(meta["config"].get("trainable_embedding")))
+
+
+def _check_frozen(n: int, meta: dict, derived: dict, now: dict[str, str], parent: dict[str, str]) -> list[str]:
+    """Every tensor of the parent that the plan does not train in this stage is byte-identical here."""
+    declared = _declared(meta, derived, set(now) | set(parent))
+    out = []
+    for name in sorted(set(parent) - declared):
+        if name not in now:
+            out.append(f"stage-{n}: lacks {name} of stage-{n - 1}: it cannot have grown from it")
+        elif now[name] != parent[name]:
+            out.append(f"stage-{n}: frozen tensor {name} changed since stage-{n - 1} (the plan trains "
+                       f"{derived['train']!r} there, new blocks {derived['new_blocks']})")
+    return out[:8]
+
+
+def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None, list[str]]:
+    """What stage ``n`` trained, derived from the plan its model.json records and its parent's depth
+    (``parent`` None: its own depth less the plan's growth), and its records checked against that.
+    Returns ``{"train", "new_blocks", "adapter"}`` (None when there is no plan to derive from) and the problems."""
+    stage, raw = meta.get("stage"), meta.get("plan")
+    if not isinstance(stage, dict):
+        return None, [f"stage-{n}: model.json has no stage record"]
+    if not isinstance(raw, dict):
+        return None, [f"stage-{n}: model.json records no plan to check the stage against"]
+    try:
+        plan = plan_from_dict(raw, check_paths=False, source=f"recorded in stage-{n}/model.json")
+    except GrowlmError as e:
+        return None, [f"stage-{n}: {e}"]
+    if not 1 <= n <= len(plan.stage):
+        return None, [f"stage-{n}: the recorded plan has {len(plan.stage)} stage(s), none numbered {n}"]
+    spec, depth = plan.stage[n - 1], len(meta["blocks"])
+    before = len(parent["blocks"]) if parent is not None else depth - spec.grow
+    if before < 0 or depth != before + spec.grow:
+        return None, [f"stage-{n}: has {depth} block(s), but the plan grows {spec.grow} over the parent's {before}"]
+    adapter = f"stage{n}" if spec.lora else None
+    derived = {"train": spec.train, "new_blocks": list(range(before, depth)), "adapter": adapter}
+    want = {"index": n, "name": spec.name, "grow": spec.grow, "init": spec.init, "train": spec.train,
+            "tokens": spec.tokens, "lora": spec.lora.model_dump() if spec.lora else None, "adapter": adapter,
+            "new_blocks": derived["new_blocks"]}
+    problems = [f"stage-{n}: the stage record says {k} = {stage.get(k)!r}, the recorded plan and the parent's depth "
+                f"give {v!r}" for k, v in want.items() if stage.get(k) != v]
+    records = meta.get("lora") or []
+    inherited = (parent.get("lora") or []) if parent is not None else records[:-1] if spec.lora else records
+    if records[:len(inherited)] != inherited:
+        problems.append(f"stage-{n}: its LoRA records of earlier stages differ from its parent's")
+    if spec.lora:
+        rank = spec.lora.rank
+        rec = {"name": adapter, "rank": rank, "alpha": spec.lora.alpha or 2.0 * rank,
+               "blocks": sorted(lora_blocks(spec.lora, before, depth)), "targets": list(spec.lora.targets)}
+        mine = records[len(inherited)] if len(records) == len(inherited) + 1 else None
+        if mine is None:
+            problems.append(f"stage-{n}: the plan adds LoRA adapter {adapter}, model.json records "
+                            f"{len(records) - len(inherited)} new LoRA record(s)")
+        else:
+            problems += [f"stage-{n}: lora record {adapter}.{k} = {mine.get(k)!r}, the recorded plan gives {v!r}"
+                         for k, v in rec.items() if mine.get(k) != v]
+    elif len(records) != len(inherited):
+        problems.append(f"stage-{n}: records a LoRA adapter its plan stage does not add")
+    return derived, problems
 
 
 def _file_digests(path: Path) -> dict[str, str]:
@@ -153,21 +235,22 @@ def _file_digests(path: Path) -> dict[str, str]:
     return audit.digests(tensors.items())
 
 
-def _check_audit(n: int, meta: dict, now: dict[str, str], parent: dict[str, str] | None) -> tuple[list[str], list[str]]:
-    """Re-check a stage's trainable-set audit from its files: what the plan trains changed since the
-    stage began, nothing else did, the stage began from its parent, and the record says so."""
-    stage, rec = meta.get("stage"), meta.get("audit")
-    if not isinstance(stage, dict):
-        return [], [f"stage-{n}: model.json has no stage record"]
+def _check_audit(n: int, meta: dict, derived: dict, now: dict[str, str],
+                 parent: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    """Re-check a stage's trainable-set audit from its files: what the plan trains (``derived``) changed since
+    the stage began, nothing else did, the stage began from its parent, and the record says so."""
+    rec = meta.get("audit")
     if rec is None:
+        # growlm has recorded audits since before it recorded a stage's FLOPs: a stage with FLOPs lost its audit
+        if isinstance(meta.get("metrics"), dict) and "flops" in meta["metrics"]:
+            return [], [f"stage-{n}: no trainable-set audit recorded, though the growlm that wrote it records one: "
+                        f"model.json was edited"]
         return [f"stage-{n}: no trainable-set audit recorded (written before growlm recorded audits)"], []
     try:
         start, steps = dict(rec["start_sha256"]), int(rec["steps"])
-        declared = trainable_names(now, train=stage["train"], new_blocks=list(stage["new_blocks"]),
-                                   adapter=stage.get("adapter"),
-                                   trainable_embedding=bool(meta["config"].get("trainable_embedding")))
+        declared = _declared(meta, derived, now)
     except (KeyError, TypeError, ValueError) as e:
-        return [], [f"stage-{n}: the audit or stage record in model.json is malformed ({e!r})"]
+        return [], [f"stage-{n}: the audit record in model.json is malformed ({e!r})"]
     problems = [f"stage-{n}: {p}" for p in audit.check(start, now, declared, steps)]
     if parent is not None:
         moved = sorted(k for k in set(start) & set(parent) if start[k] != parent[k])
