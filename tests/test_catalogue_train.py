@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -209,3 +210,52 @@ def test_an_out_with_a_newline_is_refused_before_anything_is_written(small_run, 
     one_line_error(growlm("train", str(small_run.parent / "plan.toml"), "--out", str(tmp_path / "a\nrun")),
                    "control character")
     assert list(tmp_path.iterdir()) == []
+
+
+def _interrupted(small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: int) -> Path:
+    """A copy of ``small_run`` whose stage ``running`` was interrupted (Ctrl-C) at step 3, the stages before it
+    finished."""
+    import growlm.training as tr
+    from growlm.training import Interrupted, train
+
+    run = copy_of(small_run, tmp_path / "run")
+    for i in range(running, 3):
+        shutil.rmtree(run / f"stage-{i}")
+
+    def ctrl_c(where: str, stage: int, step: int) -> None:
+        if (where, stage, step) == ("step", running, 3):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tr, "fault_point", ctrl_c)
+        with pytest.raises(Interrupted):
+            train(run / "plan.json", run, resume=True, progress=False)
+    assert (run / "checkpoints" / f"stage-{running}").is_dir()
+    return run
+
+
+@pytest.mark.parametrize("running, edit, needles", [
+    (1, lambda p: p["stage"][0].update(lr=0.5), ("checkpoint", "stage-1")),  # the running stage, nothing finished
+    (2, lambda p: p["stage"][1].update(lr=0.5), ("stage-1", "stage[2].lr: null -> 0.5")),  # the running stage
+    (2, lambda p: p["stage"][0].update(tokens=2560), ("stage-1", "stage[1].tokens: 1280 -> 2560")),  # a finished one
+    (2, lambda p: p["train"].update(lr=0.5), ("stage-1", "train.lr: 0.003 -> 0.5")),
+])
+def test_resume_checks_the_plan_against_what_the_run_recorded(small_run, tmp_path, monkeypatch, running, edit,
+                                                              needles):
+    """``growlm train RUN/plan.json --out RUN --resume`` after editing RUN/plan.json: the finished stages and the
+    running stage's checkpoint record the plan they trained under, so the edit is refused and nothing changes."""
+    run = _interrupted(small_run, tmp_path, monkeypatch, running)
+    plan = json.loads((run / "plan.json").read_text())
+    edit(plan)
+    (run / "plan.json").write_text(json.dumps(plan))
+    before = snapshot(run)
+    one_line_error(growlm("train", str(run / "plan.json"), "--out", str(run), "--resume", "--no-progress"),
+                   "another plan", *needles)
+    assert snapshot(run) == before
+
+
+def test_resume_under_the_recorded_plan_finishes_the_run(small_run, tmp_path, monkeypatch):
+    run = _interrupted(small_run, tmp_path, monkeypatch, 2)
+    r = growlm("train", str(run / "plan.json"), "--out", str(run), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert growlm("verify", str(run)).returncode == 0

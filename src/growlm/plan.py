@@ -325,6 +325,28 @@ def _resolve_paths(plan: Plan, root: Path, plan_path: Path) -> Plan:
                                    "base": base})
 
 
+def plan_difference(a: Any, b: Any, loc: tuple = ()) -> str:
+    """Where two recorded plans (:func:`plan_to_json`) first differ, as the plan key a user would write with
+    both values, e.g. ``stage[2].lr: 0.003 -> 0.5``; empty when they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT):
+                return plan_difference(a.get(k, _ABSENT), b.get(k, _ABSENT), (*loc, k))
+        return ""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return plan_difference(x, y, (*loc, i))
+        return ""
+    if a == b:
+        return ""
+    shown = ("(absent)" if v is _ABSENT else json.dumps(v)[:40] for v in (a, b))
+    return f"{_loc(loc)}: {' -> '.join(shown)}"
+
+
+_ABSENT = object()
+
+
 def plan_to_json(plan: Plan) -> dict:
     """The resolved plan as plain JSON (recorded next to every stage it produces)."""
     return plan.model_dump(mode="json")

@@ -39,9 +39,10 @@ from growlm.growth import (
     stage_active_params,
     stage_flop_per_token,
 )
+from growlm.hashing import canonical_json
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
-from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_to_json, resolve_plan
+from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_difference, plan_to_json, resolve_plan
 from growlm.store import (
     CHECKPOINTS,
     LOCK,
@@ -307,6 +308,8 @@ class Loop:
         self.metrics = MetricsLog(self.run, rank=self.rank, tensorboard=spec.tensorboard)
         # steps of the stages before the one training: TensorBoard's global step is step_offset + the stage's
         self.step_offset = 0
+        # recorded in every in-stage checkpoint: a resume proves it continues under the plan the stage began with
+        self.plan_sha256: str | None = None
         distributed.init(self.device)
         if self.rank != 0:  # rank 0 alone reports
             self.log, self.progress = (lambda *a, **k: None), False
@@ -335,7 +338,8 @@ class Loop:
         forward = distributed.wrap(model, self.spec.parallel, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
         f = _Fit(stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
-                 vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank),
+                 vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank,
+                                                                     plan_sha256=self.plan_sha256),
                  halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token)
         state, spec = f.state, self.spec
         if self.resume:
@@ -478,6 +482,7 @@ class Trainer(Loop):
         if tensorboard is not None:
             self.plan = self.plan.model_copy(update={"train": self.plan.train.model_copy(update={"tensorboard": tensorboard})})
         super().__init__(run, self.plan.train, resume=resume, progress=progress, log=log)
+        self.plan_sha256 = hashlib.sha256(canonical_json(plan_to_json(self.plan))).hexdigest()
 
     def run_all(self) -> list[Path]:
         """Train every stage not yet complete; returns the stage dirs."""
@@ -549,12 +554,28 @@ class Trainer(Loop):
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise GrowlmError(f"{run / 'plan.json'} is unreadable or corrupt: {e}") from None
         trained = bool(stages(run)) or (run / CHECKPOINTS).exists()
-        if recorded != plan_to_json(self.plan):
+        mine = plan_to_json(self.plan)
+        if recorded != mine:
             hint = "" if trained else " (no stage trained in it yet: remove it to start over with this plan)"
             raise GrowlmError(f"{run} holds a run of another plan ({run / 'plan.json'}); choose another --out{hint}")
         if not self.resume:
             raise GrowlmError(f"{run} already holds a run of this plan; pass --resume to continue it, or choose "
                               f"another --out")
+        # RUN/plan.json is the user's to edit (and may be the plan file given): what the stages really trained
+        # under is recorded in each finished stage and in the running stage's checkpoint
+        change = "; a run has one plan: to change a stage, grow a new run from a finished one (base = ...)"
+        for i, sdir in stages(run):
+            try:
+                theirs = json.loads((sdir / MODEL_JSON).read_text(encoding="utf-8")).get("plan")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+                raise GrowlmError(f"{sdir / MODEL_JSON} is unreadable or corrupt: {e}") from None
+            if theirs != mine:
+                raise GrowlmError(f"stage-{i} was trained under another plan than {self.plan_path or 'this one'} "
+                                  f"({plan_difference(theirs, mine)}){change}")
+        for ck, digest in StageCheckpoints.recorded_plans(run).items():
+            if digest is not None and digest != self.plan_sha256:
+                raise GrowlmError(f"checkpoint {ck} was written under another plan than {self.plan_path or 'this one'}"
+                                  f"{change}, or remove {ck.parent} to restart that stage under this plan")
 
     def _stage_data(self, i: int, st: StageSpec) -> tuple[Batches, list]:
         """A stage's training batches and fixed validation batches (token shards cached in the run)."""

@@ -127,8 +127,24 @@ class StageCheckpoints:
     are all-gathered, a collective); rank 0 alone writes.
     """
 
-    def __init__(self, run: Path, key: str, *, rank: int = 0) -> None:
-        self.root, self.rank = Path(run) / CHECKPOINTS / key, rank
+    def __init__(self, run: Path, key: str, *, rank: int = 0, plan_sha256: str | None = None) -> None:
+        self.root, self.rank, self.plan_sha256 = Path(run) / CHECKPOINTS / key, rank, plan_sha256
+
+    @staticmethod
+    def recorded_plans(run: Path) -> dict[Path, str | None]:
+        """The plan digest each stage's latest checkpoint was written under (None: one from before growlm
+        recorded it), so a resume can check its plan against what the stage really trained with."""
+        out = {}
+        for key in sorted(p for p in (Path(run) / CHECKPOINTS).glob("*") if p.is_dir()):
+            ck = StageCheckpoints(run, key.name).latest()
+            if ck is None:
+                continue
+            try:
+                out[ck] = json.loads((ck / "state.json").read_text(encoding="utf-8")).get("plan_sha256")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+                raise GrowlmError(f"checkpoint {ck} is corrupt ({ck / 'state.json'}: {e!r}); remove {ck} to restart "
+                                  f"this stage from its beginning (completed stages are intact)") from None
+        return out
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (temp dirs of a killed write are ignored)."""
@@ -162,6 +178,8 @@ class StageCheckpoints:
                     "data": batches.state_dict(), "optimizer_scalars": opt_scalars,
                     "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]],
                     "files": {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}}
+            if self.plan_sha256 is not None:
+                info["plan_sha256"] = self.plan_sha256
             atomic_write_json(tmp / "state.json", info)
         for old in self.root.glob("step-*"):
             if old != final:
