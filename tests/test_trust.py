@@ -442,3 +442,13 @@ def test_stage_records_are_checked_against_the_recorded_plan(kinds, tmp_path):
     _reseal(run / "stage-4", lambda m: m["lora"][-1].update(alpha=400.0), run / "stage-3")
     problems = _problems(run)
     assert any(p.startswith("stage-4:") and "alpha" in p for p in problems), problems
+
+
+def test_verify_names_a_missing_middle_stage_and_labels_the_rest_truly(kinds, tmp_path):
+    """D18: with stage-2 deleted, stage-3 is checked against stage-1 and said to be, never against a "stage-2"."""
+    run = copy_of(kinds[0], tmp_path / "run")
+    shutil.rmtree(run / "stage-2")
+    problems = _problems(run)
+    assert "stage-2 is missing: stage-3 has no parent in the run" in problems
+    assert any(p.startswith("stage-3: its lineage does not name stage-1") for p in problems), problems
+    assert not any("stage-2 (" in p or "from stage-2" in p or "since stage-2" in p for p in problems), problems

@@ -31,9 +31,14 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from growlm.corpus import regular_file
 from growlm.errors import GrowlmError
 
-Pos = Annotated[int, Field(gt=0)]
+# Strict numbers: in lax mode pydantic reads `tokens = true` as 1 token and `lr = true` as 1.0 (a float may
+# still be written as an integer, `lr = 1`)
+Int = Annotated[int, Field(strict=True)]
+Pos = Annotated[int, Field(gt=0, strict=True)]
+NonNeg = Annotated[int, Field(ge=0, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]
 # finite: an infinite rate, decay or weight ends in NaN steps or an overflowing mixture far from the plan's key
-PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 
 
 class _Spec(BaseModel):
@@ -44,7 +49,7 @@ class SubstrateSpec(_Spec):
     kind: str = "glyph"  # a registered substrate kind (growlm.substrate.registry)
     dir: Path | None = None  # reuse an existing substrate (the shared docking port)
     bits: Pos | None = None
-    seed: int = 0
+    seed: Int = 0
     # [substrate.params]: the kind's own parameters, typed by the Params model it registered. bits and seed
     # stay keys of [substrate] itself (every kind is offered them, and plans have always given them there)
     params: dict[str, Any] = {}
@@ -90,7 +95,7 @@ class SubstrateSpec(_Spec):
 
 class TokenizerSpec(_Spec):
     corpus: list[Path] = []
-    compact: bool = True
+    compact: Flag = True
     ngrams: list[Pos] = [2, 3]
     top_k: Pos = 338
     dir: Path | None = None  # reuse an existing tokenizer
@@ -108,7 +113,8 @@ class ModelSpec(_Spec):
     d_model: Pos
     n_heads: Pos
     context: Pos = 1024
-    rope_theta: PosFloat = 10000.0
+    # a base below 1 turns RoPE's wavelengths upside down; 1e-300 overflows them into NaN
+    rope_theta: Annotated[float, Field(gt=1, allow_inf_nan=False, strict=True)] = 10000.0
 
     @model_validator(mode="after")
     def _heads(self) -> ModelSpec:
@@ -134,31 +140,42 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     batch_size: Pos = 8
     lr: PosFloat = 3e-3
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
-    warmup: Annotated[float, Field(ge=0, lt=1)] = 0.05  # fraction of each stage's steps
-    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
-    seed: int = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1, strict=True)] = 0.1
+    warmup: Annotated[float, Field(ge=0, lt=1, strict=True)] = 0.05  # fraction of each stage's steps
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1.0
+    seed: Int = 0
     checkpoint_every: Pos = 100
     eval_every: Pos | None = None
     eval_batches: Pos = 8
     log_every: Pos = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool | None = None  # None: on for CUDA
-    trunk_cache: bool = False
+    compile: Flag | None = None  # None: on for CUDA
+    trunk_cache: Flag = False
     lora_budget: Pos | None = None  # active-parameter budget; default: the largest grow stage
     parallel: Literal["ddp", "fsdp"] = "ddp"
     # Scalars to RUN/tensorboard as well. A way of watching, not part of what the run computes: left out of
     # the recorded plan (plan_to_json), so turning it on or off never makes a resume "another plan"
-    tensorboard: bool = Field(False, exclude=True)
+    tensorboard: Flag = Field(False, exclude=True)
 
 
 class LoraSpec(_Spec):
     rank: Pos = 8
     alpha: PosFloat | None = None  # default: 2 × rank
-    blocks: Literal["frozen", "all"] | list[Annotated[int, Field(ge=0)]] = "frozen"
+    blocks: Literal["frozen", "all"] | list[NonNeg] = "frozen"
     targets: list[Literal["qkv", "attn_out", "fc", "mlp_out"]] = ["qkv", "attn_out", "fc", "mlp_out"]
+
+    @field_validator("blocks", "targets")
+    @classmethod
+    def _distinct(cls, v: object, info: ValidationInfo) -> object:
+        # checked when the plan is read: peft fails on an empty list only after the stages before have trained
+        if isinstance(v, list):
+            if not v:
+                raise ValueError(f"an empty list adapts nothing; name at least one {info.field_name[:-1]}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{sorted(x for x in set(v) if v.count(x) > 1)[0]!r} is listed twice")
+        return v
 
 
 class StageData(_Spec):
@@ -169,7 +186,7 @@ class StageData(_Spec):
 
 class StageSpec(_Spec):
     name: str | None = None
-    grow: Annotated[int, Field(ge=0)] = 0
+    grow: NonNeg = 0
     init: Literal["random", "zero-out", "copy-top"] = "random"
     tokens: Pos
     # What trains besides this stage's LoRA adapters (growth.trainable_names): "new" = the grown blocks
@@ -208,6 +225,30 @@ class Plan(_Spec):
         if not v:
             raise ValueError("a plan needs at least one [[stage]]")
         return v
+
+    @model_validator(mode="after")
+    def _lora_blocks_exist(self) -> Plan:
+        if self.base is None:  # a base's depth is known once it is loaded: training checks it then
+            problem = lora_blocks_problem(self, 0)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+def lora_blocks_problem(plan: Plan, depth0: int) -> str | None:
+    """What is wrong with the blocks the plan's LoRA tables adapt, when the model starts ``depth0`` blocks deep
+    (None: nothing): every stage's adapted blocks must exist once the stage has grown."""
+    depth = depth0
+    for i, st in enumerate(plan.stage, 1):
+        before, depth = depth, depth + st.grow
+        if st.lora is None:
+            continue
+        if st.lora.blocks == "frozen" and not before:
+            return f"stage[{i}].lora.blocks: \"frozen\" adapts the blocks that exist before the stage grows; there are none"
+        missing = [b for b in st.lora.blocks if b >= depth] if isinstance(st.lora.blocks, list) else []
+        if missing:
+            return f"stage[{i}].lora.blocks: block {missing[0]} does not exist there (the model has {depth} block(s))"
+    return None
 
 
 def _loc(loc: tuple) -> str:
@@ -254,7 +295,8 @@ def plan_from_dict(raw: Mapping[str, Any], root: str | Path | None = None, *, ch
     except ValidationError as e:
         err = e.errors()[0]
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].replace("Value error, ", "")
-        raise GrowlmError(f"plan {source}: {_loc(err['loc'])}: {msg}") from None
+        where = f"{_loc(err['loc'])}: " if err["loc"] or err["type"] != "value_error" else ""  # it names its keys
+        raise GrowlmError(f"plan {source}: {where}{msg}") from None
     return resolve_plan(plan, root, source=source) if check_paths else plan
 
 

@@ -105,7 +105,7 @@ def verify(path: Path) -> dict:
             n = n if isinstance(n, int) and not isinstance(n, bool) else 0
             derived, problems = _derive_stage(n, meta, None)
             if derived is not None:
-                ln, pr = _check_audit(n, meta, derived, _file_digests(path), None)
+                ln, pr = _check_audit(n, n - 1, meta, derived, _file_digests(path), None)
                 lines, problems = lines + ln, problems + pr
         return {"ok": not problems, "lines": lines, "problems": problems}
     return _verify_run(path, stages(found))
@@ -114,12 +114,15 @@ def verify(path: Path) -> dict:
 def _verify_run(path: Path, run_stages: list[tuple[int, Path]]) -> dict:
     """Every stage of a run, each against the plan the run recorded and against its parent stage."""
     lines, problems, prev, prev_digests, plan = [], [], None, None, None
-    for n, sdir in run_stages:
+    for k, (n, sdir) in enumerate(run_stages):
+        p = run_stages[k - 1][0] if k else 0  # the stage before, by number: a gap is named, never relabelled
+        if n != p + 1:
+            problems.append(f"stage-{p + 1} is missing: stage-{n} has no parent in the run")
         meta, ln, pr = verify_model(sdir)
         lines += ln
         problems += pr
         if prev is not None:
-            problems += _check_lineage(n, meta, prev)
+            problems += _check_lineage(n, p, meta, prev)
         if plan is None and isinstance(meta.get("plan"), dict):
             plan = meta["plan"]
             problems += _check_run_plan(path, plan)
@@ -129,11 +132,11 @@ def _verify_run(path: Path, run_stages: list[tuple[int, Path]]) -> dict:
         problems += dp
         now = None if pr else _file_digests(sdir)
         if now is not None and derived is not None:
-            ln, pr = _check_audit(n, meta, derived, now, prev_digests)
+            ln, pr = _check_audit(n, p, meta, derived, now, prev_digests)
             lines += ln
             problems += pr
             if prev_digests is not None:
-                problems += _check_frozen(n, meta, derived, now, prev_digests)
+                problems += _check_frozen(n, p, meta, derived, now, prev_digests)
         prev, prev_digests = meta, now
     if not problems:
         lines.append(f"{path}: lineage of {len(run_stages)} stage(s) ok: every frozen tensor unchanged since its stage")
@@ -153,13 +156,13 @@ def _check_run_plan(run: Path, recorded: dict) -> list[str]:
     return []
 
 
-def _check_lineage(n: int, meta: dict, parent: dict) -> list[str]:
-    """A stage against its parent: the lineage link and the substrate."""
+def _check_lineage(n: int, p: int, meta: dict, parent: dict) -> list[str]:
+    """Stage ``n`` against the stage before it, ``p``: the lineage link and the substrate."""
     out = []
     if not meta["lineage"] or meta["lineage"][-1] != parent["fingerprint"]:
-        out.append(f"stage-{n}: its lineage does not name stage-{n - 1} ({parent['fingerprint'][:12]}) as its parent")
+        out.append(f"stage-{n}: its lineage does not name stage-{p} ({parent['fingerprint'][:12]}) as its parent")
     if meta["substrate_fingerprint"] != parent["substrate_fingerprint"]:
-        out.append(f"stage-{n}: substrate fingerprint changed from stage-{n - 1}")
+        out.append(f"stage-{n}: substrate fingerprint changed from stage-{p}")
     return out
 
 
@@ -168,15 +171,15 @@ def _declared(meta: dict, derived: dict, names) -> set[str]:
                            trainable_embedding=bool(meta["config"].get("trainable_embedding")))
 
 
-def _check_frozen(n: int, meta: dict, derived: dict, now: dict[str, str], parent: dict[str, str]) -> list[str]:
-    """Every tensor of the parent that the plan does not train in this stage is byte-identical here."""
+def _check_frozen(n: int, p: int, meta: dict, derived: dict, now: dict[str, str], parent: dict[str, str]) -> list[str]:
+    """Every tensor of the parent (stage ``p``) that the plan does not train in stage ``n`` is byte-identical here."""
     declared = _declared(meta, derived, set(now) | set(parent))
     out = []
     for name in sorted(set(parent) - declared):
         if name not in now:
-            out.append(f"stage-{n}: lacks {name} of stage-{n - 1}: it cannot have grown from it")
+            out.append(f"stage-{n}: lacks {name} of stage-{p}: it cannot have grown from it")
         elif now[name] != parent[name]:
-            out.append(f"stage-{n}: frozen tensor {name} changed since stage-{n - 1} (the plan trains "
+            out.append(f"stage-{n}: frozen tensor {name} changed since stage-{p} (the plan trains "
                        f"{derived['train']!r} there, new blocks {derived['new_blocks']})")
     return out[:8]
 
@@ -235,7 +238,7 @@ def _file_digests(path: Path) -> dict[str, str]:
     return audit.digests(tensors.items())
 
 
-def _check_audit(n: int, meta: dict, derived: dict, now: dict[str, str],
+def _check_audit(n: int, p: int, meta: dict, derived: dict, now: dict[str, str],
                  parent: dict[str, str] | None) -> tuple[list[str], list[str]]:
     """Re-check a stage's trainable-set audit from its files: what the plan trains (``derived``) changed since
     the stage began, nothing else did, the stage began from its parent, and the record says so."""
@@ -255,7 +258,7 @@ def _check_audit(n: int, meta: dict, derived: dict, now: dict[str, str],
     if parent is not None:
         moved = sorted(k for k in set(start) & set(parent) if start[k] != parent[k])
         if moved:
-            problems.append(f"stage-{n}: did not start from stage-{n - 1}: {len(moved)} tensor(s) differ, e.g. {moved[0]}")
+            problems.append(f"stage-{n}: did not start from stage-{p}: {len(moved)} tensor(s) differ, e.g. {moved[0]}")
     if not problems:
         again = audit.record(start, now, declared, steps)
         if any(again[k] != rec.get(k) for k in ("trained", "frozen")):

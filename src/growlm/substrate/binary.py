@@ -27,7 +27,9 @@ def required_bits(vocab_size: int) -> int:
 
 def _lift(dim: int, k: int) -> int:
     if dim % k:
-        raise GrowlmError(f"--dim {dim} is not a multiple of the code width k={k}")
+        # one builder serves plans and `growlm substrate build`: name the setting as each spells it
+        raise GrowlmError(f"the substrate's width {dim} (model.d_model in a plan, --dim for substrate build) "
+                          f"is not a multiple of its code width k={k}")
     return dim // k
 
 
@@ -47,7 +49,8 @@ def build_binary(
     k = need if bits is None else bits
     if k < need:
         raise GrowlmError(
-            f"--bits {k} is too few for {vocab_size} token ids; the binary code needs at least {need}"
+            f"bits = {k} (substrate.bits in a plan, --bits for substrate build) is too few for {vocab_size} "
+            f"token ids; the binary code needs at least {need}"
         )
     lift = _lift(dim, k)
     table = id_codes(torch.arange(vocab_size), k)

@@ -85,11 +85,22 @@ _PARALLEL_MIN = 4096
 _COMPONENT_GRID = 2.0**-40
 
 
-def resolve_font(font_path: str | None) -> Path:
-    """The font to render with: ``font_path``, else ``$GROWLM_FONT``, else the Debian Unifont."""
-    path = Path(font_path or os.environ.get("GROWLM_FONT") or DEFAULT_FONT)
+def resolve_font(font_path: str | Path | None) -> Path:
+    """The font to render with: ``font_path``, else ``$GROWLM_FONT``, else the Debian Unifont; a file
+    Pillow reads as a font, or a one-line error naming the setting it came from."""
+    env = os.environ.get("GROWLM_FONT")
+    path = Path(font_path or env or DEFAULT_FONT)
+    source = "font_path" if font_path else "$GROWLM_FONT" if env else "the default font"
+    if not path.exists():
+        # the install hint only helps when the missing font is the one growlm looks for by default
+        hint = f"; {FONT_HINT}" if source == "the default font" else ""
+        raise GrowlmError(f"font not found: {path} ({source}){hint}")
     if not path.is_file():
-        raise GrowlmError(f"font not found: {path}; {FONT_HINT}")
+        raise GrowlmError(f"{source} {path} is not a font file (a directory or a special file)")
+    try:
+        ImageFont.truetype(str(path), GLYPH_PARAMS["font_size"], layout_engine=ImageFont.Layout.BASIC)
+    except OSError as e:
+        raise GrowlmError(f"{source} {path} is not a font Pillow can read ({e})") from None
     return path
 
 
