@@ -1,10 +1,11 @@
 """What a run cost, and what it had reached at another run's cost: the equal-compute reading.
 
 A run's cost is counted per stage by training itself: ``model.json["metrics"]`` holds the stage's
-``flops`` (tokens × :func:`growlm.growth.stage_flop_per_token`, frozen forwards counted) and
-``wall_s`` (seconds spent in training steps, evaluations and checkpoints left out), and every
-``metrics.jsonl`` line holds the same two figures so far in its stage, with ``valid_loss`` on
-the lines where the plan's ``eval_every`` fell. Stages are chained here into one curve per run.
+``flops`` (tokens × :func:`growlm.growth.stage_flop_per_token`: the matmuls of the stage's forward and
+backward as autograd runs them, frozen forwards, frozen weights the gradient passes through and LoRA
+adapters counted, equal to torch's ``FlopCounterMode``) and ``wall_s`` (seconds spent in training steps,
+evaluations and checkpoints left out), and every ``metrics.jsonl`` line holds the same two figures so far
+in its stage, with ``valid_loss`` on the lines where the plan's ``eval_every`` fell. Stages are chained here into one curve per run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Constructive growth: stacking new blocks, choosing what trains, and counting what is active.
+"""Constructive growth: stacking new blocks, choosing what trains, counting what is active, what a
+stage costs (:func:`stage_flop_per_token`) and the memory it needs (:func:`stage_memory`).
 
 A grow stage stacks ``k`` new blocks on top and trains only them, the LM head and the final norm;
 the substrate and every earlier block are frozen forever (``requires_grad=False``, left out of
@@ -12,15 +13,18 @@ first stage when the substrate is ``trainable``); ``"head"`` trains only the hea
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 from growlm.errors import GrowlmError
 from growlm.lora import lora_param_count
-from growlm.model import Block, GrowLM, ModelConfig, block_param_count, flop_per_token, head_param_count
+from growlm.memory import TrainingMemory, check_fits, gib, training_memory
+from growlm.model import Block, GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import LoraSpec, Plan, StageSpec
+
+# (in, out) of each LoRA target's Linear, in multiples of d_model (lora.TARGETS names the modules)
+_TARGET_WIDTHS = {"qkv": (1, 3), "attn_out": (1, 1), "fc": (1, 4), "mlp_out": (4, 1)}
 
 
 def grow(model: GrowLM, k: int, init: str, generator: torch.Generator) -> list[int]:
@@ -116,19 +120,71 @@ def stage_active_params(cfg: ModelConfig, stage: StageSpec, depth_before: int, t
     return n
 
 
-def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int) -> float:
-    """Matmul FLOPs per training token of a stage, from the model's FLOP model (:func:`flop_per_token`)
-    at the stage's depth: what a grow stage saves is the backward pass through the frozen trunk.
+def _matmul_flops(weights: int, trains: bool, input_grad: bool) -> int:
+    """FLOPs per token of multiplying by a ``weights``-element matrix in a training step: 2 for the forward,
+    2 more for its own gradient when it trains, 2 more for its input's gradient when something below needs it."""
+    return 2 * weights * (1 + trains + input_grad)
 
-    Blocks below the lowest block that trains or carries this stage's adapters run forward only;
-    that block and every block above it are counted forward and backward, since the gradient flows
-    through them (for a LoRA stage this counts the frozen weights' gradients too, an upper bound).
+
+def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int,
+                         earlier_lora: Sequence[Mapping] = ()) -> float:
+    """Matmul FLOPs per training token of a stage: its forward and backward pass as autograd runs them.
+
+    Every matrix multiplication costs 2 FLOPs per weight (or attention score) in the forward, 2 more for
+    its weight gradient when the weight trains and 2 more for its input's gradient when anything below it
+    needs one. So a frozen block under the lowest trainable tensor runs forward only (2 per weight); a
+    frozen block above one (above a stage's adapters, or the base weights beside them once the gradient
+    flows there) costs 4; a trained block 6. The LM head costs 6 unless it is frozen (``train =
+    "adapters"``: 4). LoRA adapters are counted as the two matmuls they are, this stage's trained, those
+    of ``earlier_lora`` (the model's ``lora_records`` from earlier stages: applied, frozen) not.
+    Attention's score and value products cost 4·d·context per token forward, 8 more in a block the
+    gradient reaches.
+
+    Not counted, as in every MFU convention: elementwise work (norms, GELU, softmax, rotary, biases,
+    the optimizer) and recomputation (the checkpointed cross-entropy's second logits pass). Equal to
+    torch's ``FlopCounterMode`` over one training step (tests/test_compute.py).
     """
+    d, V, T = cfg.d_model, cfg.vocab_size, cfg.context
     depth = depth_before + stage.grow
-    lowest = {"all": 0, "new": depth_before if stage.grow else depth}.get(stage.train, depth)
+    shapes = {t: (d * m_in, d * m_out) for t, (m_in, m_out) in _TARGET_WIDTHS.items()}
+    adapters: dict[tuple[int, str], list[tuple[int, bool]]] = {}  # (block, target) -> [(rank, trains)]
+    for rec in earlier_lora:
+        for b in rec["blocks"]:
+            for t in rec["targets"]:
+                adapters.setdefault((b, t), []).append((int(rec["rank"]), False))
     if stage.lora is not None:
-        lowest = min([lowest, *lora_blocks(stage.lora, depth_before, depth)])
-    return flop_per_token(dataclasses.replace(cfg, n_layers=depth), frozen=lowest)
+        for b in lora_blocks(stage.lora, depth_before, depth):
+            for t in stage.lora.targets:
+                adapters.setdefault((b, t), []).append((stage.lora.rank, True))
+
+    total = 0
+
+    def linear(block: int, target: str, trains: bool, input_grad: bool) -> bool:
+        """Add one (possibly adapted) Linear's FLOPs; returns whether its output needs a gradient."""
+        nonlocal total
+        n_in, n_out = shapes[target]
+        total += _matmul_flops(n_in * n_out, trains, input_grad)
+        out_grad = trains or input_grad
+        for rank, adapter_trains in adapters.get((block, target), ()):
+            total += _matmul_flops(n_in * rank, adapter_trains, input_grad)
+            total += _matmul_flops(rank * n_out, adapter_trains, input_grad or adapter_trains)
+            out_grad = out_grad or adapter_trains
+        return out_grad
+
+    # the residual stream needs a gradient from the first trainable tensor up (the embedding's own
+    # gradient is a lookup, no matmul)
+    stream = stage.train == "all" and cfg.trainable_embedding
+    for i in range(depth):
+        trains = stage.train == "all" or (stage.train == "new" and i >= depth_before)
+        # a trained block's LayerNorms train, so its Linears' inputs need gradients even over a frozen trunk
+        qkv = linear(i, "qkv", trains, stream or trains)
+        total += 4 * d * T * (1 + 2 * qkv)  # scores and values: 2 matmuls forward, 4 backward
+        stream = linear(i, "attn_out", trains, qkv) or stream
+        fc = linear(i, "fc", trains, stream or trains)
+        stream = linear(i, "mlp_out", trains, fc) or stream
+    head_trains = stage.train != "adapters"  # the head and the final norm train in every other mode
+    total += _matmul_flops(V * d, head_trains, stream or head_trains)
+    return float(total)
 
 
 def plan_active_params(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> list[int]:
@@ -155,3 +211,60 @@ def check_lora_budget(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> None:
         if st.lora is not None and c > budget:
             raise GrowlmError(f"stage[{i}].lora: {c:,} active parameters exceed the budget of {budget:,} "
                               f"(lower lora.rank or set train.lora_budget)")
+
+
+def _lowest_recorded(stage: StageSpec, depth_before: int) -> int:
+    """The lowest block holding a tensor the stage trains: autograd records it and every block above."""
+    depth = depth_before + stage.grow
+    lowest = {"all": 0, "new": depth_before if stage.grow else depth}.get(stage.train, depth)
+    if stage.lora is not None:
+        lowest = min([lowest, *lora_blocks(stage.lora, depth_before, depth)])
+    return lowest
+
+
+def stage_memory(cfg: ModelConfig, stage: StageSpec, depth_before: int, *, rows: int, bf16: bool,
+                 earlier_lora: Sequence[Mapping] = (), world: int = 1, sharded: bool = False) -> TrainingMemory:
+    """Estimated memory of one process training ``stage`` on ``rows`` sequences of ``cfg.context`` tokens
+    a step (see :func:`growlm.memory.training_memory` for what it counts), from shapes alone.
+    ``earlier_lora``: the adapters earlier stages left on the model (their parameters count as weights)."""
+    depth = depth_before + stage.grow
+    adapters = sum(lora_param_count(cfg.d_model, int(r["rank"]), len(r["blocks"]), list(r["targets"]))
+                   for r in earlier_lora)
+    if stage.lora is not None:
+        adapters += lora_param_count(cfg.d_model, stage.lora.rank,
+                                     len(lora_blocks(stage.lora, depth_before, depth)), stage.lora.targets)
+    total = cfg.vocab_size * cfg.embed_dim + depth * block_param_count(cfg) + head_param_count(cfg) + adapters
+    return training_memory(params_total=total,
+                           params_trainable=stage_active_params(cfg, stage, depth_before, cfg.trainable_embedding),
+                           grad_layers=depth - _lowest_recorded(stage, depth_before), tokens=rows * cfg.context,
+                           d_model=cfg.d_model, vocab_size=cfg.vocab_size, bf16=bf16, world=world, sharded=sharded)
+
+
+def plan_memory(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Sequence[Mapping] = (), *,
+                bf16: bool, world: int = 1) -> list[TrainingMemory]:
+    """Estimated memory of one training process for every stage of ``plan``, in order (``cfg``: the
+    stage-0 model's shape; ``earlier_lora``: its adapters). Each process takes ``batch_size / world`` rows."""
+    out, depth, lora = [], depth0, list(earlier_lora)
+    for st in plan.stage:
+        out.append(stage_memory(cfg, st, depth, rows=plan.train.batch_size // world, bf16=bf16, earlier_lora=lora,
+                                world=world, sharded=world > 1 and plan.train.parallel == "fsdp"))
+        if st.lora is not None:
+            lora.append({"rank": st.lora.rank, "blocks": lora_blocks(st.lora, depth, depth + st.grow),
+                         "targets": list(st.lora.targets)})
+        depth += st.grow
+    return out
+
+
+def check_plan_memory(plan: Plan, cfg: ModelConfig, depth0: int, earlier_lora: Sequence[Mapping],
+                      device: torch.device, *, bf16: bool, world: int = 1) -> None:
+    """Refuse, before training allocates anything, a plan whose estimated memory for any stage exceeds
+    what ``device`` has free: one line with the estimate and what to lower (processes on one CPU share
+    its memory; on CUDA each has its own device)."""
+    rows, ctx = plan.train.batch_size // world, cfg.context
+    spread = "" if device.type == "cpu" else ", or spread the batch over more GPUs (growlm train --nproc)"
+    for i, est in enumerate(plan_memory(plan, cfg, depth0, earlier_lora, bf16=bf16, world=world), 1):
+        check_fits(est.total, device, f"stage {i} needs an estimated {gib(est.total)} per process to train "
+                   f"({est.describe()}; {rows:,} rows x context {ctx:,}, "
+                   f"{'bf16' if bf16 else 'fp32'} on {device.type})",
+                   f"lower train.batch_size (now {plan.train.batch_size:,}) or model.context (now {ctx:,}){spread}",
+                   processes=world if device.type == "cpu" else 1)

@@ -1,10 +1,13 @@
-"""``growlm info``: what a preset, a model dir, a run or a mixture is, as one JSON object."""
+"""``growlm info``: what a preset, a model dir, a run, a mixture or a plan is, as one JSON object."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from growlm.model import count_params_meta, preset_config
+from growlm.errors import GrowlmError
+from growlm.memory import gib
+from growlm.model import ModelConfig, count_params_meta, preset_config
+from growlm.plan import Plan
 from growlm.store import MixtureDir, RunDir, resolve, stages
 from growlm.store.mixture import info_mixture
 
@@ -20,7 +23,9 @@ def info_preset(name: str) -> dict:
 
 
 def info_model(path: Path) -> dict:
-    """Description of a saved model dir, a mixture dir, or a run (its stages)."""
+    """Description of a saved model dir, a mixture dir, or a run (its stages); of a plan file, see :func:`info_plan`."""
+    if Path(path).is_file():
+        return info_plan(path)
     found = resolve(path)
     if isinstance(found, MixtureDir):
         return info_mixture(found.path)
@@ -43,3 +48,53 @@ def info_model(path: Path) -> dict:
     if isinstance(meta.get("audit"), dict):  # what trained and what stayed frozen; the start hashes stay in model.json
         out["audit"] = {k: v for k, v in meta["audit"].items() if k != "start_sha256"}
     return out
+
+
+def _plan_model(plan: Plan) -> tuple[ModelConfig, list[dict]]:
+    """The shape of a plan's stage-0 model and the adapters it carries, without building the substrate:
+    the vocabulary comes from the base model, the tokenizer dir, the full layout (a preset, or
+    ``compact = false``), or else from the compact tokenizer built in memory (one pass over its corpus)."""
+    from growlm.tokenizer import FULL_VOCAB_SIZE, Tokenizer, build_tokenizer
+
+    if plan.base is not None:
+        meta = resolve(plan.base).meta
+        return ModelConfig.from_dict(meta["config"]), list(meta.get("lora") or [])
+    spec = plan.tokenizer
+    if spec.dir is not None:
+        vocab = Tokenizer.load(spec.dir).vocab_size
+    elif spec.preset is not None or not spec.compact:
+        vocab = FULL_VOCAB_SIZE
+    else:
+        vocab = build_tokenizer(spec.corpus, compact=True, ngrams=tuple(spec.ngrams), top_k=spec.top_k).vocab_size
+    # the substrate at full width: its real table may be narrower (a bit code), which only lowers the estimate
+    return ModelConfig(vocab_size=vocab, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
+                       context=plan.model.context, trainable_embedding=plan.substrate.kind == "trainable",
+                       rope_theta=plan.model.rope_theta), []
+
+
+def info_plan(path: Path) -> dict:
+    """A plan file's shape and the estimated memory one training process needs for its largest stage
+    (:func:`growlm.growth.plan_memory`), on the device and in the dtype the plan's ``[train]`` selects here."""
+    import torch
+
+    from growlm.growth import plan_memory
+    from growlm.plan import load_plan, lora_blocks_problem
+
+    plan = load_plan(path)
+    cfg, lora = _plan_model(plan)
+    problem = lora_blocks_problem(plan, cfg.n_layers) if plan.base is not None else None
+    if problem:  # as training refuses it: a base's depth is known only now
+        raise GrowlmError(f"plan {path}: {problem}")
+    spec = plan.train
+    cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+    bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and cuda)
+    est = plan_memory(plan, cfg, cfg.n_layers, lora, bf16=bf16)
+    worst = max(range(len(est)), key=lambda i: est[i].total)
+    where = (f"stage {worst + 1} of {len(est)}: {est[worst].describe()}; {spec.batch_size:,} rows x context "
+             f"{cfg.context:,}, {'bf16' if bf16 else 'fp32'} on {'cuda' if cuda else 'cpu'}")
+    return {"plan": str(path), "stages": len(plan.stage), "base": str(plan.base) if plan.base else None,
+            "substrate": plan.substrate.kind, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
+            "n_heads": cfg.n_heads, "context": cfg.context,
+            "n_layers": cfg.n_layers + sum(st.grow for st in plan.stage), "batch_size": spec.batch_size,
+            "estimated_training_memory": f"{gib(est[worst].total)} per process ({where})",
+            "training_memory_bytes": est[worst].total}

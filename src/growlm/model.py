@@ -456,13 +456,15 @@ def block_param_count(cfg: ModelConfig) -> int:
 
 
 def flop_per_token(cfg: ModelConfig, frozen: int = 0) -> float:
-    """Matmul FLOPs per token of a training step, for MFU figures (the PaLM/nanoGPT count).
+    """Matmul FLOPs per token of a training step whose first ``frozen`` blocks are frozen and everything
+    above them trains (monolithic: 0; a grow stage: the trunk; head-only: every block), for MFU figures.
 
-    Trained blocks and the head cost 6 FLOPs per parameter (forward and backward) plus 12·d·T for
-    attention; the first ``frozen`` blocks of a grow stage run forward only: 2 per parameter plus 4·d·T.
+    A trained block costs 6 FLOPs per matmul weight (forward, weight gradient, input gradient) plus
+    12·d·context for attention's score and value products; a frozen block below them runs forward only,
+    2 per weight plus 4·d·context; the LM head costs 6 per weight. Biases, norms and other elementwise
+    work are no matmuls and are left out, so the figure equals torch's ``FlopCounterMode`` count. Stages
+    with LoRA adapters or a frozen head: :func:`growlm.growth.stage_flop_per_token`.
     """
-    n_layers, attention = cfg.n_layers, cfg.d_model * cfg.context
-    trained = (n_layers - frozen) * block_param_count(cfg) + cfg.vocab_size * cfg.d_model
-    return 6 * trained + 12 * (n_layers - frozen) * attention + frozen * (2 * block_param_count(cfg) + 4 * attention)
-
-
+    n_layers, attention, weights = cfg.n_layers, cfg.d_model * cfg.context, 12 * cfg.d_model * cfg.d_model
+    trained = (n_layers - frozen) * weights + cfg.vocab_size * cfg.d_model
+    return 6 * trained + 12 * (n_layers - frozen) * attention + frozen * (2 * weights + 4 * attention)

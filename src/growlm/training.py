@@ -33,6 +33,7 @@ from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
 from growlm.growth import (
     check_lora_budget,
+    check_plan_memory,
     grow,
     lora_blocks,
     set_trainable,
@@ -42,7 +43,16 @@ from growlm.growth import (
 from growlm.hashing import canonical_json
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
-from growlm.plan import Plan, StageSpec, TrainSpec, load_plan, plan_difference, plan_to_json, resolve_plan
+from growlm.plan import (
+    Plan,
+    StageSpec,
+    TrainSpec,
+    load_plan,
+    lora_blocks_problem,
+    plan_difference,
+    plan_to_json,
+    resolve_plan,
+)
 from growlm.store import (
     CHECKPOINTS,
     LOCK,
@@ -502,7 +512,12 @@ class Trainer(Loop):
             tok = distributed.rank0_first(lambda: prepare_tokenizer(self.plan, run))
             sub = distributed.rank0_first(lambda: prepare_substrate(self.plan, run, tok))
             model, lineage = initial_model(self.plan, tok, sub)
+            problem = lora_blocks_problem(self.plan, len(model.blocks)) if self.plan.base is not None else None
+            if problem:
+                raise GrowlmError(f"plan {self.plan_path or '(built in Python)'}: {problem}")
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
+            check_plan_memory(self.plan, model.cfg, len(model.blocks), model.lora_records, self.device,
+                              bf16=self.amp_dtype is not None, world=self.world)  # before any batch
             self.tokenizer, self.substrate = tok, sub
             todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not stage_dir(run, i).exists()]
             for i, st in todo:  # every stage's data is read and checked before the first stage trains
@@ -621,7 +636,7 @@ class Trainer(Loop):
         batches, vbatches = self._stage_data(i, st)
         n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
         trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
-        fpt = stage_flop_per_token(model.cfg, st, depth_before)
+        fpt = stage_flop_per_token(model.cfg, st, depth_before, model.lora_records[:-1] if st.lora else model.lora_records)
         state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
                          stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"),
                                                           "--out", str(run), "--resume"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from growlm.errors import GrowlmError
+from growlm.memory import check_substrate_memory
 from growlm.substrate.base import META_FILE, WEIGHT_FILE, Substrate, substrate_fingerprint
 from growlm.substrate.registry import SUBSTRATE_KINDS, Vocab, get_kind
 
@@ -53,7 +54,8 @@ def build_substrate(
     ignored): ``bits`` sets the code width of ``binary`` (default ``ceil(log2 V)``) and ``random-bits``
     (default 64); ``seed`` drives ``random-bits`` and ``trainable``; ``font_path``, ``workers`` and
     ``basis`` (``"reference"`` or ``"vocab"``) apply to ``glyph``. Deterministic: the same arguments
-    give bit-identical tables and fingerprints.
+    give bit-identical tables and fingerprints. A size whose build would need more memory than the
+    machine has free is refused before anything is allocated (:func:`growlm.memory.check_substrate_memory`).
     """
     entry = get_kind(kind)
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -62,4 +64,7 @@ def build_substrate(
         isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1
     ):
         raise GrowlmError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    rows = tokenizer.vocab_size if tokenizer is not None else vocab_size
+    if rows is not None:  # refused before the builder allocates: a typo'd size is otherwise a swap storm
+        check_substrate_memory(int(rows), dim)
     return entry.build(Vocab(kind, tokenizer, vocab_size), dim, params)
