@@ -15,20 +15,24 @@ results go to each ``RUN/stage-N/evals.jsonl``.
 ``growlm export --to hf`` writes ``README.md``: Hugging Face's YAML front matter (``library_name:
 transformers``, ``tags``, ``pipeline_tag``, and ``model-index`` when results were saved) and a body
 with the architecture, the docking port (substrate recipe and fingerprint, tokenizer fingerprint),
-the lineage of stages and the saved results.
+the lineage of stages and the saved results. Stage names, data file names and whatever a hand edit
+left in ``evals.jsonl`` reach the card as one line of plain text: escaped for markdown and HTML in the
+body, single-line strings in the front matter.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from growlm.errors import GrowlmError
+from growlm.errors import GrowlmError, one_line
 from growlm.store.files import WriteError
 
 EVALS = "evals.jsonl"
@@ -52,7 +56,10 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     if path.is_symlink():  # the model dir must hold regular files only (store.files.check_tree)
         raise GrowlmError(f"{path} is a symlink; the saved results must be a regular file in the model dir")
     rec = {**result, "data": data, "saved_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+    try:
+        line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:  # a --data path of bytes that are no UTF-8 (surrogate escapes): \u escapes
+        line = (json.dumps(rec) + "\n").encode()
     try:
         with open(path, "a+b") as fh:
             size = fh.seek(0, 2)
@@ -71,39 +78,86 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     return path
 
 
+# str.splitlines' line breaks but U+0085, U+2028 and U+2029, which json.dumps(ensure_ascii=False) leaves
+# raw inside a string (a data file's name, say): splitting there cut a record in two
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e]")
+
+
 def read_evals(model_dir: str | Path, fingerprint: str | None = None) -> list[dict]:
     """The results saved in ``model_dir/evals.jsonl`` (none when it is absent), oldest first.
 
     ``fingerprint``: keep only results of that model (a copied sidecar cannot lend its scores to
     another model). A line that is not a JSON object (a hand edit) is skipped, not fatal: the
-    results are a record beside the model, and the model is fine without them.
+    results are a record beside the model, and the model is fine without them; so is a record without
+    a task name (a string), which the card could not name.
     """
     path = Path(model_dir) / EVALS
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise GrowlmError(one_line(f"cannot read {path}: {e.strerror or e}")) from None
     out = []
-    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for ln in _LINE_BREAK.split(text):
         try:
             rec = json.loads(ln)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a line of thousands of nested brackets
             continue
-        if isinstance(rec, dict) and (fingerprint is None or rec.get("model_fingerprint") == fingerprint):
+        if (isinstance(rec, dict) and isinstance(rec.get("task"), str)
+                and (fingerprint is None or rec.get("model_fingerprint") == fingerprint)):
             out.append(rec)
     return out
 
 
 def scores(result: dict) -> dict[str, float]:
     """The finite scores of a result, headline first (``ppl`` for perplexity, else the first metric)."""
-    nums = {k: float(v) for k, v in result.items()
+    nums = {k: f for k, v in result.items()
             if k not in _BOOKKEEPING and isinstance(v, int | float) and not isinstance(v, bool)
-            and not k.startswith(("ci95", "std", "run_scores")) and math.isfinite(v)}
+            and not k.startswith(("ci95", "std", "run_scores")) and math.isfinite(f := _float(v))}
     if "ppl" in nums:
         return {"ppl": nums.pop("ppl"), **nums}
     return nums
 
 
+def _float(v: int | float) -> float:
+    """``v`` as a float; an int too large for one (a hand-edited sidecar) is infinite, so no score."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
 # ----------------------------------------------------------------------------------------------
 # The card
+
+# characters that start markdown inline syntax (emphasis, code, links, images, strikethrough, headings'
+# closing #s) or end a table cell: escaped with a backslash, so a name shows as the text it is
+_MARKDOWN = re.compile(r"([\\`*_\[\]|~#])")
+
+
+def _plain(value: object) -> str:
+    """``value`` on one line of printable characters (a name may hold newlines or control characters)."""
+    return one_line("".join(ch if ch.isprintable() else " " for ch in str(value)))
+
+
+def _md(value: object) -> str:
+    """``value`` as inert text in a markdown heading or table cell: one line, no markup, no HTML.
+
+    Stage names, data file names and everything read from ``evals.jsonl`` are the user's (or a hand
+    edit's) and travel to a hub that renders the card: a ``|`` must not split a row, a newline must
+    not start a block, and ``<script>`` or ``<img onerror=...>`` must show as text.
+    """
+    return html.escape(_MARKDOWN.sub(r"\\\1", _plain(value)), quote=False)
+
+
+def _code(value: object) -> str:
+    """``value`` as a markdown code span: fenced by more backticks than it holds in a row, so none can
+    close it early (inside a code span nothing else is markup, HTML included)."""
+    text = _plain(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _data_names(result: dict) -> str:
@@ -125,14 +179,16 @@ def front_matter(meta: dict, name: str, evals: list[dict]) -> dict:
     }
     results = []
     for r in evals:
-        metrics = [{"type": "perplexity" if k == "ppl" else k, "name": k, "value": v} for k, v in scores(r).items()]
+        metrics = [{"type": "perplexity" if k == "ppl" else _plain(k), "name": _plain(k), "value": v}
+                   for k, v in scores(r).items()]
         if not metrics:
             continue
-        data = _data_names(r) or r["task"]
-        results.append({"task": {"type": "text-generation", "name": f"{r['task']} ({r.get('protocol', '')})"},
-                        "dataset": {"name": data, "type": r["task"]}, "metrics": metrics})
+        task = _plain(r["task"])
+        data = _plain(_data_names(r)) or task
+        results.append({"task": {"type": "text-generation", "name": f"{task} ({_plain(r.get('protocol', ''))})"},
+                        "dataset": {"name": data, "type": task}, "metrics": metrics})
     if results:
-        fm["model-index"] = [{"name": name, "results": results}]
+        fm["model-index"] = [{"name": _plain(name), "results": results}]
     return fm
 
 
@@ -156,9 +212,11 @@ def _lineage_rows(model_dir: Path, meta: dict) -> list[tuple[str, str, str, str,
     def row(m: dict | None, fp: str) -> tuple[str, str, str, str, str]:
         if m is None:
             return ("?", "?", "?", "?", fp[:12])
-        st = m.get("stage") or {}
+        # model.json's stage and metrics records are not part of its checked schema: a hand edit that
+        # made them something else than objects costs the card the stage's label and token count only
+        st, metrics = (v if isinstance(v, dict) else {} for v in (m.get("stage"), m.get("metrics")))
         label = f"{st.get('index')} ({st.get('name')})" if st.get("name") else str(st.get("index", "-"))
-        tokens = (m.get("metrics") or {}).get("tokens")
+        tokens = metrics.get("tokens")
         active = m.get("params_active", m.get("params_trainable"))
         return (label, str(m["config"]["n_layers"]), f"{active:,}" if isinstance(active, int) else "?",
                 f"{tokens:,}" if isinstance(tokens, int) else "-", fp[:12])
@@ -167,7 +225,8 @@ def _lineage_rows(model_dir: Path, meta: dict) -> list[tuple[str, str, str, str,
 
 
 def _table(head: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |"
+    """A markdown table; every cell is escaped (:func:`_md`), so each row keeps exactly its columns."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(_md, r)) + " |"
                                                                         for r in rows]
 
 
@@ -177,10 +236,11 @@ def card_text(model_dir: str | Path, meta: dict) -> str:
     evals = read_evals(model_dir, meta["fingerprint"])
     name = model_dir.name
     cfg, sub = meta["config"], meta["substrate"]
-    fm = yaml.safe_dump(front_matter(meta, name, evals), sort_keys=False, allow_unicode=True)
+    # no line folding: a long name stays one line, so no line of the front matter can read as its "---" end
+    fm = yaml.safe_dump(front_matter(meta, name, evals), sort_keys=False, allow_unicode=True, width=math.inf)
     lines = [
         "---", fm.rstrip("\n"), "---", "",
-        f"# {name}", "",
+        f"# {_md(name)}", "",
         "A causal language model grown layer by layer with growlm over a frozen token "
         "substrate, exported as a stock `GPTNeoXForCausalLM` (load it with "
         "`transformers.AutoModelForCausalLM.from_pretrained`, no `trust_remote_code`).", "",
@@ -192,10 +252,10 @@ def card_text(model_dir: str | Path, meta: dict) -> str:
                   f"{meta['params_trainable']:,}")]),
         "",
         "## Docking port", "",
-        f"- model fingerprint: `{meta['fingerprint']}`",
-        f"- substrate: `{sub['kind']}`, fingerprint `{meta['substrate_fingerprint']}`",
-        f"- substrate recipe: `{json.dumps(sub['recipe'], sort_keys=True)}`",
-        f"- tokenizer fingerprint: `{meta['tokenizer_fingerprint']}`",
+        f"- model fingerprint: {_code(meta['fingerprint'])}",
+        f"- substrate: {_code(sub['kind'])}, fingerprint {_code(meta['substrate_fingerprint'])}",
+        f"- substrate recipe: {_code(json.dumps(sub['recipe'], sort_keys=True))}",
+        f"- tokenizer fingerprint: {_code(meta['tokenizer_fingerprint'])}",
     ]
     if meta.get("lora"):
         lines.append(f"- LoRA adapters of {len(meta['lora'])} stage(s), merged into the exported weights")
