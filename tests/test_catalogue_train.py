@@ -259,3 +259,67 @@ def test_resume_under_the_recorded_plan_finishes_the_run(small_run, tmp_path, mo
     r = growlm("train", str(run / "plan.json"), "--out", str(run), "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert growlm("verify", str(run)).returncode == 0
+
+
+@pytest.mark.parametrize("lora, needle", [
+    ('{ rank = 2, targets = [] }', "stage[2].lora.targets: an empty list"),
+    ('{ rank = 2, targets = ["qkv", "qkv"] }', "stage[2].lora.targets: 'qkv' is listed twice"),
+    ('{ rank = 2, blocks = [0, 0] }', "stage[2].lora.blocks: 0 is listed twice"),
+    ('{ rank = 2, blocks = [] }', "stage[2].lora.blocks: an empty list"),
+    ('{ rank = 2, blocks = [3] }', "stage[2].lora.blocks: block 3 does not exist there (the model has 3 block(s))"),
+])
+def test_every_stages_lora_table_is_checked_when_the_plan_is_read(corpus_dir, tmp_path, lora, needle):
+    """D10: a LoRA table peft cannot build, or one with duplicates, is refused before stage 1 trains."""
+    plan = write_plan(tmp_path, SMALL_PLAN.replace('{ rank = 2, blocks = "frozen", targets = ["qkv", "fc"] }', lora),
+                      corpus_dir)
+    one_line_error(growlm("info", str(plan)), needle)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run")), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_on_frozen_blocks_needs_blocks_before_the_stage(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("[[stage]]\ngrow = 2\n", "[[stage]]\ngrow = 2\nlora = { rank = 2 }\n"),
+                      corpus_dir)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run")), "stage[1].lora.blocks", "there are none")
+
+
+@pytest.mark.parametrize("old, new, needles", [
+    ("d_model = 32\nn_heads = 2", "d_model = 30\nn_heads = 2", ("model.d_model", "width 30")),
+    ("kind = \"binary\"\nbits = 16", "kind = \"glyph\"\n[substrate.params]\nfont_path = \"train.txt\"",
+     ("font_path", "train.txt", "not a font")),
+    ("kind = \"binary\"\nbits = 16", "kind = \"glyph\"\n[substrate.params]\nfont_path = \".\"",
+     ("font_path", "is a directory")),
+    ("context = 32", "context = 32\nrope_theta = 1e-300", ("model.rope_theta", "greater than 1")),
+    ("grow = 2\ntokens = 1280", "grow = 2\ntokens = true", ("stage[1].tokens", "valid integer")),
+    ('rank = 2, blocks', 'rank = 2, alpha = inf, blocks', ("stage[2].lora.alpha", "finite")),
+])
+def test_plan_mistakes_are_named_by_their_key(corpus_dir, tmp_path, old, new, needles):
+    """D18: each message names the plan key at fault (not a flag `train` lacks), and no install hint for a font
+    the user named."""
+    assert old in SMALL_PLAN
+    plan = write_plan(tmp_path, SMALL_PLAN.replace(old, new, 1), corpus_dir)
+    r = growlm("train", str(plan), "--out", str(tmp_path / "run"))
+    one_line_error(r, *needles)
+    assert "fonts-unifont" not in r.stderr
+
+
+def test_a_font_that_is_not_a_font_file_is_named_without_an_install_hint(tmp_path, monkeypatch):
+    from growlm.errors import GrowlmError
+    from growlm.substrate import resolve_font
+
+    (tmp_path / "fonts").mkdir()
+    (tmp_path / "notes.txt").write_text("not a font")
+    for path, needle in ((tmp_path / "fonts", "not a font file"), (tmp_path / "notes.txt", "not a font Pillow can read")):
+        with pytest.raises(GrowlmError, match=needle) as e:
+            resolve_font(str(path))
+        assert str(path) in str(e.value) and "font_path" in str(e.value) and "fonts-unifont" not in str(e.value)
+        monkeypatch.setenv("GROWLM_FONT", str(path))
+        with pytest.raises(GrowlmError, match=r"\$GROWLM_FONT"):
+            resolve_font(None)
+        monkeypatch.delenv("GROWLM_FONT")
+
+
+def test_a_lora_rank_above_the_width_is_refused_when_the_plan_is_read(corpus_dir, tmp_path):
+    """Found by tests/test_fuzz_api.py: rank = 2**40 passed the plan and peft tried to allocate it."""
+    plan = write_plan(tmp_path, SMALL_PLAN.replace("rank = 2,", "rank = 1099511627776,"), corpus_dir)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run")), "stage[2].lora.rank", "model.d_model = 32")

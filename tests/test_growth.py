@@ -263,7 +263,7 @@ def test_nan_loss_stops_with_advice_and_keeps_completed_stages(corpus_dir, tmp_p
     (("tokens = 1280", "tokens = 0"), "stage[1].tokens"),
     (("n_heads = 2", "n_heads = 3"), "not divisible"),
     (('train = ["train.txt"]\nvalid', 'train = ["missing.txt"]\nvalid'), "missing.txt"),
-    (("rank = 2", "rank = 4000"), "exceed the budget"),
+    (("rank = 2", "rank = 32"), "exceed the budget"),
     (("batch_size = 4", 'batch_size = "four"'), "train.batch_size"),
 ])
 def test_plan_errors_before_training(corpus_dir, tmp_path, edit, expected):

@@ -38,7 +38,7 @@ def load_plan(path: PathLike, *, check_paths: bool = True) -> Plan:
     come back absolute, relative to the file. See :func:`growlm.plan.load_plan`."""
     from growlm.plan import load_plan as read_plan
 
-    return read_plan(path, check_paths=check_paths)
+    return read_plan(_path(path, "load_plan"), check_paths=check_paths)
 
 
 def plan_from_dict(raw: Mapping[str, Any], root: PathLike | None = None, *, check_paths: bool = True) -> Plan:
@@ -67,8 +67,9 @@ def train(plan: Plan | Mapping[str, Any] | PathLike, out: PathLike, *, resume: b
         plan = plan_from_dict(plan)
     elif not isinstance(plan, Plan | str | os.PathLike):
         raise GrowlmError(f"plan: a Plan, a plan file or a dict of its tables, not {type(plan).__name__}")
-    run_plan(plan, Path(out), resume=resume, progress=progress, log=log)
-    return Path(out)
+    out = _path(out, "train: out")
+    run_plan(plan, out, resume=resume, progress=progress, log=log)
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def load(path: PathLike) -> Loaded:
     """The model dir, run stage or mixture dir at ``path``, fully verified, with its tokenizer."""
     from growlm.evaluation import fingerprint_of, load_any
 
-    model, tokenizer = load_any(Path(path))
-    return Loaded(model, tokenizer, Path(path), fingerprint_of(Path(path)), _state_sha256(model))
+    path = _path(path, "load")
+    model, tokenizer = load_any(path)
+    return Loaded(model, tokenizer, path, fingerprint_of(path), _state_sha256(model))
 
 
 def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Sequence[PathLike] | None = None,
@@ -139,7 +141,7 @@ def evaluate(model_or_path: Loaded | PathLike, task: str, *, data: PathLike | Se
     if not isinstance(model_or_path, str | os.PathLike):
         raise GrowlmError(f"evaluate: a model dir, growlm.load()'s result or its (model, tokenizer), not "
                           f"{type(model_or_path).__name__}")
-    return score(Path(model_or_path), task, **options)
+    return score(_path(model_or_path, "evaluate"), task, **options)
 
 
 def merge(paths: Sequence[PathLike], out: PathLike, *, combine: str = "mean-logits",
@@ -158,22 +160,34 @@ def merge(paths: Sequence[PathLike], out: PathLike, *, combine: str = "mean-logi
     from growlm.compose import merge as compose
     from growlm.store import check_out
 
-    out = Path(out)
+    out = _path(out, "merge: out")
     check_out(out)
     tuning = None
     if router or finetune_head:
-        tuning = Tuning(data=_paths(data), router=router, head=finetune_head, tokens=tokens, lr=lr,
+        tuning = Tuning(data=_paths(data, "merge: data"), router=router, head=finetune_head, tokens=tokens, lr=lr,
                         progress=progress)
     elif data:
         raise GrowlmError("--data only applies to --router or --finetune-head")
-    return compose(_paths(paths), out, combine=combine, weights=weights, space=space, tuning=tuning)
+    return compose(_paths(paths, "merge: paths"), out, combine=combine, weights=weights, space=space, tuning=tuning)
 
 
-def _paths(paths: PathLike | Sequence[PathLike] | None) -> list[Path]:
+def _path(value: object, what: str) -> Path:
+    """``value`` as a path, or a one-line GrowlmError naming the argument (the API is typed, its callers are not)."""
+    if not isinstance(value, str | os.PathLike) or isinstance(value, bytes) or not str(value) or "\0" in str(value):
+        raise GrowlmError(f"{what}: a path (str or os.PathLike) with no NUL byte, not {type(value).__name__} "
+                          f"{str(value)[:40]!r}")
+    return Path(value)
+
+
+def _paths(paths: PathLike | Sequence[PathLike] | None, what: str) -> list[Path]:
     """One path or several as a list (a lone string is one path, not a sequence of characters)."""
     if paths is None:
         return []
-    return [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
+    if isinstance(paths, str | os.PathLike):
+        return [_path(paths, what)]
+    if not isinstance(paths, Sequence) or isinstance(paths, bytes):
+        raise GrowlmError(f"{what}: a path or a list of paths, not {type(paths).__name__}")
+    return [_path(p, f"{what}[{i}]") for i, p in enumerate(paths)]
 
 
 def export(path: PathLike, out: PathLike) -> Path:
@@ -182,8 +196,9 @@ def export(path: PathLike, out: PathLike) -> Path:
     from growlm.interop import export_hf
     from growlm.store import check_out
 
-    check_out(Path(out))
-    return export_hf(Path(path), Path(out))
+    out = _path(out, "export: out")
+    check_out(out)
+    return export_hf(_path(path, "export"), out)
 
 
 __all__ = ["Loaded", "evaluate", "export", "load", "load_plan", "merge", "plan_from_dict", "train"]

@@ -227,7 +227,12 @@ class Plan(_Spec):
         return v
 
     @model_validator(mode="after")
-    def _lora_blocks_exist(self) -> Plan:
+    def _lora_tables_fit(self) -> Plan:
+        for i, st in enumerate(self.stage, 1):
+            # a rank above the width adapts nothing more than full rank does, at any size peft is asked for
+            if st.lora is not None and st.lora.rank > self.model.d_model:
+                raise ValueError(f"stage[{i}].lora.rank: {st.lora.rank:,} is above model.d_model = "
+                                 f"{self.model.d_model}: a low-rank adapter's rank is at most the width")
         if self.base is None:  # a base's depth is known once it is loaded: training checks it then
             problem = lora_blocks_problem(self, 0)
             if problem:

@@ -13,6 +13,7 @@ in [0, 1]; ``bleu`` is sacrebleu's 0–100; ``loss`` is nats per token.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -64,7 +65,7 @@ def evaluate(model_path: str | Path, task: str, *, data: DataArg = None, protoco
     offline benchmark packages. ``limit``: items per run (``ppl``: the first ``limit`` files).
     ``runs``: default 1, or 10 with ``sample=True``. Returns one JSON-able dict (see the module doc).
     """
-    runs = _check(task, protocol, limit, runs, sample)
+    runs = _check(task, protocol, limit, runs, sample, seed, data)
     source = _load_source(task, data, protocol)
     return _evaluate_path(Path(model_path), task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
                           sample=sample, progress=progress)
@@ -78,7 +79,7 @@ def evaluate_model(model: LM, tokenizer, task: str, *, name: str, fingerprint: s
     ``name`` and ``fingerprint`` become the result's ``model`` and ``model_fingerprint``: the caller
     vouches that the weights are those of the model with that fingerprint, or passes None.
     """
-    runs = _check(task, protocol, limit, runs, sample)
+    runs = _check(task, protocol, limit, runs, sample, seed, data)
     source = _load_source(task, data, protocol)
     return _score(model, tokenizer, {"task": task, "model": name, "model_fingerprint": fingerprint}, source,
                   protocol=protocol, limit=limit, runs=runs, seed=seed, sample=sample, progress=progress)
@@ -95,7 +96,7 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     """
     from growlm.store import MetricsLog
 
-    runs = _check(task, protocol, limit, runs, sample)
+    runs = _check(task, protocol, limit, runs, sample, seed, data)
     run_dir = Path(run_dir)
     if not isinstance(found := resolve(run_dir), RunDir):
         raise GrowlmError(f"{run_dir} holds no stage-N model dirs (is it a training run's output dir?)")
@@ -120,8 +121,15 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample: bool) -> int:
-    """Validate the options before anything is loaded; returns the number of runs."""
+def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample: bool, seed: int,
+           data: DataArg) -> int:
+    """Validate the options before anything is loaded (their types too: the Python API passes what it is
+    given); returns the number of runs."""
+    for name, value, kinds in (("task", task, str), ("protocol", protocol, str), ("sample", sample, bool),
+                               ("limit", limit, int | None), ("runs", runs, int | None)):
+        if not isinstance(value, kinds) or (name in ("limit", "runs") and isinstance(value, bool)):
+            raise GrowlmError(f"{name}: expected {kinds}, got {type(value).__name__} {str(value)[:40]!r}")
+    _check_seed_and_data(seed, data)
     if task not in task_names():
         raise GrowlmError(f"unknown task {task!r}; known tasks: {', '.join(task_names())}")
     if protocol not in PROTOCOLS:
@@ -135,6 +143,17 @@ def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample
     if task != "ppl" and protocol != "paper" and not has_loglik(task):
         raise GrowlmError(f"task {task!r} has no loglik protocol; use --protocol paper")
     return default_runs(sample) if runs is None else runs
+
+
+def _check_seed_and_data(seed: object, data: object) -> None:
+    """``seed`` an integer, ``data`` None, one path (or ``hf:NAME``) or a list of them: one line otherwise."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise GrowlmError(f"seed: expected an integer, got {type(seed).__name__} {str(seed)[:40]!r}")
+    many = data if isinstance(data, list | tuple) else [] if data is None else [data]
+    for item in many:
+        if not isinstance(item, str | os.PathLike) or not str(item) or "\0" in str(item):
+            raise GrowlmError(f"data: expected a path or a list of paths, got {type(item).__name__} "
+                              f"{str(item)[:40]!r}")
 
 
 def _load_source(task: str, data: DataArg, protocol: str) -> list[Path] | list[Item]:
