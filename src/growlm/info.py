@@ -50,22 +50,23 @@ def info_model(path: Path) -> dict:
     return out
 
 
-def _plan_model(plan: Plan) -> tuple[ModelConfig, list[dict]]:
+def _plan_model(plan: Plan, root: Path) -> tuple[ModelConfig, list[dict]]:
     """The shape of a plan's stage-0 model and the adapters it carries, without building the substrate:
     the vocabulary comes from the base model, the tokenizer dir, the full layout (a preset, or
     ``compact = false``), or else from the compact tokenizer built in memory (one pass over its corpus)."""
     from growlm.tokenizer import FULL_VOCAB_SIZE, Tokenizer, build_tokenizer
 
     if plan.base is not None:
-        meta = resolve(plan.base).meta
+        meta = resolve(root / plan.base).meta
         return ModelConfig.from_dict(meta["config"]), list(meta.get("lora") or [])
     spec = plan.tokenizer
     if spec.dir is not None:
-        vocab = Tokenizer.load(spec.dir).vocab_size
+        vocab = Tokenizer.load(root / spec.dir).vocab_size
     elif spec.preset is not None or not spec.compact:
         vocab = FULL_VOCAB_SIZE
     else:
-        vocab = build_tokenizer(spec.corpus, compact=True, ngrams=tuple(spec.ngrams), top_k=spec.top_k).vocab_size
+        vocab = build_tokenizer([root / p for p in spec.corpus], compact=True, ngrams=tuple(spec.ngrams),
+                                top_k=spec.top_k).vocab_size
     # the substrate at full width: its real table may be narrower (a bit code), which only lowers the estimate
     return ModelConfig(vocab_size=vocab, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
                        context=plan.model.context, trainable_embedding=plan.substrate.kind == "trainable",
@@ -80,8 +81,9 @@ def info_plan(path: Path) -> dict:
     from growlm.growth import plan_memory
     from growlm.plan import load_plan, lora_blocks_problem
 
-    plan = load_plan(path)
-    cfg, lora = _plan_model(plan)
+    # its shape needs no data: a plan whose corpus is on another machine (a paper config) is described too
+    plan = load_plan(path, check_paths=False)
+    cfg, lora = _plan_model(plan, Path(path).parent)
     problem = lora_blocks_problem(plan, cfg.n_layers) if plan.base is not None else None
     if problem:  # as training refuses it: a base's depth is known only now
         raise GrowlmError(f"plan {path}: {problem}")
