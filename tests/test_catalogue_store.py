@@ -24,7 +24,7 @@ from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
 from growlm.store.files import atomic_dir
 from growlm.store.mixture import info_mixture
-from growlm.store.model import load_model, read_meta, save_model
+from growlm.store.model import load_model, read_meta, recorded_fingerprint_of, save_model
 from growlm.verify import verify
 
 
@@ -376,3 +376,25 @@ def test_a_router_over_identical_experts_is_refused_before_training(model, corpu
     refused(lambda: merge([model, twin], tmp_path / "mix", tuning=Tuning(data=[corpus_dir / "train.txt"], router=True)),
             "--router needs experts that differ")
     assert not (tmp_path / "mix").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["lora"][0].update(rank=3), "has shape [2, 32], the records give [3, 32]"),
+    (lambda m: m["lora"][0].update(blocks=[0]), "blocks.1.attn.qkv.lora_A.stage2.weight is not made by"),
+    (lambda m: m["lora"][0].update(targets=["qkv", "fc", "mlp_out"]), "blocks.0.mlp.proj.lora_A.stage2.weight is missing"),
+], ids=["rank", "fewer-blocks", "more-targets"])
+def test_lora_records_resealed_over_other_tensors_never_verify(small_run, tmp_path, edit, needle):
+    """A plain model dir (no stage record to derive from) whose LoRA records were edited and its fingerprint
+    recomputed to agree: the adapter tensors do not fit the records, so verify fails as every load does."""
+    stage = copy_of(small_run / "stage-2", tmp_path / "stage")
+
+    def reseal(m: dict) -> None:
+        edit(m)
+        for key in ("stage", "plan", "audit"):
+            m.pop(key)
+        weights, adapters = (load_file(str(stage / f)) for f in ("model.safetensors", "adapters.safetensors"))
+        m["fingerprint"] = recorded_fingerprint_of(m, weights, adapters)
+
+    edit_json(stage / "model.json", reseal)
+    for argv in (["verify", str(stage)], ["generate", str(stage), "--prompt", "The"]):
+        one_line_error(growlm(*argv), "adapter tensors do not match the recorded LoRA stages", needle)

@@ -71,8 +71,40 @@ def _inject(model: nn.Module, record: dict) -> None:
         mod.set_adapter(list(mod.lora_A.keys()))
 
 
+def _io(d_model: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target Linear of a block."""
+    return {"qkv": (d_model, 3 * d_model), "attn_out": (d_model, d_model), "fc": (d_model, 4 * d_model),
+            "mlp_out": (4 * d_model, d_model)}
+
+
+def adapter_shapes(records: list[dict], d_model: int) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors LoRA ``records`` make, by saved name, with their shapes (A: rank x in, B: out x rank)."""
+    io, out = _io(d_model), {}
+    for rec in records:
+        for b in rec["blocks"]:
+            for t in rec["targets"]:
+                i, o = io[t]
+                out[f"blocks.{b}.{TARGETS[t]}.lora_A.{rec['name']}.weight"] = (rec["rank"], i)
+                out[f"blocks.{b}.{TARGETS[t]}.lora_B.{rec['name']}.weight"] = (o, rec["rank"])
+    return out
+
+
+def adapter_mismatch(records: list[dict], d_model: int, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What differs between the adapter tensors ``records`` make and ``tensors`` (None: nothing)."""
+    want = adapter_shapes(records, d_model)
+    for name in sorted(set(want) ^ set(tensors)):
+        return f"{name} is {'missing' if name in want else 'not made by any recorded LoRA stage'}"
+    for name, shape in sorted(want.items()):
+        if tuple(tensors[name].shape) != shape:
+            return f"{name} has shape {list(tensors[name].shape)}, the records give {list(shape)}"
+    return None
+
+
 def attach_adapters(model: nn.Module, records: list[dict], tensors: dict[str, torch.Tensor]) -> None:
     """Re-create saved adapters (frozen) and load their tensors (used when loading a model dir)."""
+    problem = adapter_mismatch(records, model.cfg.d_model, tensors)
+    if problem:  # checked first: a shape mismatch would surface from load_state_dict as a RuntimeError
+        raise GrowlmError(f"adapter tensors do not match the recorded LoRA stages: {problem}")
     for rec in records:
         _inject(model, rec)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -100,6 +132,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 def lora_param_count(d_model: int, rank: int, n_blocks: int, targets: list[str]) -> int:
     """Adapter parameters: r·(in + out) per adapted Linear."""
-    shapes = {"qkv": (d_model, 3 * d_model), "attn_out": (d_model, d_model),
-              "fc": (d_model, 4 * d_model), "mlp_out": (4 * d_model, d_model)}
-    return n_blocks * sum(rank * sum(shapes[t]) for t in targets)
+    io = _io(d_model)
+    return n_blocks * sum(rank * sum(io[t]) for t in targets)

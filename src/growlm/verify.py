@@ -19,6 +19,7 @@ from pathlib import Path
 from growlm import audit
 from growlm.errors import GrowlmError
 from growlm.growth import lora_blocks, trainable_names
+from growlm.lora import adapter_mismatch
 from growlm.plan import plan_from_dict
 from growlm.store import PLAN_JSON, MixtureDir, ModelDir, resolve, stages
 from growlm.store.mixture import EXPERTS_DIR
@@ -54,6 +55,9 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
         problems.append(str(e))
         return meta, lines, problems
     adapters = load_tensors(path / ADAPTERS) if (path / ADAPTERS).is_file() else {}
+    mismatch = adapter_mismatch(meta.get("lora") or [], meta["config"]["d_model"], adapters) if adapters else None
+    if mismatch:  # what load_model refuses: verify never vouches for a dir that will not load
+        problems.append(f"{path}: adapter tensors do not match the recorded LoRA stages: {mismatch}")
     for blk in meta["blocks"]:
         got = block_sha256(weights, blk["index"])
         if got != blk["sha256"]:
