@@ -55,9 +55,6 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
         problems.append(str(e))
         return meta, lines, problems
     adapters = load_tensors(path / ADAPTERS) if (path / ADAPTERS).is_file() else {}
-    mismatch = adapter_mismatch(meta.get("lora") or [], meta["config"]["d_model"], adapters) if adapters else None
-    if mismatch:  # what load_model refuses: verify never vouches for a dir that will not load
-        problems.append(f"{path}: adapter tensors do not match the recorded LoRA stages: {mismatch}")
     for blk in meta["blocks"]:
         got = block_sha256(weights, blk["index"])
         if got != blk["sha256"]:
@@ -76,6 +73,9 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
         problems.append(f"{path}: model fingerprint {fp[:12]} differs from the recorded {meta['fingerprint'][:12]}")
     else:
         lines.append(f"{path}: {len(meta['blocks'])} block hash(es) and fingerprint {fp[:12]} ok")
+    mismatch = adapter_mismatch(meta.get("lora") or [], meta["config"]["d_model"], adapters) if adapters else None
+    if mismatch:  # what load_model refuses: verify never vouches for a dir that will not load
+        problems.append(f"{path}: adapter tensors do not match the recorded LoRA stages: {mismatch}")
     return meta, lines, problems
 
 
