@@ -21,8 +21,8 @@ from cli_util import growlm, growlm_process, one_line_error
 from conftest import copy_of
 from growlm.compose import load_mixture, merge
 from growlm.errors import GrowlmError
+from growlm.files import atomic_dir
 from growlm.hashing import sha256_file
-from growlm.store.files import atomic_dir
 from growlm.store.mixture import info_mixture
 from growlm.store.model import load_model, read_meta, recorded_fingerprint_of, save_model
 from growlm.verify import verify
@@ -211,7 +211,7 @@ def test_killed_merge_leaves_nothing_for_good(tiny_model_dir, expert_b, corpus_d
 
 def test_a_live_writers_temp_dir_is_never_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    from growlm.store.files import _HOST
+    from growlm.files import _HOST
 
     mine = tmp_path / f".out.{_HOST}.{os.getpid()}.0123abcd.tmp"
     gone = tmp_path / f".out.{_HOST}.{int(dead.stdout)}.0123abcd.tmp"

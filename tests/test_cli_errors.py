@@ -58,8 +58,8 @@ def test_a_bad_choice_is_one_line_naming_the_valid_ones(path, flag, capsys):
 
 
 def test_the_choices_are_the_registries(capsys):
-    from growlm.compose import RULES
     from growlm.evaluation.tasks import TASKS
+    from growlm.rules import RULES
     from growlm.substrate.registry import SUBSTRATE_KINDS, Params, registered
 
     class NoParams(Params):

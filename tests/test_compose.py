@@ -87,7 +87,7 @@ def test_combine_rules_exact(experts, idx, tmp_path, combine, weights, space):
 @pytest.mark.parametrize("space", ["logits", "probs"])
 @pytest.mark.parametrize("n", [2, 3])
 def test_combine_logits_autograd_and_inputs_untouched(space, n):
-    from growlm.compose import combine_logits
+    from growlm.rules import combine_logits
 
     g = torch.Generator().manual_seed(n)
     ls = [torch.randn(2, 3, 7, generator=g, requires_grad=True) for _ in range(n)]
@@ -109,17 +109,17 @@ def test_combine_logits_autograd_and_inputs_untouched(space, n):
 @pytest.mark.parametrize("space", ["logits", "probs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_combine_logits_reusing_the_inputs(space, dtype, monkeypatch):
-    import growlm.compose as compose
+    import growlm.rules as rules
 
-    monkeypatch.setattr(compose, "_CPU_CHUNK", 4 * 7)  # four rows per chunk: the 6 rows fold in a full and a part chunk
+    monkeypatch.setattr(rules, "_CPU_CHUNK", 4 * 7)  # four rows per chunk: the 6 rows fold in a full and a part chunk
     n, g = 3, torch.Generator().manual_seed(7)
     ls = [torch.randn(2, 3, 7, generator=g).to(dtype) for _ in range(n)]
     gate = torch.softmax(torch.randn(2, 3, n, generator=g), -1).permute(2, 0, 1)
     for weights in (None, torch.tensor([0.5, 0.3, 0.2]), gate):
         with torch.no_grad():
-            want = compose.combine_logits(iter(ls), weights, space)
+            want = rules.combine_logits(iter(ls), weights, space)
             given = [t.clone() for t in ls]
-            got = compose.combine_logits(iter(given), weights, space, reuse_inputs=True)
+            got = rules.combine_logits(iter(given), weights, space, reuse_inputs=True)
         # bf16 logits: the fused in-place ops round once where the reference rounds twice (values ~1)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-2 if got.dtype == torch.bfloat16 else 1e-6)
         # the result lives in the first expert's memory, no fresh [B, T, V] tensor, unless it is wider (bf16 in,
@@ -128,7 +128,7 @@ def test_combine_logits_reusing_the_inputs(space, dtype, monkeypatch):
     # under autograd the inputs are never reused: they stay as given and the gradient flows
     leaves = [t.float().requires_grad_() for t in ls]
     copies = [t.detach().clone() for t in leaves]
-    compose.combine_logits(iter(leaves), gate, space, reuse_inputs=True).sum().backward()
+    rules.combine_logits(iter(leaves), gate, space, reuse_inputs=True).sum().backward()
     assert all(torch.equal(t.detach(), c) and t.grad is not None for t, c in zip(leaves, copies, strict=True))
 
 
@@ -316,7 +316,8 @@ def test_router_and_head_tuning(experts, corpus_dir, idx, tmp_path, monkeypatch)
 
 
 def test_router_starts_at_the_fixed_rule(experts, idx):
-    from growlm.compose import Mixture, Router, make_rule
+    from growlm.compose import Mixture, Router
+    from growlm.rules import make_rule
 
     models = [load_model(p).model.eval() for p in experts[:2]]
     fixed = make_rule("weighted", 2, [3.0, 1.0], "probs")

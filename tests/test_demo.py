@@ -12,7 +12,7 @@ import pytest
 
 from cli_util import child_env, growlm, one_line_error
 from conftest import USER_CACHE
-from growlm.demo import PROMPTS
+from growlm.demo.spec import PROMPTS
 
 
 @pytest.mark.e2e(seconds=40)
@@ -83,7 +83,7 @@ def test_a_second_run_keeps_the_first_report_beside(tmp_path, capsys):
     """A second run never overwrites the first report silently: it is moved beside (``force`` replaces it)."""
     from rich.console import Console
 
-    from growlm.demo import _fresh_out
+    from growlm.demo.run import _fresh_out
 
     out = tmp_path / "demo"
     (out / "runs").mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_the_cli_passes_its_flags_to_the_demo(tmp_path, monkeypatch):
 
 
 def test_headline_says_whether_the_difference_exceeds_the_seed_spread():
-    from growlm.demo import headline
+    from growlm.demo.run import headline
 
     h = headline({"grown-glyph": [3.0, 3.1], "monolithic-glyph": [2.6, 2.58]})
     assert h["grown-glyph"]["mean"] == pytest.approx(3.05) and h["spread"] == pytest.approx(0.1)
@@ -123,7 +123,7 @@ def test_headline_says_whether_the_difference_exceeds_the_seed_spread():
 
 def test_equal_compute_reads_each_baseline_at_the_grown_models_cost():
     from growlm.compute import Point
-    from growlm.demo import equal_compute
+    from growlm.demo.run import equal_compute
 
     def curve(*pts):
         return [Point(int(f), f, s, v) for f, s, v in pts]

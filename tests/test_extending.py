@@ -115,7 +115,8 @@ def test_toy_substrate_kind(corpus_dir, tmp_path, capsys):
 
 def test_toy_combine_rule(tiny_model_dir, expert_b, tmp_path):
     from growlm.cli import build_parser
-    from growlm.compose import RULES, add_expert, load_mixture, merge
+    from growlm.compose import add_expert, load_mixture, merge
+    from growlm.rules import RULES
     from growlm.store.model import load_model
 
     a, b = tiny_model_dir, expert_b  # two experts that differ, on one docking port
@@ -172,7 +173,7 @@ def test_toy_eval_task(tiny_model_dir, tmp_path, capsys):
 
 
 def test_a_name_is_registered_once():
-    from growlm.compose import RULES, CombineRule
+    from growlm.rules import RULES, CombineRule
 
     with pytest.raises(ValueError, match="combine rule 'mean-logits' is already registered"):
         RULES.register("mean-logits", CombineRule())

@@ -57,7 +57,7 @@ def _output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     An existing ``out`` is swapped out by two renames and removed only after the new dir is in
     place, so at no point is ``out`` a half-written dir; on any failure it is left as it was.
     """
-    from growlm.store.files import WriteError, atomic_dir
+    from growlm.files import WriteError, atomic_dir
 
     _check_output_dir(out, overwrite)
     staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.new" if out.exists() else out
@@ -258,8 +258,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
             d = stage_dir(Path(a.model), r["stage"]) if a.per_stage else Path(a.model)
             print(f"saved to {save_eval(d, r, data)}", file=sys.stderr)
     if a.per_stage:
+        from growlm.files import WriteError
         from growlm.report import sweep_report
-        from growlm.store.files import WriteError
 
         try:
             md, png = sweep_report(results, Path(a.model) / "eval", a.task)
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("merge", help="compose experts over one substrate into a mixture")
     b.add_argument("experts", nargs="+", metavar="MODEL")
     b.add_argument("--out", required=True, metavar="DIR")
-    b.add_argument("--combine", choices=registered("growlm.compose", "RULES", lambda r: not r.trained),
+    b.add_argument("--combine", choices=registered("growlm.rules", "RULES", lambda r: not r.trained),
                    default="mean-logits", metavar="RULE", help="%(choices)s (default %(default)s)")
     b.add_argument("--weights", help="w1,w2,... for --combine weighted")
     b.add_argument("--weighted-space", choices=["logits", "probs"], default="logits")

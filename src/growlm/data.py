@@ -34,8 +34,8 @@ import torch
 
 from growlm.corpus import iter_text_chunks, regular_file
 from growlm.errors import GrowlmError, one_line
+from growlm.files import atomic_file
 from growlm.hashing import canonical_json, sha256_file
-from growlm.store.files import atomic_file
 
 SHARD_VERSION = 1
 STATE_VERSION = 1

@@ -45,11 +45,11 @@ import tokenizers
 import torch
 
 from growlm.errors import GrowlmError, one_line
+from growlm.files import WriteError, atomic_dir, atomic_save_tensors
 from growlm.hashing import sha256_tensors
 from growlm.lora import merge_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.model_card import write_card
-from growlm.store.files import WriteError, atomic_dir, atomic_save_tensors
 from growlm.store.model import base_state, load_model, load_tensors, model_fingerprint, save_model
 from growlm.substrate import substrate_fingerprint
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from growlm.errors import GrowlmError, one_line
-from growlm.store.files import WriteError
+from growlm.files import WriteError
 
 EVALS = "evals.jsonl"
 CARD = "README.md"
@@ -53,7 +53,7 @@ def save_eval(model_dir: str | Path, result: dict, data: list[str] | None = None
     the file never holds a torn record.
     """
     path = Path(model_dir) / EVALS
-    if path.is_symlink():  # the model dir must hold regular files only (store.files.check_tree)
+    if path.is_symlink():  # the model dir must hold regular files only (files.check_tree)
         raise GrowlmError(f"{path} is a symlink; the saved results must be a regular file in the model dir")
     rec = {**result, "data": data, "saved_at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from growlm.store.files import WriteError, atomic_write_bytes  # noqa: E402
+from growlm.files import WriteError, atomic_write_bytes  # noqa: E402
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -49,8 +49,8 @@ from tokenizers import AddedToken, decoders, models
 
 from growlm.corpus import iter_text_chunks, read_text
 from growlm.errors import GrowlmError, one_line
+from growlm.files import WriteError, atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_file
-from growlm.store.files import WriteError, atomic_write_bytes
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<s>", "</s>", "<unk>", "<think>", "</think>", "<emotions>", "</emotions>",
@@ -235,7 +235,7 @@ class Tokenizer:
         ``special_tokens_map.json`` (so ``transformers.AutoTokenizer.from_pretrained`` loads it
         offline with the same ids), and ``growlm_tokenizer.json`` (metadata and fingerprint).
         Each file is written all or nothing (a full disk leaves no partial file and raises
-        :class:`~growlm.store.files.WriteError`), the metadata last, so a dir with it has the rest.
+        :class:`~growlm.files.WriteError`), the metadata last, so a dir with it has the rest.
         """
         d = Path(out_dir)
         try:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from growlm import audit, distributed
 from growlm.data import Batches, Source, check_batch_split, validation_batches
 from growlm.errors import GrowlmError
+from growlm.files import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
 from growlm.growth import (
     check_lora_budget,
     check_plan_memory,
@@ -64,7 +65,6 @@ from growlm.store import (
     stage_dir,
     stages,
 )
-from growlm.store.files import atomic_dir, atomic_write_bytes, atomic_write_json, fault_point
 from growlm.store.model import MODEL_JSON, load_model, save_model
 from growlm.trunk_cache import TrunkCache
 

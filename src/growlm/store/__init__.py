@@ -29,7 +29,7 @@ A run dir (:mod:`growlm.store.run`)::
     RUN/metrics.jsonl                 one JSON line per logged step
     RUN/.lock                         held while a process writes the run
 
-Every file and dir appears by an atomic rename (:mod:`growlm.store.files`), so a crash, a kill or
+Every file and dir appears by an atomic rename (:mod:`growlm.files`), so a crash, a kill or
 a full disk never leaves a half-written artefact that looks valid.
 """
 

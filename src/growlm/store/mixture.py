@@ -16,14 +16,11 @@ import shutil
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from growlm.errors import GrowlmError
-from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.registry import Registry
-from growlm.store.files import (
+from growlm.files import (
     atomic_save_tensors,
     atomic_write_json,
     check_name,
@@ -31,13 +28,10 @@ from growlm.store.files import (
     field,
     read_descriptor,
 )
+from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.rules import RULES, SPACES
 from growlm.store.model import TOKENIZER_DIR, ModelDir, load_tensors, read_meta, verify_files
-
-# growlm.compose imports this module, and growlm.tokenizer writes through growlm.store.files, whose import
-# loads this package first: neither can be imported at the top (read_tokenizer imports the tokenizer itself)
-if TYPE_CHECKING:
-    from growlm.compose import CombineRule
-    from growlm.tokenizer import Tokenizer
+from growlm.tokenizer import Tokenizer
 
 FORMAT = "growlm-mixture"
 VERSION = 1
@@ -45,12 +39,6 @@ MIXTURE_JSON = "mixture.json"
 EXPERTS_DIR = "experts"
 ROUTER = "router.safetensors"
 HEADS = "heads.safetensors"
-SPACES = ("logits", "probs")
-
-# the combine rules by name, which mixture.json's combine must be one of. The rules are growlm.compose's:
-# it registers the built-ins (the registry imports it on first read), and a rule module registers itself
-# with one line: RULES.register(name, Rule())
-RULES: Registry[CombineRule] = Registry("combine rule", "growlm.compose")
 
 
 @dataclass(frozen=True)
@@ -259,8 +247,6 @@ def read_tensors(path: Path, desc: dict, expected: Collection[str]) -> dict[str,
 
 def read_tokenizer(path: Path, desc: dict) -> Tokenizer:
     """The shared tokenizer of a mixture dir, refused unless it has the fingerprint mixture.json records."""
-    from growlm.tokenizer import Tokenizer
-
     tok = Tokenizer.load(Path(path) / TOKENIZER_DIR)
     if tok.fingerprint != desc["tokenizer_fingerprint"]:
         raise GrowlmError(f"mixture {path}: tokenizer fingerprint {tok.fingerprint[:12]} is not the recorded "

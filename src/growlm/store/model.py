@@ -18,17 +18,14 @@ import shutil
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
-from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.lora import TARGETS, attach_adapters
-from growlm.model import GrowLM, ModelConfig
-from growlm.store.files import (
+from growlm.files import (
     atomic_dir,
     atomic_save_tensors,
     atomic_write_json,
@@ -37,11 +34,11 @@ from growlm.store.files import (
     field,
     read_descriptor,
 )
-
-# growlm.tokenizer (and growlm.substrate) write through growlm.store.files, whose import loads this
-# package first: importing them at the top would be circular, so the functions import them where used
-if TYPE_CHECKING:
-    from growlm.tokenizer import Tokenizer
+from growlm.hashing import canonical_json, sha256_file, sha256_tensors
+from growlm.lora import TARGETS, attach_adapters
+from growlm.model import GrowLM, ModelConfig
+from growlm.substrate.base import substrate_fingerprint
+from growlm.tokenizer import Tokenizer
 
 FORMAT = "growlm-model"
 MODEL_JSON = "model.json"
@@ -117,8 +114,6 @@ class SavedModel:
 
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer (the one its model.json names)."""
-        from growlm.tokenizer import Tokenizer
-
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.load(self.tokenizer_dir)
         return self._tokenizer
@@ -131,8 +126,6 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
     ``substrate`` is ``{"kind", "fingerprint", "recipe"}``; ``extra`` adds run information
     (plan, stage, metrics, params_active, lora). The dir appears atomically or not at all.
     """
-    from growlm.tokenizer import Tokenizer
-
     tok = Tokenizer.load(tokenizer_dir)
     weights = base_state(model)
     adapters = adapter_state(model)
@@ -299,8 +292,6 @@ def checked_skeleton(path: Path, meta: dict, weights: dict[str, torch.Tensor]) -
 def embedding_fingerprint(meta: dict, table: torch.Tensor) -> str | None:
     """The substrate fingerprint of the embedding ``table`` under model.json's recipe, or ``None``
     for a trainable substrate (its embedding moves in training, so only the starting point is recorded)."""
-    from growlm.substrate.base import substrate_fingerprint
-
     sub = meta["substrate"]
     if sub["kind"] == "trainable":
         return None
@@ -315,8 +306,6 @@ def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) ->
     one pass over it that load and verify make). Returns the tokenizer (``None`` when it does not
     load) and the problems found, each one line.
     """
-    from growlm.tokenizer import Tokenizer
-
     path = Path(path)
     problems = []
     try:

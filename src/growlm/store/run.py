@@ -14,8 +14,7 @@ import torch
 
 from growlm import distributed
 from growlm.errors import GrowlmError
-from growlm.hashing import sha256_file
-from growlm.store.files import (
+from growlm.files import (
     WriteError,
     atomic_dir,
     atomic_save_tensors,
@@ -23,6 +22,7 @@ from growlm.store.files import (
     atomic_write_json,
     fault_point,
 )
+from growlm.hashing import sha256_file
 from growlm.store.mixture import MIXTURE_JSON, MixtureDir
 from growlm.store.model import MODEL_JSON, ModelDir, load_tensors, read_meta
 

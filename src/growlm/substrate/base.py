@@ -20,8 +20,8 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 
 from growlm.errors import GrowlmError, one_line
+from growlm.files import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_tensors
-from growlm.store.files import atomic_write_bytes
 from growlm.substrate.registry import SUBSTRATE_KINDS
 
 WEIGHT_FILE = "substrate.safetensors"

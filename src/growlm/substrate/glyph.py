@@ -50,8 +50,8 @@ from safetensors import safe_open
 from safetensors.numpy import save as _save_np
 
 from growlm.errors import GrowlmError
+from growlm.files import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_file
-from growlm.store.files import atomic_write_bytes
 from growlm.substrate.base import Substrate, make_substrate
 from growlm.substrate.registry import Params, Vocab, register
 

@@ -20,17 +20,35 @@ figure can be reproduced with ``growlm train plans/NAME.json --out DIR``.
 
 from __future__ import annotations
 
-import re
 import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from growlm.demo.spec import (
+    EVERY_STAGE,
+    EXPERTS,
+    FULL,
+    HEADLINE,
+    LANGS,
+    MIXTURES,
+    PROMPTS,
+    QUICK,
+    SPECIALISTS,
+    WORDS,
+    ZH_CHARS,
+    Scale,
+    final_key,
+    final_stage,
+    loss_text,
+    seeded,
+    specialist_data,
+)
 from growlm.errors import GrowlmError
 from growlm.store import stages
 
@@ -38,73 +56,12 @@ if TYPE_CHECKING:
     from growlm.plan import Plan
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Sizes of one demo run (``full`` fits ``make demo``'s 10 minutes on 2 cores, ``quick`` a minute)."""
-
-    d_model: int
-    n_heads: int
-    context: int
-    batch_size: int
-    depth: int  # blocks of the grown models and of the monolithic baselines
-    tokens: int  # training tokens per model: a grown model's stages share them, a baseline trains on all
-    expert_tokens: int  # the Chinese specialist's (the English and Russian ones train on ``tokens``)
-    lr: float
-    eval_every: int  # steps between the validation points of the equal-compute curves
-    max_chars: int  # per language, training text
-    tokenizer_chars: int  # per language, the text the vocabulary is built from (every rare character
-    # is a row of the head, which the English models would pay for at every token)
-    eval_chars: int  # per language, validation text
-    seeds: int  # of the headline comparison
-    bench_limit: int
-    sample_tokens: int
-    tune_tokens: int
-
-
-# Small batches, many steps, a modest rate: at this size the number of updates is what learns. Measured
-# on 400k English tokens, monolithic: batch 8 x 128 at lr 5e-3 reached 3.09 bits/byte, 8 x 64 2.93,
-# 4 x 64 2.88, and 4 x 64 at lr 2e-3 2.67; batch 8 x 64 at lr 2e-3 runs 1.5x as fast as 4 x 64 and
-# on 520k tokens lands within 0.03 of it (2.64), which is what fits make demo's ten minutes.
-FULL = Scale(d_model=128, n_heads=4, context=64, batch_size=8, depth=4, tokens=520_000, expert_tokens=260_000,
-             lr=2e-3, eval_every=100, max_chars=2_000_000, tokenizer_chars=300_000, eval_chars=20_000, seeds=2,
-             bench_limit=10, sample_tokens=56, tune_tokens=32_768)
-QUICK = Scale(d_model=32, n_heads=2, context=32, batch_size=8, depth=2, tokens=8_192, expert_tokens=4_096,
-              lr=5e-3, eval_every=8, max_chars=60_000, tokenizer_chars=60_000, eval_chars=4_000, seeds=2,
-              bench_limit=4, sample_tokens=24, tune_tokens=2_048)
-
-LANGS = ("en", "ru", "zh")
-ZH_CHARS = 300_000  # Debian's FreeBSD tips in Chinese; past them its Tang and Song poetry begins
-# the paper's rule, the paper's rule after its post-merge head tuning, and Branch-Train-Merge's rule
-MIXTURES = ("mixture-mean-logits", "mixture-mean-logits+head", "mixture-mean-probs")
-PROMPTS = {"en": "To be, or not to be", "ru": "Жизнь — это", "zh": "春眠不觉晓"}
-HEADLINE = ("grown-glyph", "monolithic-glyph")
-# Averaging logits multiplies the experts' distributions, so an expert that never saw a script gives its
-# tokens almost no probability and vetoes them whatever the others say. Measured at full scale, the
-# paper's merge scored on Russian: 3.29 bits/byte from an English-only and a Russian-only expert, against
-# the Russian expert's 1.80; 3.55 when only the Russian expert had also seen English (the paper's experts
-# share one language); 1.97 when each expert's data held a 10% share of the other's language (English
-# 3.30). Sharing Chinese too (80/10/10) cost both languages (en 3.43, ru 2.04). So each specialist is
-# (its language, the languages it shares); the Chinese expert joins later and shares both.
-SPECIALISTS = {"specialist-en": ("en", ("ru",)), "specialist-ru": ("ru", ("en",)), "specialist-zh": ("zh", ("en", "ru"))}
-SHARE = 0.1  # of a specialist's tokens, per shared language
-EXPERTS = ("specialist-en", "specialist-ru")  # the mixtures' experts
-EVERY_STAGE = ("grown-glyph", "grown-binary16")  # scored at every depth, the rest at their end
-# a word of three or more letters in the language's own script (an English word in a Russian sample is
-# not a Russian word); Chinese is written without spaces, so it has no word rate
-WORDS = {"en": re.compile(r"[A-Za-z]{3,}"), "ru": re.compile(r"[А-Яа-яЁё]{3,}")}
-
-
-def seeded(name: str, seed: int) -> str:
-    """The run name of ``name`` trained with ``seed`` (seed 0 keeps the plain name)."""
-    return name if seed == 0 else f"{name}-seed{seed}"
-
-
 def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None = None) -> Path:
     """Run the demo into ``out``; returns the report path. ``seeds``: how many seeds the headline
     comparison (grown vs monolithic over the glyph substrate) runs with (default: the scale's)."""
     from rich.console import Console
 
-    from growlm.demo_data import fetch_demo_corpora
+    from growlm.demo.data import fetch_demo_corpora
 
     console = Console()
     s = QUICK if quick else FULL
@@ -166,7 +123,7 @@ def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None 
     console.rule("[bold]5. report")
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["scale"] = {"name": "quick" if quick else "full", **asdict(s), "seeds": n_seeds}
-    from growlm.demo_report import write_report
+    from growlm.demo.report import write_report
 
     report = write_report(out, runs, results, console)
     console.print(f"\n[bold green]report: {report}[/]  ({results['wall_s']:.0f} s in all)")
@@ -191,8 +148,8 @@ def _runner(out: Path, runs: dict[str, Path], console) -> Callable[[str, Plan], 
 
     def run(name: str, plan: Plan) -> Path:
         from growlm.api import train
+        from growlm.files import atomic_write_json
         from growlm.plan import plan_to_json
-        from growlm.store.files import atomic_write_json
 
         # written for users to rerun (load_plan reads JSON); the demo trains the Plan object itself
         saved = out / "plans" / f"{name}.json"
@@ -216,18 +173,6 @@ def _plan(*, substrate: dict, tokenizer: dict, data: dict, stages: list[dict], s
                   "log_every": s.eval_every, "eval_every": s.eval_every, "eval_batches": 16},
         "stage": stages,
     })
-
-
-def share_weights(shared: tuple[str, ...]) -> list[float]:
-    """A specialist's data weights: its own language first, then :data:`SHARE` for each ``shared`` one."""
-    return [1 - SHARE * len(shared), *(SHARE for _ in shared)]
-
-
-def specialist_data(data: dict, lang: str, shared: tuple[str, ...]) -> dict:
-    """A specialist's data table: its language's training text and each ``shared`` language's, weighted
-    by :func:`share_weights`; validated on its own language."""
-    return {"train": [data[x]["train"] for x in (lang, *shared)], "weights": share_weights(shared),
-            "valid": [data[lang]["valid"]]}
 
 
 def _grow_stages(depth: int, tokens: int) -> list[dict]:
@@ -280,7 +225,7 @@ def _compose(out: Path, runs: dict[str, Path], data: dict, s: Scale, console
     from growlm.hashing import sha256_file
     from growlm.plan import TrainSpec
 
-    experts = [_final(runs[n]) for n in EXPERTS]
+    experts = [final_stage(runs[n]) for n in EXPERTS]
     mixtures = {name: out / name for name in MIXTURES}
     merge(experts, mixtures["mixture-mean-logits"], combine="mean-logits")
     merge(experts, mixtures["mixture-mean-probs"], combine="mean-probs")
@@ -296,22 +241,13 @@ def _compose(out: Path, runs: dict[str, Path], data: dict, s: Scale, console
     old = mixtures["mixture-mean-logits"] / "experts"
     before = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
     extended = out / "mixture-mean-logits+zh"
-    add_expert(mixtures["mixture-mean-logits"], _final(runs["specialist-zh"]), extended)
+    add_expert(mixtures["mixture-mean-logits"], final_stage(runs["specialist-zh"]), extended)
     after = {str(f.relative_to(old)): sha256_file(f) for f in sorted(old.rglob("*")) if f.is_file()}
     kept = before == after and all(sha256_file(extended / "experts" / rel) == d for rel, d in before.items())
     console.print(f"  {extended}: old experts byte-identical: {kept}")
     members = {name: list(EXPERTS) for name in mixtures}
     members["mixture-mean-logits+zh"] = [*EXPERTS, "specialist-zh"]
     return {**mixtures, "mixture-mean-logits+zh": extended}, members, kept
-
-
-def _final(run: Path) -> Path:
-    return stages(run)[-1][1]
-
-
-def final_key(runs: dict[str, Path], name: str) -> str:
-    """The scores' key of run ``name``'s final stage, ``NAME/stage-N``."""
-    return f"{name}/{_final(runs[name]).name}"
 
 
 def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, s: Scale, console) -> dict:
@@ -328,7 +264,7 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
     domains = {**{lang: data[lang]["valid"] for lang in LANGS}, "mixed": data["mixed"]["valid"]}
     lexicon = {lang: training_words(data[lang]["train"], lang) for lang in WORDS}
     known = {lang: lex[0] for lang, lex in lexicon.items()}
-    finals = {name: _final(run) for name, run in runs.items()} | mixtures
+    finals = {name: final_stage(run) for name, run in runs.items()} | mixtures
     ppl: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
     words: dict[str, dict[str, dict]] = {}
@@ -350,7 +286,7 @@ def _evaluate_all(runs: dict[str, Path], mixtures: dict[str, Path], data: dict, 
         for task in ("mmlu", "arc_easy"):
             for protocol in ("paper", "loglik"):
                 try:
-                    r = evaluate(_final(runs[name]), task, protocol=protocol, limit=s.bench_limit, progress=False)
+                    r = evaluate(final_stage(runs[name]), task, protocol=protocol, limit=s.bench_limit, progress=False)
                 except GrowlmError as e:  # no offline benchmark data installed: say so in the report
                     bench.append({"model": name, "task": task, "protocol": protocol, "error": str(e)})
                     continue
@@ -431,11 +367,6 @@ def equal_compute(cost: dict[str, dict], curves: dict[str, list], n_seeds: int) 
                         f"loss, while monolithic over the same frozen substrate had reached {at:.3f} when it had spent as "
                         f"much ({loss_text(m['loss_at_grown_seconds'])} at the grown model's seconds)")
     return out
-
-
-def loss_text(x: float | None) -> str:
-    """A loss read off a curve, or why there is none."""
-    return "not reached" if x is None else f"{x:.3f}"
 
 
 def headline(en_bpb: dict[str, list[float]]) -> dict:

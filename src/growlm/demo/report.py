@@ -1,12 +1,12 @@
 """The demo's ``report.md``, ``results.json``, plots and terminal summary, from the figures
-:func:`growlm.demo.demo` gathered (every number here was measured in that run)."""
+:func:`growlm.demo.run.demo` gathered (every number here was measured in that run)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from growlm.demo import (
+from growlm.demo.spec import (
     EVERY_STAGE,
     EXPERTS,
     HEADLINE,
@@ -18,9 +18,9 @@ from growlm.demo import (
     loss_text,
     share_weights,
 )
+from growlm.files import atomic_write_bytes
 from growlm.report import markdown_table, plot_curves, plot_loss_curves, plot_vs_depth
 from growlm.store import MetricsLog, stages
-from growlm.store.files import atomic_write_bytes
 from growlm.store.model import read_meta
 
 BASELINES = ("monolithic-glyph", "monolithic-trainable", "grown-binary16")
