@@ -9,8 +9,8 @@ files at all, except a training run's own resumable state inside its ``--out``),
 change to a finished model, stage or mixture dir.
 
 Surfaces: the plan TOML (``load_plan`` and a few real ``train`` runs), ``model.json`` of a saved
-model, ``mixture.json`` of a merged mixture, a finished run dir, and argv lists built from the
-real sub-commands and flags. Tampering with anything ``verify`` checks must never verify OK.
+model, ``mixture.json`` of a merged mixture, a finished run dir, the JSON files of a Hugging Face
+checkpoint that ``growlm import`` reads, and argv lists built from the real sub-commands and flags. Tampering with anything ``verify`` checks must never verify OK.
 
 Profiles: ``ci`` (default; derandomized, small budgets, a few minutes on two cores) and ``long``
 (``HYPOTHESIS_PROFILE=long``: many more examples, still derandomized unless
@@ -46,6 +46,7 @@ from hypothesis.control import currently_in_test_context
 from cli_util import SMALL_PLAN
 from cli_util import snapshot as cli_snapshot
 from conftest import copy_of
+from test_catalogue_import import INDEX, shard_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Profiles
@@ -865,6 +866,76 @@ def test_fuzz_run_dir(pool, data):
 
 
 # ----------------------------------------------------------------------------------------------
+# 3b. growlm import: a Hugging Face checkpoint's config.json, growlm_export.json, tokenizer.json and
+# sharded index (the files it reads besides the weights)
+
+IMPORT_FILES = ["config.json", "growlm_export.json", "tokenizer.json", INDEX]
+# the keys import reads, by file: edits drawn over a whole file would mostly land elsewhere (in a
+# tokenizer's vocabulary, say)
+IMPORT_KEYS = {
+    "config.json": [("vocab_size",), ("hidden_size",), ("num_hidden_layers",), ("num_attention_heads",),
+                    ("max_position_embeddings",), ("layer_norm_eps",), ("rotary_emb_base",), ("rotary_pct",),
+                    ("rope_parameters",), ("rope_parameters", "rope_theta"), ("rope_parameters", "rope_type"),
+                    ("rope_parameters", "partial_rotary_factor"), ("rope_scaling",), ("use_parallel_residual",),
+                    ("intermediate_size",), ("tie_word_embeddings",), ("hidden_act",), ("model_type",)],
+    "growlm_export.json": [("format",), ("version",), ("config",), ("config", "trainable_embedding"), ("source",),
+                           ("source", "fingerprint"), ("source", "lineage"), ("substrate",), ("substrate", "kind"),
+                           ("substrate", "fingerprint"), ("substrate", "recipe"), ("substrate", "recipe", "bits"),
+                           ("substrate_fingerprint",), ("substrate_width",), ("embedding_sha256",)],
+    "tokenizer.json": [("normalizer",), ("pre_tokenizer",), ("post_processor",), ("decoder",), ("truncation",),
+                       ("padding",), ("added_tokens",), ("added_tokens", 2, "lstrip"), ("model", "type"),
+                       ("model", "dropout"), ("model", "unk_token"), ("model", "byte_fallback"), ("model", "fuse_unk"),
+                       ("model", "vocab", "</s>")],
+    INDEX: [("weight_map",), ("weight_map", "gpt_neox.embed_in.weight"), ("weight_map", "embed_out.weight")],
+}
+# values another checkpoint could have at those keys (the scalars and JSON values of the strategies above too)
+IMPORT_VALUES = [None, {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+                 {"type": "NFKC"}, {"type": "Fuse"}, "WordPiece", "BPE", "<s>", 0.5, 16, 32, -16, 10**9, 500.0,
+                 "linear", "trainable", "glyph", "0" * 64, ["gpt_neox.embed_in.weight"],
+                 "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "../outside.safetensors",
+                 "/etc/passwd", "sub/x.safetensors"]
+
+
+@st.composite
+def import_key_edit(draw, doc: dict, target: str):
+    """One key import reads deleted, or set to a value another checkpoint could hold there."""
+    doc = copy.deepcopy(doc)
+    path = draw(st.sampled_from(IMPORT_KEYS[target]))
+    parent = get_at(doc, path[:-1])
+    if draw(st.integers(0, 4)) == 0:
+        parent.pop(path[-1], None)
+        return f"delete {path}", dump_json(doc)
+    parent[path[-1]] = value = draw(st.one_of(st.sampled_from(IMPORT_VALUES), scalars, json_values))
+    return f"set {path} to {value!r:.80}", dump_json(doc)
+
+
+@budget(20)
+@given(data=st.data())
+def test_fuzz_import(hf_export, data):
+    """Edits of a real export's config.json, growlm_export.json, tokenizer.json or (sharded) index, then
+    ``growlm import``: the property holds, the checkpoint is never changed, and an import that succeeds
+    wrote a model dir that verifies and generates."""
+    target = data.draw(st.sampled_from(IMPORT_FILES), label="file")
+    with example_dir() as root:
+        hf = copy_of(hf_export, root / "hf")
+        if target == INDEX:
+            shard_checkpoint(hf)
+        doc = json.loads((hf / target).read_text())
+        if data.draw(st.booleans(), label="a key import reads"):
+            desc, raw = data.draw(import_key_edit(doc, target), label="edit")
+        else:
+            desc, raw, _ = data.draw(json_file_edit(doc), label="edit")
+        note(f"{target}: {desc}")
+        (hf / target).write_bytes(raw)
+        out = root / "imported"
+        if not run_checked(["import", hf, "--out", out], root, [root], [out]).ok:
+            return
+        assert run_checked(["verify", out], root, [root]).ok, f"import of {target} with '{desc}' does not verify"
+        run_checked(["generate", out, "--prompt", "a fox", "--max-new-tokens", "2"], root, [root])
+
+
+# ----------------------------------------------------------------------------------------------
 # 4. argv fuzzing over the real sub-commands and flags
 
 INT_TEXT = st.one_of(st.sampled_from([str(i) for i in [-1, 0, 1, 2, 3, 16, 64, 2**40, 2**63, -(2**63), 10**30]]),
@@ -1009,7 +1080,8 @@ _EXPLORE = int(os.environ.get("GROWLM_FUZZ_EXPLORE", "0"))
 
 
 @pytest.mark.skipif(not _EXPLORE, reason="exploration only: set GROWLM_FUZZ_EXPLORE=N")
-@pytest.mark.parametrize("surface", ["load_plan", "model_json", "mixture_json", "run_dir", "argv", "train_plan"])
+@pytest.mark.parametrize("surface", ["load_plan", "model_json", "mixture_json", "run_dir", "argv", "train_plan",
+                                     "import"])
 def test_explore(surface, pool, corpus_dir):
     log = Path(os.environ.get("GROWLM_FUZZ_LOG", "fuzz-explore.log"))
     seen: set[str] = set()
@@ -1025,6 +1097,8 @@ def test_explore(surface, pool, corpus_dir):
                 test_fuzz_train_plan.hypothesis.inner_test(data.draw(plan_edit(valid_only=True)), corpus_dir)
             elif surface == "argv":
                 test_fuzz_argv.hypothesis.inner_test(pool, corpus_dir, data)
+            elif surface == "import":
+                test_fuzz_import.hypothesis.inner_test(pool["hf"], data)
             else:
                 globals()[f"test_fuzz_{surface}"].hypothesis.inner_test(pool, data)
         except Exception as e:  # noqa: BLE001 - exploration records every kind of failure

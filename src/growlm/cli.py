@@ -241,7 +241,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         results = [evaluate(Path(a.model), a.task, **kwargs)]
     for r in results:
         if a.json:
-            print(json.dumps(r, ensure_ascii=False))
+            # JSON has no NaN or Infinity (a score of nothing, or of a diverged model): those print as null
+            print(json.dumps(json.loads(json.dumps(r), parse_constant=lambda _: None), ensure_ascii=False, allow_nan=False))
         else:
             print("  ".join(f"{k}={v}" for k, v in r.items() if not isinstance(v, dict | list)))
         if r.get("unk_rate", 0.0) > UNK_WARN_RATE:
