@@ -368,3 +368,13 @@ def test_eval_json_prints_null_for_a_score_that_is_no_number(tiny_model_dir, cor
 
     result = json.loads(r.stdout, parse_constant=no_constant)
     assert result["loss"] is None and result["ppl"] is None and result["n_tokens"] > 0
+
+
+def test_an_import_error_names_the_checkpoint_not_a_temp_dir(ckpt):
+    """D18: the tokenizer is assembled in a temp dir that is gone when the error prints; the message names the
+    checkpoint's own file instead, and every path it names exists."""
+    edit_json(ckpt / "growlm_tokenizer.json", lambda t: t.update(fingerprint="0" * 64))
+    r = growlm("import", ckpt, "--out", ckpt.parent / "imported")
+    one_line_error(r, str(ckpt))
+    named = [w.strip(",;:()'\"") for w in r.stderr.split() if w.startswith("/")]
+    assert named and all(Path(p).exists() or Path(p).parent.exists() for p in named), r.stderr
