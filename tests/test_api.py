@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -186,3 +187,50 @@ def test_the_api_takes_what_its_docs_and_readme_give_and_refuses_the_rest_in_one
         growlm.merge([small_run / "stage-1", small_run / "stage-2"], tmp_path / "mix", combine="weighted",
                      weights="ab")
     assert not (tmp_path / "mix").exists() and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("argv, verb, args, kwargs", [
+    (["tokenizer", "build", "--corpus", "c.txt", "--out", "t"], "build_tokenizer", ("t",),
+     {"corpus": ["c.txt"], "preset": None, "ngram_list": None, "compact": False, "overwrite": False}),
+    (["substrate", "build", "--kind", "binary", "--vocab-size", "9", "--dim", "16", "--out", "s"], "build_substrate",
+     ("s", "binary"), {"dim": 16, "tokenizer": None, "vocab_size": 9, "bits": None, "params": {}, "overwrite": False}),
+    (["info", "m"], "info", ("m",), {"preset": None}),
+    (["train", "p.toml", "--out", "r", "--tensorboard"], "train", ("p.toml", "r"),
+     {"resume": False, "progress": True, "tensorboard": True}),
+    (["lora-merge", "m", "--out", "o"], "lora_merge", ("m", "o"), {}),
+    (["generate", "m", "--prompt", "Hi", "--top-k", "3"], "generate", ("m", "Hi"), {"top_k": 3}),
+    (["eval", "m", "--task", "ppl", "--data", "v.txt", "--limit", "2"], "evaluate", ("m", "ppl"),
+     {"data": ["v.txt"], "sample": False, "per_stage": False, "save": False, "limit": 2}),
+    (["export", "m", "--out", "h"], "export", ("m", "h"), {}),
+    (["import", "h", "--out", "m"], "import_hf", ("h", "m"), {}),
+    (["merge", "a", "b", "--out", "x", "--tokens", "64"], "merge", (["a", "b"], "x"),
+     {"weights": None, "router": False, "finetune_head": False, "data": None, "tokens": 64}),
+    (["verify", "r"], "verify", ("r",), {}),
+])
+def test_every_command_is_its_api_function(monkeypatch, capsys, argv, verb, args, kwargs):
+    """The CLI only parses and prints: each command calls its ``growlm.*`` function with the options given, and
+    an option left out is not passed at all (the function's own default is the one default)."""
+    import growlm.api as api
+
+    calls = []
+    real = getattr(api, verb)
+
+    class Result(dict):  # what each verb returns, as far as the command prints it
+        vocab_size, fingerprint, kind, dim = 1, "f" * 64, "binary", 16
+
+        def __truediv__(self, other):
+            return Path("x") / other
+
+    @functools.wraps(real)  # the parser reads the function's defaults for its help
+    def fake(*a, **kw):
+        calls.append((a, {k: v for k, v in kw.items() if k != "log"}))
+        return {"verify": Result(ok=True, lines=[]), "info": Result(fingerprint="f" * 64), "generate": "text",
+                "evaluate": Result(), "train": Path(".")}.get(verb, Result())
+
+    monkeypatch.setattr(api, verb, fake)
+    monkeypatch.setattr("growlm.compose.merge_summary", lambda out: "merged")
+    monkeypatch.setattr("growlm.store.stages", lambda run: [])
+    if verb == "lora_merge":
+        monkeypatch.setattr(api, "info", lambda out: {"fingerprint": "f" * 64})
+    assert main(argv) == 0, capsys.readouterr().err
+    assert calls == [(args, kwargs)]

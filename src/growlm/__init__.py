@@ -13,11 +13,28 @@ submodule shadows an API function of the same verb.
 
 from __future__ import annotations
 
-from growlm.api import Loaded, evaluate, export, load, load_plan, merge, plan_from_dict, train
+from growlm.api import (
+    Loaded,
+    build_substrate,
+    build_tokenizer,
+    evaluate,
+    export,
+    generate,
+    import_hf,
+    info,
+    load,
+    load_plan,
+    lora_merge,
+    merge,
+    plan_from_dict,
+    train,
+    verify,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Loaded", "Plan", "evaluate", "export", "load", "load_plan", "merge", "plan_from_dict", "train"]
+__all__ = ["Loaded", "Plan", "build_substrate", "build_tokenizer", "evaluate", "export", "generate", "import_hf", "info",
+           "load", "load_plan", "lora_merge", "merge", "plan_from_dict", "train", "verify"]
 
 
 def __getattr__(name: str) -> object:

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import secrets
-import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from argparse import SUPPRESS
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,57 +24,6 @@ UNK_WARN_RATE = 0.01
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def _check_out(out: str | Path) -> None:
-    """No command writes into a model dir, mixture dir or run (they are immutable once written)."""
-    from growlm.store import check_out
-
-    check_out(Path(out))
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work is done, an ``--out`` that is not a dir or that holds something
-    the user did not ask to replace."""
-    _check_out(out)
-    if out.is_symlink():
-        raise GrowlmError(f"--out {out} is a symlink; give the directory itself")
-    if out.exists() and not out.is_dir():
-        raise GrowlmError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and not overwrite and any(out.iterdir()):
-        raise GrowlmError(f"--out {out} is not empty; pass --overwrite to replace it")
-
-
-@contextmanager
-def _output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temp dir to write into that replaces ``out`` only once complete (see :func:`_check_output_dir`).
-
-    An existing ``out`` is swapped out by two renames and removed only after the new dir is in
-    place, so at no point is ``out`` a half-written dir; on any failure it is left as it was.
-    """
-    from growlm.files import WriteError, atomic_dir
-
-    _check_output_dir(out, overwrite)
-    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.new" if out.exists() else out
-    try:
-        with atomic_dir(staging) as tmp:
-            yield tmp
-        if staging != out:
-            old = staging.with_suffix(".old")
-            os.rename(out, old)
-            try:
-                os.rename(staging, out)
-            except OSError:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    except WriteError as e:  # name the user's --out, not our staging dir
-        raise WriteError(out / e.path.name if e.path != staging else out, e.reason) from e
-    except OSError as e:
-        raise WriteError(out, str(e.strerror or e)) from e
-    finally:
-        if staging != out:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ngram_lengths(text: str) -> tuple[int, ...]:
@@ -111,49 +55,34 @@ def _kind_params(kind: str, items: list[str]) -> dict[str, object]:
 # commands
 
 
-def cmd_tokenizer_build(a: argparse.Namespace) -> None:
-    from growlm.tokenizer import build_preset, build_tokenizer
+def _given(a: argparse.Namespace, *names: str) -> dict[str, object]:
+    """The options among ``names`` the user gave: the rest take the API function's own defaults (written once)."""
+    return {n: getattr(a, n) for n in names if hasattr(a, n)}
 
-    out = Path(a.out)
-    _check_output_dir(out, a.overwrite)
-    if a.preset:
-        tok = build_preset(a.preset, Path(a.ngram_list) if a.ngram_list else None)
-    else:
-        if not a.corpus:
-            raise GrowlmError("give --corpus FILE... or --preset NAME")
-        ngrams = _ngram_lengths(a.ngrams)
-        tok = build_tokenizer([Path(c) for c in a.corpus], compact=a.compact, ngrams=ngrams, top_k=a.top_k)
-    with _output_dir(out, a.overwrite) as tmp:
-        tok.save(tmp)
+
+def cmd_tokenizer_build(a: argparse.Namespace) -> None:
+    from growlm.api import build_tokenizer
+
+    kw = _given(a, "top_k")
+    if hasattr(a, "ngrams"):
+        kw["ngrams"] = _ngram_lengths(a.ngrams)
+    tok = build_tokenizer(a.out, corpus=a.corpus, preset=a.preset, ngram_list=a.ngram_list, compact=a.compact,
+                          overwrite=a.overwrite, **kw)
     print(f"tokenizer: {tok.vocab_size:,} tokens, fingerprint {tok.fingerprint} -> {a.out}")
 
 
 def cmd_substrate_build(a: argparse.Namespace) -> None:
-    from growlm.substrate import build_substrate
+    from growlm.api import build_substrate
 
-    out = Path(a.out)
-    _check_output_dir(out, a.overwrite)
-    params = _kind_params(a.kind, a.param or [])
-    tok = None
-    if a.tokenizer:
-        from growlm.tokenizer import Tokenizer
-
-        tok = Tokenizer.load(Path(a.tokenizer))
-    elif a.vocab_size is None:
-        raise GrowlmError("give --tokenizer DIR or --vocab-size N")
-    sub = build_substrate(a.kind, dim=a.dim, tokenizer=tok, vocab_size=a.vocab_size, bits=a.bits, seed=a.seed,
-                          **params)
-    with _output_dir(out, a.overwrite) as tmp:
-        sub.save(tmp)
+    sub = build_substrate(a.out, a.kind, dim=a.dim, tokenizer=a.tokenizer, vocab_size=a.vocab_size, bits=a.bits,
+                          params=_kind_params(a.kind, a.param or []), overwrite=a.overwrite, **_given(a, "seed"))
     print(f"substrate {sub.kind}: [{sub.vocab_size:,}, {sub.dim}], fingerprint {sub.fingerprint} -> {a.out}")
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from growlm.info import info_model, info_preset
+    from growlm.api import info as describe
 
-    info = info_preset(a.preset) if a.preset else info_model(Path(a.model)) if a.model else None
-    if info is None:
-        raise GrowlmError("give MODEL_DIR or --preset NAME")
+    info = describe(a.model, preset=a.preset)
     if a.json:
         _print_json(info)
     else:
@@ -176,70 +105,35 @@ def cmd_train(a: argparse.Namespace) -> None:
         # what every rank would refuse, refused once here, before torchrun starts them
         check_batch_split(load_plan(Path(a.plan)).train.batch_size, a.nproc)
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
+    from growlm.api import train
     from growlm.distributed import world
-    from growlm.training import train
+    from growlm.store import stages
 
-    dirs = train(Path(a.plan), Path(a.out), resume=a.resume, progress=not a.no_progress,
-                 tensorboard=True if a.tensorboard else None)
+    run = train(a.plan, a.out, resume=a.resume, progress=not a.no_progress, tensorboard=True if a.tensorboard else None)
     if world()[0] == 0:  # under torchrun, one line, not one per rank
-        print(f"done: {len(dirs)} stages in {a.out}")
+        print(f"done: {len(stages(run))} stages in {a.out}")
 
 
 def cmd_lora_merge(a: argparse.Namespace) -> None:
-    _check_out(a.out)
-    from growlm.lora import merge_adapters
-    from growlm.store.model import load_model, save_model
+    from growlm.api import info, lora_merge
 
-    saved = load_model(Path(a.model))
-    if not saved.model.lora_records:
-        raise GrowlmError(f"{a.model} has no LoRA adapters to merge")
-    model = merge_adapters(saved.model)
-    keep = {k: saved.meta[k] for k in ("plan", "stage", "metrics", "params_active") if k in saved.meta}
-    keep["merged_from"] = saved.meta["fingerprint"]
-    meta = save_model(model, Path(a.out), tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"],
-                      extra=keep, lineage=saved.meta["lineage"] + [saved.meta["fingerprint"]])
-    print(f"merged {len(saved.meta['lora'])} LoRA stage(s) into {a.out} (fingerprint {meta['fingerprint'][:12]})")
+    out = lora_merge(a.model, a.out)
+    merged = info(out)
+    print(f"merged the LoRA adapters of {a.model} into {out} (fingerprint {merged['fingerprint'][:12]})")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    import torch
+    from growlm.api import generate
 
-    from growlm.evaluation import load_any
-
-    if not (math.isfinite(a.temperature) and a.temperature >= 0):
-        raise GrowlmError(f"--temperature must be a finite number >= 0 (0 is greedy), got {a.temperature}")
-    if a.top_k is not None and a.top_k < 1:
-        raise GrowlmError(f"--top-k must be a positive number of tokens, got {a.top_k}")
-    if a.max_new_tokens < 0:
-        raise GrowlmError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
-    lm, tok = load_any(Path(a.model))
-    ids = tok.encode(a.prompt)
-    if not ids:
-        raise GrowlmError("the prompt encodes to no tokens")
-    gen = torch.Generator().manual_seed(a.seed)
-    out = lm.generate(torch.tensor([ids]), a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                      generator=gen)
-    print(a.prompt + tok.decode(out[0, len(ids):].tolist()))
+    print(generate(a.model, a.prompt, **_given(a, "max_new_tokens", "temperature", "top_k", "seed")))
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from growlm.api import evaluate
-    from growlm.evaluation.run import evaluate_per_stage
 
-    kwargs = dict(data=a.data, protocol=a.protocol, limit=a.limit, runs=a.runs, seed=a.seed, sample=a.sample)
-    if a.save:
-        from growlm.store import MixtureDir, resolve
-
-        # a mixture records every file it holds (mixture.json), so a sidecar would make it unverifiable;
-        # refused before any scoring is spent
-        if isinstance(resolve(a.model), MixtureDir):
-            raise GrowlmError(f"--save stores results beside a model dir or run stage; {a.model} is a mixture, whose "
-                              f"files are all recorded in its mixture.json: drop --save and keep the printed result")
-    if a.per_stage:
-        results = evaluate_per_stage(Path(a.model), a.task, **kwargs)
-    else:
-        results = [evaluate(Path(a.model), a.task, **kwargs)]
-    for r in results:
+    results = evaluate(a.model, a.task, data=a.data, sample=a.sample, per_stage=a.per_stage, save=a.save,
+                       log=lambda line: print(line, file=sys.stderr), **_given(a, "protocol", "limit", "runs", "seed"))
+    for r in results if a.per_stage else [results]:
         if a.json:
             # JSON has no NaN or Infinity (a score of nothing, or of a diverged model): those print as null
             print(json.dumps(json.loads(json.dumps(r), parse_constant=lambda _: None), ensure_ascii=False, allow_nan=False))
@@ -249,15 +143,6 @@ def cmd_eval(a: argparse.Namespace) -> None:
             where = f"stage {r['stage']}: " if "stage" in r else ""
             print(f"growlm: warning: {where}{r['unk_rate']:.1%} of the evaluated tokens are <unk> (characters the "
                   f"tokenizer cannot hold); the score does not cover that text", file=sys.stderr)
-    if a.save:
-        from growlm.model_card import save_eval
-        from growlm.store import stage_dir
-
-        # a result goes beside the model it scored: each stage of a sweep to its own stage dir
-        data = [str(d) for d in a.data] if a.data else None
-        for r in results:
-            d = stage_dir(Path(a.model), r["stage"]) if a.per_stage else Path(a.model)
-            print(f"saved to {save_eval(d, r, data)}", file=sys.stderr)
     if a.per_stage:
         from growlm.files import WriteError
         from growlm.report import sweep_report
@@ -277,10 +162,9 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_import(a: argparse.Namespace) -> None:
-    _check_out(a.out)
-    from growlm.interop import import_hf
+    from growlm.api import import_hf
 
-    out = import_hf(Path(a.hf_dir), Path(a.out))
+    out = import_hf(a.hf_dir, a.out)
     print(f"imported {a.hf_dir} -> {out}")
 
 
@@ -298,15 +182,16 @@ def cmd_merge(a: argparse.Namespace) -> None:
     from growlm.api import merge
     from growlm.compose import merge_summary
 
-    out = merge(a.experts, a.out, combine=a.combine, weights=_weights(a.weights), space=a.weighted_space,
-                router=a.router, finetune_head=a.finetune_head, data=a.data, tokens=a.tokens, lr=a.lr)
+    out = merge(a.experts, a.out, weights=_weights(a.weights), router=a.router, finetune_head=a.finetune_head,
+                data=a.data, **_given(a, "combine", "tokens", "lr"),
+                **({"space": a.weighted_space} if hasattr(a, "weighted_space") else {}))
     print(merge_summary(out))
 
 
 def cmd_verify(a: argparse.Namespace) -> None:
-    from growlm.verify import verify
+    from growlm.api import verify
 
-    report = verify(Path(a.path))
+    report = verify(a.path)
     if a.json:
         _print_json(report)
     else:
@@ -341,6 +226,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"growlm: error: {one_line(message.removeprefix('argument '))}\n")
 
 
+def _default(verb: str, name: str) -> object:
+    """The default of ``growlm.api.VERB``'s argument ``name``: the one place it is written (an option left out
+    on the command line is not passed, so the function's own default applies)."""
+    import inspect
+
+    import growlm.api
+
+    return inspect.signature(getattr(growlm.api, verb)).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="growlm", description="Grow language models layer by layer over a frozen substrate.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -351,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--corpus", nargs="+", metavar="FILE")
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--compact", action="store_true", help="small vocabulary: code points seen + specials + n-grams")
-    b.add_argument("--ngrams", default="2,3", help="n-gram lengths to mine, e.g. 2,3")
-    b.add_argument("--top-k", type=int, default=338, help="n-grams kept per corpus file and length")
+    b.add_argument("--ngrams", default=SUPPRESS,
+                   help=f"n-gram lengths to mine (default {','.join(map(str, _default('build_tokenizer', 'ngrams')))})")
+    b.add_argument("--top-k", type=int, default=SUPPRESS,
+                   help=f"n-grams kept per corpus file and length (default {_default('build_tokenizer', 'top_k')})")
     b.add_argument("--preset", help="bvv241-2-3: the paper's exact vocabulary, from the n-gram list shipped with growlm")
     b.add_argument("--ngram-list", metavar="FILE", help="another n-gram list for --preset (default: the shipped one)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all or nothing)")
@@ -367,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int)
     b.add_argument("--dim", type=int, required=True)
     b.add_argument("--bits", type=int, help="code width for binary/random-bits")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=SUPPRESS)
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a parameter of the kind, as its Params model types it (e.g. basis=vocab for glyph); "
                         "repeat for several")
@@ -399,21 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("generate", help="generate text (KV-cached; greedy unless --temperature)")
     b.add_argument("model", metavar="MODEL")
     b.add_argument("--prompt", required=True)
-    b.add_argument("--max-new-tokens", type=int, default=64)
-    b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--top-k", type=int)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-new-tokens", type=int, default=SUPPRESS,
+                   help=f"(default {_default('generate', 'max_new_tokens')})")
+    b.add_argument("--temperature", type=float, default=SUPPRESS, help="0 (the default) is greedy")
+    b.add_argument("--top-k", type=int, default=SUPPRESS)
+    b.add_argument("--seed", type=int, default=SUPPRESS)
     b.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("eval", help="perplexity and benchmarks")
     b.add_argument("model", metavar="MODEL")
-    b.add_argument("--task", required=True, choices=registered("growlm.evaluation.tasks", "TASKS", first=("ppl",)),
+    b.add_argument("--task", required=True, choices=registered("growlm.evaluation.tasks", "TASKS"),
                    metavar="TASK", help="%(choices)s")
     b.add_argument("--data", nargs="+", metavar="PATH")
-    b.add_argument("--protocol", choices=["paper", "loglik"], default="paper")
-    b.add_argument("--limit", type=int)
-    b.add_argument("--runs", type=int)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--protocol", choices=["paper", "loglik"], default=SUPPRESS, help="(default paper)")
+    b.add_argument("--limit", type=int, default=SUPPRESS)
+    b.add_argument("--runs", type=int, default=SUPPRESS)
+    b.add_argument("--seed", type=int, default=SUPPRESS)
     b.add_argument("--sample", action="store_true", help="stochastic decoding, as the paper's runs")
     b.add_argument("--per-stage", action="store_true", help="evaluate every stage of a run (depth sweep)")
     b.add_argument("--save", action="store_true",
@@ -437,14 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("experts", nargs="+", metavar="MODEL")
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--combine", choices=registered("growlm.rules", "RULES", lambda r: not r.trained),
-                   default="mean-logits", metavar="RULE", help="%(choices)s (default %(default)s)")
+                   default=SUPPRESS, metavar="RULE", help=f"%(choices)s (default {_default('merge', 'combine')})")
     b.add_argument("--weights", help="w1,w2,... for --combine weighted")
-    b.add_argument("--weighted-space", choices=["logits", "probs"], default="logits")
+    b.add_argument("--weighted-space", choices=["logits", "probs"], default=SUPPRESS,
+                   help=f"(default {_default('merge', 'space')})")
     b.add_argument("--router", action="store_true", help="train a per-token gate on mixed data")
     b.add_argument("--finetune-head", action="store_true", help="tune only the output layer after merging")
     b.add_argument("--data", nargs="+", metavar="FILE", help="training text for --router/--finetune-head")
-    b.add_argument("--tokens", type=int, default=32768)
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--tokens", type=int, default=SUPPRESS, help=f"(default {_default('merge', 'tokens')})")
+    b.add_argument("--lr", type=float, default=SUPPRESS, help=f"(default {_default('merge', 'lr')})")
     b.set_defaults(func=cmd_merge)
 
     b = sub.add_parser("verify", help="recompute checksums and prove frozen blocks stayed frozen")
@@ -463,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        # parsing reads the registries (a bad choice lists them), which is when plugins are imported
+        args = build_parser().parse_args(argv)
         args.func(args)
     except GrowlmError as e:
         print(f"growlm: error: {one_line(e)}", file=sys.stderr)

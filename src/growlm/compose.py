@@ -371,7 +371,7 @@ def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixtur
     models = [load_model(path / e["path"], verify=False).model for e in desc["experts"]]
     rule = Rule(desc["combine"], desc["space"], tuple(desc["weights"]) if desc["weights"] is not None else None)
     router = None
-    if rule.combine == "router":
+    if rule.kind.trained:  # its per-token weights come from the router stored beside the experts
         if ROUTER not in desc["tensors"] or not desc["router"]:
             raise GrowlmError(f"mixture {path} combines with a router but stores none")
         router = Router(desc["router"]["in_features"], desc["router"]["prior"])
@@ -403,7 +403,8 @@ def merge_summary(path: Path) -> str:
     """One line describing the mixture dir ``path``: its rule, post-merge training, fingerprint and size
     (what ``growlm merge`` prints)."""
     info = info_mixture(path)
-    rule = info["combine"] + (f" in {info['space']} space" if info["combine"] in ("weighted", "router") else "")
+    spaces = RULES[info["combine"]].spaces  # a rule that acts in one space only needs no mention of it
+    rule = info["combine"] + (f" in {info['space']} space" if len(spaces) > 1 else "")
     tuned = "".join(f"; {r['stage']} {r['loss_before']:.4f} -> {r['loss_after']:.4f} on {r['tokens']:,} tokens"
                     for r in read_desc(path)["tuning"])
     return (f"merged {info['n_experts']} experts ({rule}{tuned}) -> {path} "

@@ -22,6 +22,7 @@ from growlm.lora import lora_param_count
 from growlm.memory import TrainingMemory, check_fits, gib, training_memory
 from growlm.model import Block, GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import LoraSpec, Plan, StageSpec
+from growlm.substrate.registry import kind_trains
 
 # (in, out) of each LoRA target's Linear, in multiples of d_model (lora.TARGETS names the modules)
 _TARGET_WIDTHS = {"qkv": (1, 3), "attn_out": (1, 1), "fc": (1, 4), "mlp_out": (4, 1)}
@@ -191,7 +192,7 @@ def plan_active_params(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> list[in
     """Active parameter count of every stage of a plan, in order."""
     out, depth = [], depth0
     for st in plan.stage:
-        out.append(stage_active_params(cfg, st, depth, plan.substrate.kind == "trainable"))
+        out.append(stage_active_params(cfg, st, depth, kind_trains(plan.substrate.kind)))
         depth += st.grow
     return out
 

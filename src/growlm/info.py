@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from growlm.errors import GrowlmError
@@ -10,11 +11,13 @@ from growlm.model import ModelConfig, count_params_meta, preset_config
 from growlm.plan import Plan
 from growlm.store import MixtureDir, RunDir, resolve, stages
 from growlm.store.mixture import info_mixture
+from growlm.substrate.registry import kind_trains
 
 
 def info_preset(name: str) -> dict:
     """Shape and exact parameter counts of a named paper preset (no weights are allocated)."""
     cfg, kind = preset_config(name)
+    cfg = dataclasses.replace(cfg, trainable_embedding=kind_trains(kind))
     counts = count_params_meta(cfg)
     return {"preset": name, "substrate": kind, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
             "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size, "context": cfg.context,
@@ -69,7 +72,7 @@ def _plan_model(plan: Plan, root: Path) -> tuple[ModelConfig, list[dict]]:
                                 top_k=spec.top_k).vocab_size
     # the substrate at full width: its real table may be narrower (a bit code), which only lowers the estimate
     return ModelConfig(vocab_size=vocab, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
-                       context=plan.model.context, trainable_embedding=plan.substrate.kind == "trainable",
+                       context=plan.model.context, trainable_embedding=kind_trains(plan.substrate.kind),
                        rope_theta=plan.model.rope_theta), []
 
 

@@ -64,6 +64,7 @@ from growlm.store.model import (
     save_model,
 )
 from growlm.substrate import substrate_fingerprint
+from growlm.substrate.registry import kind_trains
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT
 from growlm.tokenizer import META_FILE as TOKENIZER_META
 from growlm.tokenizer import VERSION as TOKENIZER_VERSION
@@ -492,7 +493,7 @@ def _recorded_substrate(hf: Path, record: dict, embedding: torch.Tensor, trainab
                f"{record['substrate_fingerprint'][:12]!r}")
     elif sub["kind"] != recipe.get("kind", sub["kind"]):
         why = f"substrate.kind {sub['kind']!r:.40} is not its recipe's kind {recipe['kind']!r:.40}"
-    elif sub["kind"] == "trainable":
+    elif kind_trains(sub["kind"]):
         if not trainable:
             why = "it names a trainable substrate, but config.trainable_embedding is false"
     elif substrate_fingerprint(recipe, embedding) != sub["fingerprint"]:

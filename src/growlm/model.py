@@ -429,12 +429,12 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(name: str) -> tuple[ModelConfig, str]:
-    """The model config and substrate kind of a named preset."""
+    """The model config (a frozen embedding) and substrate kind of a named preset."""
     if name not in PRESETS:
         raise GrowlmError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     spec = dict(PRESETS[name])
     kind = spec.pop("substrate")
-    return ModelConfig(**spec, trainable_embedding=(kind == "trainable")), kind
+    return ModelConfig(**spec), kind
 
 
 def count_params_meta(cfg: ModelConfig) -> dict[str, int]:

@@ -6,16 +6,48 @@ so adding one is one new module and one ``register`` call. See ``docs/extending.
 
 This module imports nothing heavy: the CLI builds its parser from :meth:`Registry.choices`
 without importing torch; the built-in entries are imported the first time a registry is read.
+
+Plugins: a pip-installed package that names a module in the ``growlm.plugins`` entry-point group
+(``[project.entry-points."growlm.plugins"] NAME = "its_module"``) has that module imported the first
+time any registry is read, after the built-ins, so its registrations are there for every command
+(and a saved substrate or mixture of its kind loads) with no import of the user's own.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from growlm.errors import GrowlmError
+
 T = TypeVar("T")
+PLUGIN_GROUP = "growlm.plugins"
+
+
+def load_plugins() -> tuple[str, ...]:
+    """Import every module named in the ``growlm.plugins`` entry-point group; returns their entry names.
+    A plugin that fails to import is one line naming it (its registrations would otherwise be missing
+    silently), the same line every time it is asked for."""
+    names, error = _import_plugins()
+    if error is not None:
+        raise GrowlmError(error)
+    return names
+
+
+@functools.cache  # once per process: a plugin's import registers its entries (a failed one may have registered
+def _import_plugins() -> tuple[tuple[str, ...], str | None]:  # some already), and a name registers once
+    names = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except Exception as e:  # whatever a third-party import raises, it is reported as the plugin's
+            return tuple(names), f"growlm plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}"
+        names.append(ep.name)
+    return tuple(names), None
 
 
 class Registry(Generic[T]):
@@ -33,6 +65,7 @@ class Registry(Generic[T]):
 
     def _load(self) -> dict[str, T]:
         importlib.import_module(self._builtins)
+        load_plugins()
         return self._entries
 
     def register(self, name: str, entry: T) -> T:

@@ -35,6 +35,7 @@ from growlm.store.model import (
     recorded_fingerprint_of,
     verify_files,
 )
+from growlm.substrate.registry import kind_trains
 
 
 def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
@@ -63,7 +64,7 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
     problems += port
     if not port:
         lines.append(f"{path}: tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} ok")
-        if meta["substrate"]["kind"] != "trainable":
+        if not kind_trains(meta["substrate"]["kind"]):
             lines.append(f"{path}: substrate {meta['substrate']['kind']} fingerprint {meta['substrate_fingerprint'][:12]} ok")
     fp = recorded_fingerprint_of(meta, weights, adapters)
     if adapters and meta["version"] < LORA_COVERED:

@@ -8,6 +8,11 @@
 Everything here is written against a minimal language-model interface (:class:`LM`) so that a
 single decoder and a mixture of experts are evaluated by the same code. :func:`load_any` is the one
 place that turns a path into such a model.
+
+From the bottom up: ``task`` (what a task is: ``Item``, ``Outcome``, ``Task`` and the ``TASKS``
+registry), ``readers`` (the public data formats), ``ppl`` (sliding-window scoring) and ``protocols``
+(the scoring tasks share), ``tasks/`` (one module per task, perplexity included) and ``run``
+(``evaluate``: one task on one model or on every stage of a run).
 """
 
 from __future__ import annotations

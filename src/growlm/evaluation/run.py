@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,30 +25,14 @@ from tqdm.auto import tqdm
 
 from growlm.errors import GrowlmError
 from growlm.evaluation import LM, fingerprint_of, load_any, model_device
-from growlm.evaluation.ppl import perplexity
-from growlm.evaluation.protocols import (
-    PROTOCOLS,
-    Outcome,
-    has_loglik,
-    mean_ci95,
-    progress_units,
-    run_protocol,
-    select,
-)
-from growlm.evaluation.tasks import TASKS, Item, load_items
+from growlm.evaluation.protocols import PROTOCOLS, mean_ci95, progress_units, run_protocol, select
+from growlm.evaluation.readers import load_items
+from growlm.evaluation.task import DataArg, Item, Options, Outcome, Task, get_task
 from growlm.store import RunDir, resolve, stages
 from growlm.store.model import read_meta
 
-TASK_NAMES = ("ppl", *TASKS)  # the built-in tasks; task_names() includes those registered since
 SAMPLE_TEMPERATURE = 1.0
 PAPER_RUNS = 10
-
-DataArg = str | Path | Iterable[str | Path] | None
-
-
-def task_names() -> tuple[str, ...]:
-    """``ppl`` and every registered benchmark."""
-    return ("ppl", *TASKS)
 
 
 def default_runs(sample: bool) -> int:
@@ -59,16 +43,15 @@ def default_runs(sample: bool) -> int:
 def evaluate(model_path: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
              limit: int | None = None, runs: int | None = None, seed: int = 0, sample: bool = False,
              progress: bool = True) -> dict:
-    """Evaluate the model at ``model_path`` on ``task`` (one of :func:`task_names`).
+    """Evaluate the model at ``model_path`` on ``task`` (a name registered in :data:`~growlm.evaluation.task.TASKS`).
 
     ``data``: path(s) to the task's data (for ``ppl``: UTF-8 text files, required); default: the
     offline benchmark packages. ``limit``: items per run (``ppl``: the first ``limit`` files).
     ``runs``: default 1, or 10 with ``sample=True``. Returns one JSON-able dict (see the module doc).
     """
-    runs = _check(task, protocol, limit, runs, sample, seed, data)
-    source = _load_source(task, data, protocol)
-    return _evaluate_path(Path(model_path), task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
-                          sample=sample, progress=progress)
+    spec, options = _check(task, protocol, limit, runs, sample, seed, data, progress)
+    source = _read(task, spec, data, protocol)
+    return _evaluate_path(Path(model_path), task, spec, source, options)
 
 
 def evaluate_model(model: LM, tokenizer, task: str, *, name: str, fingerprint: str | None, data: DataArg = None,
@@ -79,10 +62,10 @@ def evaluate_model(model: LM, tokenizer, task: str, *, name: str, fingerprint: s
     ``name`` and ``fingerprint`` become the result's ``model`` and ``model_fingerprint``: the caller
     vouches that the weights are those of the model with that fingerprint, or passes None.
     """
-    runs = _check(task, protocol, limit, runs, sample, seed, data)
-    source = _load_source(task, data, protocol)
-    return _score(model, tokenizer, {"task": task, "model": name, "model_fingerprint": fingerprint}, source,
-                  protocol=protocol, limit=limit, runs=runs, seed=seed, sample=sample, progress=progress)
+    spec, options = _check(task, protocol, limit, runs, sample, seed, data, progress)
+    source = _read(task, spec, data, protocol)
+    return _score(model, tokenizer, {"task": task, "model": name, "model_fingerprint": fingerprint}, spec, source,
+                  options)
 
 
 def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, protocol: str = "paper",
@@ -96,15 +79,14 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     """
     from growlm.store import MetricsLog
 
-    runs = _check(task, protocol, limit, runs, sample, seed, data)
+    spec, options = _check(task, protocol, limit, runs, sample, seed, data, progress)
     run_dir = Path(run_dir)
     if not isinstance(found := resolve(run_dir), RunDir):
         raise GrowlmError(f"{run_dir} holds no stage-N model dirs (is it a training run's output dir?)")
-    source = _load_source(task, data, protocol)
+    source = _read(task, spec, data, protocol)
     out = []
     for n, path in stages(found):
-        res = _evaluate_path(path, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
-                             sample=sample, progress=progress)
+        res = _evaluate_path(path, task, spec, source, options)
         out.append({"stage": n, "n_layers": read_meta(path)["config"]["n_layers"], **res})
     if (run_dir / MetricsLog.TENSORBOARD).is_dir():  # written after the sweep: a failed stage leaves no half curve
         try:
@@ -122,27 +104,27 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
 
 
 def _check(task: str, protocol: str, limit: int | None, runs: int | None, sample: bool, seed: int,
-           data: DataArg) -> int:
+           data: DataArg, progress: bool) -> tuple[Task, Options]:
     """Validate the options before anything is loaded (their types too: the Python API passes what it is
-    given); returns the number of runs."""
+    given); returns the task and the options it is scored with."""
     for name, value, kinds in (("task", task, str), ("protocol", protocol, str), ("sample", sample, bool),
                                ("limit", limit, int | None), ("runs", runs, int | None)):
         if not isinstance(value, kinds) or (name in ("limit", "runs") and isinstance(value, bool)):
             raise GrowlmError(f"{name}: expected {kinds}, got {type(value).__name__} {str(value)[:40]!r}")
     _check_seed_and_data(seed, data)
-    if task not in task_names():
-        raise GrowlmError(f"unknown task {task!r}; known tasks: {', '.join(task_names())}")
+    spec = get_task(task)
     if protocol not in PROTOCOLS:
         raise GrowlmError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
     if limit is not None and limit <= 0:
         raise GrowlmError(f"--limit must be a positive number of items, got {limit}")
     if runs is not None and runs <= 0:
         raise GrowlmError(f"--runs must be positive, got {runs}")
-    if sample and (protocol != "paper" or task == "ppl"):
+    if sample and (protocol != "paper" or not spec.is_benchmark):
         raise GrowlmError("--sample applies to the generation (paper) protocol of a benchmark only")
-    if task != "ppl" and protocol != "paper" and not has_loglik(task):
+    if spec.is_benchmark and protocol != "paper" and not spec.has_loglik:
         raise GrowlmError(f"task {task!r} has no loglik protocol; use --protocol paper")
-    return default_runs(sample) if runs is None else runs
+    runs = default_runs(sample) if runs is None else runs
+    return spec, Options(protocol, limit, runs, seed, sample, progress=progress and sys.stderr.isatty())
 
 
 def _check_seed_and_data(seed: object, data: object) -> None:
@@ -156,37 +138,27 @@ def _check_seed_and_data(seed: object, data: object) -> None:
                               f"{str(item)[:40]!r}")
 
 
-def _load_source(task: str, data: DataArg, protocol: str) -> list[Path] | list[Item]:
-    """Text files for ``ppl``, otherwise the items the protocol scores."""
-    if task == "ppl":
-        if data is None:
-            raise GrowlmError("task 'ppl' needs text: pass --data FILE [FILE ...] (UTF-8 text files)")
-        return [Path(data)] if isinstance(data, str | Path) else [Path(p) for p in data]
-    items = select(task, protocol, load_items(task, data))
+def _read(task: str, spec: Task, data: DataArg, protocol: str) -> list:
+    """What the task scores: what it reads itself, or the benchmark's items that the protocol scores."""
+    if not spec.is_benchmark:
+        return spec.read(data)
+    items = select(spec, protocol, load_items(task, data))
     if not items:
-        raise GrowlmError(f"no {TASKS[task].title} items are scorable under the {protocol} protocol")
+        raise GrowlmError(f"no {spec.title} items are scorable under the {protocol} protocol")
     return items
 
 
-def _evaluate_path(path: Path, task: str, source: list, *, protocol: str, limit: int | None, runs: int,
-                   seed: int, sample: bool, progress: bool) -> dict:
+def _evaluate_path(path: Path, task: str, spec: Task, source: list, options: Options) -> dict:
     model, tokenizer = load_any(path)
     return _score(model, tokenizer, {"task": task, "model": str(path), "model_fingerprint": fingerprint_of(path)},
-                  source, protocol=protocol, limit=limit, runs=runs, seed=seed, sample=sample, progress=progress)
+                  spec, source, options)
 
 
-def _score(model: LM, tokenizer, head: dict, source: list, *, protocol: str, limit: int | None, runs: int,
-           seed: int, sample: bool, progress: bool) -> dict:
-    """``head`` (task, model, model_fingerprint) and the scores of ``model`` on ``head["task"]``."""
-    task = head["task"]
-    show = progress and sys.stderr.isatty()
-    if task == "ppl":
-        texts = source[:limit] if limit else source
-        res = perplexity(model, tokenizer, texts, progress=show)
-        return {**head, "protocol": "sliding_window", "n": res.pop("n_texts"), "runs": 1, **res}
-    res = _benchmark(model, tokenizer, task, source, protocol=protocol, limit=limit, runs=runs, seed=seed,
-                     sample=sample, progress=show)
-    return {**head, "protocol": protocol, **res}
+def _score(model: LM, tokenizer, head: dict, spec: Task, source: list, options: Options) -> dict:
+    """``head`` (task, model, model_fingerprint) and the scores of ``model`` on the task."""
+    if not spec.is_benchmark:
+        return {**head, **spec.measure(model, tokenizer, source, options)}
+    return {**head, "protocol": options.protocol, **_benchmark(model, tokenizer, head["task"], spec, source, options)}
 
 
 def _draw(n: int, size: int, seed: int, run: int) -> list[int]:
@@ -196,26 +168,27 @@ def _draw(n: int, size: int, seed: int, run: int) -> list[int]:
     return sorted(np.random.default_rng([seed, run]).choice(n, size=size, replace=False).tolist())
 
 
-def _benchmark(model: LM, tokenizer, task: str, pool: Sequence[Item], *, protocol: str, limit: int | None,
-               runs: int, seed: int, sample: bool, progress: bool) -> dict:
+def _benchmark(model: LM, tokenizer, task: str, spec: Task, pool: Sequence[Item], options: Options) -> dict:
+    """Sampled runs of the benchmark ``task`` over ``pool``: their scores, ci95 and per-subject means."""
+    protocol, limit, runs, seed, sample = options.protocol, options.limit, options.runs, options.seed, options.sample
     size = len(pool) if limit is None else min(limit, len(pool))
     samples = [_draw(len(pool), size, seed, r) for r in range(runs)]
     if sample:
-        total = runs * progress_units(task, protocol, [pool[i] for i in samples[0]])
+        total = runs * progress_units(spec, protocol, [pool[i] for i in samples[0]])
     else:
         todo = sorted(set().union(*samples))
-        total = progress_units(task, protocol, [pool[i] for i in todo])
-    with tqdm(total=total, desc=task, disable=not progress) as bar:
+        total = progress_units(spec, protocol, [pool[i] for i in todo])
+    with tqdm(total=total, desc=task, disable=not options.progress) as bar:
         if sample:
             per_run = []
             for r, s in enumerate(samples):
                 seed_r = int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
                 gen = torch.Generator(device=model_device(model)).manual_seed(seed_r)
-                per_run.append(run_protocol(model, tokenizer, task, protocol, [pool[i] for i in s],
+                per_run.append(run_protocol(model, tokenizer, spec, protocol, [pool[i] for i in s],
                                             temperature=SAMPLE_TEMPERATURE, generator=gen, advance=bar.update))
         else:
             # deterministic: each distinct item is scored once and reused by every run that draws it
-            done = dict(zip(todo, run_protocol(model, tokenizer, task, protocol, [pool[i] for i in todo],
+            done = dict(zip(todo, run_protocol(model, tokenizer, spec, protocol, [pool[i] for i in todo],
                                                advance=bar.update), strict=True))
             per_run = [[done[i] for i in s] for s in samples]
     out: dict = {"n": size, "runs": runs, "seed": seed, "sample": sample, "limit": limit}

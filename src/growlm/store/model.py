@@ -38,6 +38,7 @@ from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.lora import TARGETS, attach_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.substrate.base import substrate_fingerprint
+from growlm.substrate.registry import kind_trains
 from growlm.tokenizer import Tokenizer
 
 FORMAT = "growlm-model"
@@ -293,7 +294,7 @@ def embedding_fingerprint(meta: dict, table: torch.Tensor) -> str | None:
     """The substrate fingerprint of the embedding ``table`` under model.json's recipe, or ``None``
     for a trainable substrate (its embedding moves in training, so only the starting point is recorded)."""
     sub = meta["substrate"]
-    if sub["kind"] == "trainable":
+    if kind_trains(sub["kind"]):
         return None
     return substrate_fingerprint(sub["recipe"], table)
 
@@ -321,9 +322,9 @@ def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) ->
             sub.get("kind") != (sub.get("recipe") or {}).get("kind", sub.get("kind")):
         problems.append(f"{path}: {MODEL_JSON} contradicts itself about its substrate (kind {sub.get('kind')!r}, "
                         f"recipe kind, and the two substrate fingerprints must agree)")
-    if meta["substrate"]["kind"] == "trainable" and not meta["config"]["trainable_embedding"]:
+    if kind_trains(meta["substrate"]["kind"]) and not meta["config"]["trainable_embedding"]:
         problems.append(f"{path}: {MODEL_JSON} names a trainable substrate but its config freezes the embedding")
-    elif meta["substrate"]["kind"] != "trainable":
+    elif not kind_trains(meta["substrate"]["kind"]):
         if embedding is None:
             embedding = _read_embedding(path / WEIGHTS)
         fp = embedding_fingerprint(meta, embedding)

@@ -22,7 +22,7 @@ from safetensors.torch import save as _save_safetensors
 from growlm.errors import GrowlmError, one_line
 from growlm.files import atomic_write_bytes
 from growlm.hashing import canonical_json, sha256_tensors
-from growlm.substrate.registry import SUBSTRATE_KINDS
+from growlm.substrate.registry import SUBSTRATE_KINDS, kind_trains
 
 WEIGHT_FILE = "substrate.safetensors"
 META_FILE = "substrate.json"
@@ -64,7 +64,7 @@ class Substrate:
     @property
     def trainable(self) -> bool:
         """True only for the learned-embedding baseline; every other kind stays frozen."""
-        return self.kind == "trainable"
+        return kind_trains(self.kind)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -66,11 +66,13 @@ class Vocab:
 @dataclass(frozen=True)
 class SubstrateKind:
     """A registered kind: ``builder(vocab, dim=..., **params)`` returns the :class:`Substrate`;
-    ``params`` (a :class:`Params` model) declares the keyword parameters it takes."""
+    ``params`` (a :class:`Params` model) declares the keyword parameters it takes; ``trains``: the model
+    learns the table (the trainable-embedding baseline), where every other kind stays frozen."""
 
     name: str
     builder: Callable[..., Substrate]
     params: type[Params]
+    trains: bool = False
 
     @property
     def path_params(self) -> tuple[str, ...]:
@@ -106,10 +108,11 @@ class SubstrateKind:
 SUBSTRATE_KINDS: Registry[SubstrateKind] = Registry("substrate kind", "growlm.substrate")
 
 
-def register(kind: str, builder: Callable[..., Substrate], params: type[Params]) -> SubstrateKind:
+def register(kind: str, builder: Callable[..., Substrate], params: type[Params], *,
+             trains: bool = False) -> SubstrateKind:
     """Register substrate kind ``kind``: ``builder(vocab: Vocab, *, dim, **params) -> Substrate``, with
-    ``params`` declaring its parameters and their types and defaults."""
-    return SUBSTRATE_KINDS.register(kind, SubstrateKind(kind, builder, params))
+    ``params`` declaring its parameters and their types and defaults; ``trains``: the model learns its table."""
+    return SUBSTRATE_KINDS.register(kind, SubstrateKind(kind, builder, params, trains))
 
 
 def unregister(kind: str) -> None:
@@ -122,6 +125,13 @@ def registered(kind: str, builder: Callable[..., Substrate], params: type[Params
     """:func:`register` for the duration of a ``with`` block."""
     with SUBSTRATE_KINDS.registered(kind, SubstrateKind(kind, builder, params)) as entry:
         yield entry
+
+
+def kind_trains(kind: str) -> bool:
+    """Whether the model learns a substrate of ``kind`` (False for a kind no plugin registers here, such as an
+    imported checkpoint's embedding: a table growlm did not build is never trained as a substrate)."""
+    entry = SUBSTRATE_KINDS.get(kind)
+    return entry is not None and entry.trains
 
 
 def get_kind(kind: str) -> SubstrateKind:

@@ -39,4 +39,4 @@ def _trainable(vocab: Vocab, *, dim: int, seed: int) -> Substrate:
     return build_trainable(vocab.size, dim=dim, seed=seed, tokenizer_fingerprint=vocab.fingerprint)
 
 
-register("trainable", _trainable, TrainableParams)
+register("trainable", _trainable, TrainableParams, trains=True)
