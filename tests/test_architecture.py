@@ -21,7 +21,7 @@ FLOORS: list[list[str]] = [
     ["growlm.plan", "growlm.growth", "growlm.data", "growlm.prepare", "growlm.shards"],  # the method's data
     ["growlm.training"],  # the loop
     ["growlm.compose"],  # mixtures (their router and head tuning train with the loop)
-    ["growlm.loading", "growlm.evaluation", "growlm.verify", "growlm.info", "growlm.interop", "growlm.model_card",
+    ["growlm.loading", "growlm.evaluation", "growlm.verification", "growlm.inspection", "growlm.interop", "growlm.model_card",
      "growlm.compute", "growlm.report"],  # reading what was made
     ["growlm.api", "growlm.lm_eval_model"],  # the library's entry points
     ["growlm", "growlm.cli", "growlm.__main__", "growlm.demo"],  # applications

@@ -363,10 +363,10 @@ def test_import_with_an_edited_vocab_size_is_one_line(delta, hf_export, tmp_path
 
 
 def test_an_unanticipated_os_error_is_one_line(monkeypatch, tmp_path):
-    import growlm.info
+    import growlm.inspection
 
     def boom(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(growlm.info, "info_model", boom)
+    monkeypatch.setattr(growlm.inspection, "info_model", boom)
     error(["info", tmp_path / "m"], "Permission denied", str(tmp_path / "m"))

@@ -25,7 +25,7 @@ from growlm.files import atomic_dir
 from growlm.hashing import sha256_file
 from growlm.store.mixture import info_mixture
 from growlm.store.model import load_model, read_meta, recorded_fingerprint_of, save_model
-from growlm.verify import verify
+from growlm.verification import verify
 
 
 def verify_fails(path: Path) -> bool:

@@ -17,7 +17,7 @@ from cli_util import REPO, SMALL_PLAN, growlm, growlm_process, tensors_equal, wr
 from growlm.errors import GrowlmError
 from growlm.growth import grow, plan_active_params, set_trainable
 from growlm.hashing import sha256_file
-from growlm.info import info_model
+from growlm.inspection import info_model
 from growlm.lora import add_lora, merge_adapters
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import StageSpec, load_plan

@@ -22,7 +22,7 @@ from cli_util import REPO, growlm, write_plan
 from conftest import copy_of
 from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
-from growlm.info import info_model
+from growlm.inspection import info_model
 from growlm.store.model import block_sha256, recorded_fingerprint_of
 from growlm.training import Loop, train
 

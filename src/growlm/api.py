@@ -304,7 +304,7 @@ def generate(model_or_path: Loaded | PathLike, prompt: str, *, max_new_tokens: i
 def info(path: PathLike | None = None, *, preset: str | None = None) -> dict:
     """What a model dir, run (its stages), mixture or plan file is, or a ``preset`` config (its exact
     parameter counts); the dict ``growlm info --json`` prints."""
-    from growlm.info import info_model, info_preset
+    from growlm.inspection import info_model, info_preset
 
     if preset is not None:
         return info_preset(preset)
@@ -317,7 +317,7 @@ def verify(path: PathLike) -> dict:
     """Prove a model dir, run or mixture is what its records say (checksums, fingerprints, the lineage's
     frozen tensors, each stage's audit against the plan the run recorded): ``{"ok", "lines", "problems"}``,
     as ``growlm verify --json`` prints it."""
-    from growlm.verify import verify as check
+    from growlm.verification import verify as check
 
     return check(_path(path, "verify"))
 
