@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_util import growlm
+from cli_util import growlm, one_line_error
 from conftest import copy_of
 
 # what a probe named its stage and its data file: a cell break, a script, an image with a handler,
@@ -176,13 +176,14 @@ def test_a_record_that_cannot_be_utf8_is_saved_and_read_back(tiny_model_dir, tmp
                                                                   (3.0, ["/d/line\u2028sep\x85.txt"])]
 
 
-@pytest.mark.parametrize("edit", [{"stage": "abc"}, {"metrics": [1]}, {"stage": {"index": 1, "name": ["a", "|"]}}])
-def test_a_stage_record_of_another_shape_costs_the_card_its_label_only(edit, tiny_model_dir, tmp_path):
-    """model.json's ``stage`` and ``metrics`` records are outside its checked schema (``verify`` passes a hand
-    edit of them): ``growlm export`` ended in an AttributeError traceback; the card now shows ``-`` instead."""
+@pytest.mark.parametrize("edit, key", [({"stage": "abc"}, "stage"), ({"metrics": [1]}, "metrics"),
+                                       ({"stage": {"index": 1, "name": ["a", "|"]}}, "stage.name")])
+def test_a_stage_record_of_another_shape_is_refused_by_every_reader(edit, key, tiny_model_dir, tmp_path):
+    """model.json's ``stage`` and ``metrics`` are typed records: ``growlm export`` ended in an AttributeError
+    traceback on a hand edit of them that ``verify`` passed; now export, verify and info refuse it in one line."""
     model = copy_of(tiny_model_dir, tmp_path / "m")
     meta_path = model / "model.json"
     meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | edit))
-    r = growlm("export", model, "--out", tmp_path / "hf")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "hf" / "README.md").read_text(encoding="utf-8").count("\n| ") == 4  # 2 rows x 2 tables
+    for argv in (["export", model, "--out", tmp_path / "hf"], ["verify", model], ["info", model]):
+        one_line_error(growlm(*argv), "model.json is corrupt", key)
+    assert not (tmp_path / "hf").exists()

@@ -219,7 +219,7 @@ def test_a_sharded_checkpoint_imports_as_the_same_model(ckpt, tiny_model_dir):
     shard_checkpoint(ckpt)
     back = load_model(imports(ckpt))
     src = load_model(tiny_model_dir)
-    assert back.meta["fingerprint"] == src.meta["fingerprint"]
+    assert back.meta.fingerprint == src.meta.fingerprint
 
 
 @pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink", "subdir"])
@@ -359,7 +359,7 @@ def test_eval_json_prints_null_for_a_score_that_is_no_number(tiny_model_dir, cor
     src = load_model(tiny_model_dir)
     with torch.no_grad():
         src.model.head.weight[0, 0] = math.nan
-    save_model(src.model, tmp_path / "nan", tokenizer_dir=src.tokenizer_dir, substrate=src.meta["substrate"])
+    save_model(src.model, tmp_path / "nan", tokenizer_dir=src.tokenizer_dir, substrate=src.meta.substrate.to_json())
     r = growlm("eval", tmp_path / "nan", "--task", "ppl", "--data", corpus_dir / "valid.txt", "--json")
     assert r.returncode == 0, r.stderr
 

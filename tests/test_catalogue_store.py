@@ -25,6 +25,7 @@ from growlm.files import atomic_dir
 from growlm.hashing import sha256_file
 from growlm.store.mixture import info_mixture
 from growlm.store.model import load_model, read_meta, recorded_fingerprint_of, save_model
+from growlm.store.records import ModelRecord
 from growlm.verification import verify
 
 
@@ -91,10 +92,10 @@ def test_merge_compares_recomputed_substrate_fingerprints(tiny_model_dir, tmp_pa
         other.embed.weight.copy_(sub.table)
     d = save_model(other, tmp_path / "other", tokenizer_dir=saved.tokenizer_dir,
                    substrate={"kind": sub.kind, "fingerprint": sub.fingerprint, "recipe": sub.recipe})
-    assert d["substrate_fingerprint"] != saved.meta["substrate_fingerprint"]
+    assert d.substrate_fingerprint != saved.meta.substrate_fingerprint
     edit_json(tmp_path / "other" / "model.json",
-              lambda m: m.update(substrate_fingerprint=saved.meta["substrate_fingerprint"],
-                                 substrate=saved.meta["substrate"]))
+              lambda m: m.update(substrate_fingerprint=saved.meta.substrate_fingerprint,
+                                 substrate=saved.meta.substrate.to_json()))
     refused(lambda: merge([tiny_model_dir, tmp_path / "other"], tmp_path / "mix"), "embedding does not match")
     assert not (tmp_path / "mix").exists()
     refused(lambda: load_model(tmp_path / "other"), "embedding does not match")
@@ -233,7 +234,7 @@ def test_saved_model_dir_has_the_umask_mode(tiny_model_dir, tmp_path):
     old = os.umask(0o022)
     try:
         saved = load_model(tiny_model_dir)
-        save_model(saved.model, tmp_path / "m", tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"])
+        save_model(saved.model, tmp_path / "m", tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta.substrate.to_json())
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
@@ -299,11 +300,11 @@ def test_a_model_from_before_lora_was_fingerprinted_still_loads_with_a_note(smal
 
 @pytest.mark.parametrize("edit, needle", [
     (lambda m: m["lora"][0].pop("alpha"), "lora[0].alpha is missing"),
-    (lambda m: m["lora"][0].update(rank=0), "lora[0].rank must be at least 1"),
+    (lambda m: m["lora"][0].update(rank=0), "lora[0].rank is 0: Input should be greater than or equal to 1"),
     (lambda m: m.update(lora=None), "records adapters.safetensors but no LoRA record"),  # never dropped silently
-    (lambda m: m["lora"][0].update(blocks=[0, 0]), "lora[0].blocks must be distinct"),
-    (lambda m: m["lora"][0].update(blocks=[7]), "lora[0].blocks must be distinct block indices below 3"),
-    (lambda m: m["lora"][0].update(targets=["qkv", "nope"]), "lora[0].targets must be distinct names"),
+    (lambda m: m["lora"][0].update(blocks=[0, 0]), "lora[0].blocks is [0, 0]: must be distinct"),
+    (lambda m: m["lora"][0].update(blocks=[7]), "lora[0].blocks must be block indices below 3"),
+    (lambda m: m["lora"][0].update(targets=["qkv", "nope"]), "lora[0].targets is ['qkv', 'nope']: must name qkv"),
     (lambda m: m["lora"][0].update(targets=[]), "lora[0].targets"),
 ], ids=["no-alpha", "rank-0", "null", "duplicate-blocks", "block-out-of-range", "unknown-target", "no-targets"])
 def test_edited_lora_records_are_refused_by_verify_and_every_load(small_run, tmp_path, edit, needle):
@@ -393,7 +394,7 @@ def test_lora_records_resealed_over_other_tensors_never_verify(small_run, tmp_pa
         for key in ("stage", "plan", "audit"):
             m.pop(key)
         weights, adapters = (load_file(str(stage / f)) for f in ("model.safetensors", "adapters.safetensors"))
-        m["fingerprint"] = recorded_fingerprint_of(m, weights, adapters)
+        m["fingerprint"] = recorded_fingerprint_of(ModelRecord.model_validate(m), weights, adapters)
 
     edit_json(stage / "model.json", reseal)
     for argv in (["verify", str(stage)], ["generate", str(stage), "--prompt", "The"]):

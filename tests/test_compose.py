@@ -29,7 +29,7 @@ def _variant(src: Path, out: Path, *, seed: int, grow_by: int = 0, tokenizer_dir
     with torch.no_grad():
         model.head.weight.add_(0.05 * torch.randn(model.head.weight.shape, generator=g))
     grow(model, grow_by, "random", g)
-    save_model(model, out, tokenizer_dir=tokenizer_dir or saved.tokenizer_dir, substrate=saved.meta["substrate"])
+    save_model(model, out, tokenizer_dir=tokenizer_dir or saved.tokenizer_dir, substrate=saved.meta.substrate.to_json())
     return out
 
 

@@ -35,6 +35,7 @@ from cli_util import (
 from conftest import copy_of
 from growlm.hashing import sha256_file
 from growlm.store.model import block_sha256, recorded_fingerprint_of
+from growlm.store.records import ModelRecord
 from growlm.training import train
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +226,6 @@ def test_verify_passes_a_clean_run_and_finds_drift(tmp_path, small_run):
     meta["blocks"][0]["sha256"] = block_sha256(w, 0)
     meta["files"]["model.safetensors"] = sha256_file(st2 / "model.safetensors")
     adapters = load_file(str(st2 / "adapters.safetensors"))
-    meta["fingerprint"] = recorded_fingerprint_of(meta, w, adapters)
+    meta["fingerprint"] = recorded_fingerprint_of(ModelRecord.model_validate(meta), w, adapters)
     (st2 / "model.json").write_text(json.dumps(meta))
     one_line_error(growlm("verify", str(run)), "frozen tensor", "blocks.0.attn.qkv.weight", "changed")

@@ -243,7 +243,7 @@ def model(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def meta(model) -> dict:
+def meta(model):
     """The model's model.json (read before any sidecar: a FIFO in the dir makes it refuse to load)."""
     from growlm.store.model import read_meta
 
@@ -256,10 +256,10 @@ def test_fuzz_evals_jsonl_card(model, meta, data):
     """Any sidecar: the results read back, and the card, are well-formed (in this process, many examples)."""
     from growlm.model_card import EVALS, card_text, read_evals
 
-    content = data.draw(sidecar(meta["fingerprint"]))
+    content = data.draw(sidecar(meta.fingerprint))
     note(f"sidecar: {content!r}"[:3000])
     _place(model / EVALS, content)
-    results = read_evals(model, meta["fingerprint"])
+    results = read_evals(model, meta.fingerprint)
     event(f"results read back: {min(len(results), 3)}{'+' if len(results) > 3 else ''}")
     assert all(isinstance(r, dict) and isinstance(r["task"], str) for r in results)
     check_card(card_text(model, meta), len(results))
@@ -280,7 +280,7 @@ def test_fuzz_evals_jsonl_commands(model, meta, corpus_dir, data):
     a save keeps every result that read back before it, then adds its own."""
     from growlm.model_card import EVALS, read_evals
 
-    fp = meta["fingerprint"]
+    fp = meta.fingerprint
     content = data.draw(sidecar(fp))
     note(f"sidecar: {content!r}"[:3000])
     _place(model / EVALS, content)

@@ -113,11 +113,11 @@ def test_lora_adapters_stored_apart_and_merge_equivalent(issue_run, tmp_path):
 
 
 def test_active_count_is_new_blocks_plus_head(issue_run):
-    cfg = ModelConfig(**load_model(issue_run / "stage-1").meta["config"])
+    cfg = ModelConfig(**load_model(issue_run / "stage-1").meta.config)
     meta1 = load_model(issue_run / "stage-1").meta
     meta2 = load_model(issue_run / "stage-2").meta
-    assert meta1["params_active"] == 2 * block_param_count(cfg) + head_param_count(cfg)
-    assert meta2["params_active"] == block_param_count(cfg) + head_param_count(cfg)
+    assert meta1.params_active == 2 * block_param_count(cfg) + head_param_count(cfg)
+    assert meta2.params_active == block_param_count(cfg) + head_param_count(cfg)
 
 
 def test_readme_plan_trains_every_block_it_adds_and_the_head(issue_run):
@@ -253,7 +253,7 @@ def test_nan_loss_stops_with_advice_and_keeps_completed_stages(corpus_dir, tmp_p
     assert "not finite" in r.stderr and "learning rate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "run" / "stage-1" / "model.json").is_file()
     kept = load_model(tmp_path / "run" / "stage-1")  # checksums, shapes and docking port checked
-    assert len(kept.model.blocks) == 2 and kept.meta["lineage"] == []  # stage 1 alone, as trained
+    assert len(kept.model.blocks) == 2 and kept.meta.lineage == []  # stage 1 alone, as trained
     assert all(torch.isfinite(p).all() for p in kept.model.parameters())
 
 

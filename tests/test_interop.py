@@ -53,9 +53,9 @@ def test_export_writes_a_standard_checkpoint(hf_export, tiny_model_dir):
     assert cfg["rotary_pct"] == 1.0 and cfg["tie_word_embeddings"] is False and cfg["max_position_embeddings"] == 128
     record = json.loads((hf_export / EXPORT_META).read_text())
     meta = load_model(tiny_model_dir).meta
-    assert record["source"]["fingerprint"] == meta["fingerprint"]
-    assert record["substrate_fingerprint"] == meta["substrate_fingerprint"]
-    assert record["tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
+    assert record["source"]["fingerprint"] == meta.fingerprint
+    assert record["substrate_fingerprint"] == meta.substrate_fingerprint
+    assert record["tokenizer_fingerprint"] == meta.tokenizer_fingerprint
     assert load_file(str(hf_export / "model.safetensors"))["gpt_neox.embed_in.weight"].shape == (cfg["vocab_size"], 64)
 
 
@@ -95,7 +95,7 @@ def test_import_round_trip_is_the_same_model(hf_export, tiny_model_dir, tmp_path
     back = load_model(import_hf(hf_export, tmp_path / "imported"))
     assert back.model.cfg == src.model.cfg  # substrate width 16 restored from the lifted [V, 64] matrix
     for key in ("substrate_fingerprint", "tokenizer_fingerprint", "substrate", "fingerprint", "lineage"):
-        assert back.meta[key] == src.meta[key], key
+        assert getattr(back.meta, key) == getattr(src.meta, key), key
     ids = torch.randint(0, src.model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
     assert torch.equal(_logits_growlm(back.model, ids), _logits_growlm(src.model, ids))
 
@@ -108,8 +108,8 @@ def test_import_of_a_checkpoint_resaved_by_transformers(hf_export, hf_model, tin
     AutoTokenizer.from_pretrained(hf_export).save_pretrained(resaved)
     src = load_model(tiny_model_dir)
     back = load_model(import_hf(resaved, tmp_path / "imported"))
-    assert back.model.cfg.embed_dim == 64 and back.meta["substrate"]["kind"] == "imported"
-    assert back.meta["tokenizer_fingerprint"] == src.meta["tokenizer_fingerprint"]
+    assert back.model.cfg.embed_dim == 64 and back.meta.substrate.kind == "imported"
+    assert back.meta.tokenizer_fingerprint == src.meta.tokenizer_fingerprint
     ids = torch.randint(0, src.model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
     assert torch.equal(_logits_growlm(back.model, ids), _logits_growlm(src.model, ids))
 
@@ -123,10 +123,10 @@ def test_import_of_a_changed_embedding_is_a_new_substrate(hf_export, tiny_model_
     save_file(state, str(changed / "model.safetensors"), metadata={"format": "pt"})
     src = load_model(tiny_model_dir).meta
     back = load_model(import_hf(changed, tmp_path / "imported"))
-    assert back.model.cfg.embed_dim == 64 and back.meta["substrate"]["kind"] == "imported"
-    assert back.meta["substrate_fingerprint"] != src["substrate_fingerprint"]
-    assert back.meta["tokenizer_fingerprint"] == src["tokenizer_fingerprint"]
-    assert back.meta["lineage"] == [*src["lineage"], src["fingerprint"]]
+    assert back.model.cfg.embed_dim == 64 and back.meta.substrate.kind == "imported"
+    assert back.meta.substrate_fingerprint != src.substrate_fingerprint
+    assert back.meta.tokenizer_fingerprint == src.tokenizer_fingerprint
+    assert back.meta.lineage == [*src.lineage, src.fingerprint]
 
 
 def test_export_merges_lora_adapters(tiny_model_dir, tmp_path):
@@ -144,7 +144,7 @@ def test_export_merges_lora_adapters(tiny_model_dir, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=g)
     adapted = tmp_path / "adapted"
-    save_model(model, adapted, tokenizer_dir=src.tokenizer_dir, substrate=src.meta["substrate"])
+    save_model(model, adapted, tokenizer_dir=src.tokenizer_dir, substrate=src.meta.substrate.to_json())
     out = export_hf(adapted, tmp_path / "hf")
     assert json.loads((out / EXPORT_META).read_text())["lora_merged"] is True
     ids = torch.randint(0, model.cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(4))

@@ -139,7 +139,7 @@ def test_compiled_plan_matches_eager(corpus_dir, tmp_path):
         runs[name] = train(write_plan(d, text, corpus_dir), d / "run", progress=False)[-1]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both stages really were compiled
     a, b = (load_model(runs[n]) for n in ("eager", "compiled"))
-    assert b.meta["metrics"]["valid_loss"] == pytest.approx(a.meta["metrics"]["valid_loss"], rel=1e-4)
+    assert b.meta.metrics.valid_loss == pytest.approx(a.meta.metrics.valid_loss, rel=1e-4)
     wa, wb = weights(a.model), weights(b.model)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)  # Adam magnifies float noise in tiny grads

@@ -55,12 +55,11 @@ def test_saved_eval_goes_into_the_exported_card(run, corpus_dir, tmp_path, capsy
     names = {m["name"] for m in result["metrics"]}
     assert {"bits_per_byte", "bits_per_char"} <= names and not names & {"n_tokens", "n_bytes", "n_chars"}  # counts are no scores
     meta, parent = read_meta(stage), read_meta(run / "stage-1")
-    for fp in (meta["fingerprint"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"],
-               parent["fingerprint"][:12]):
+    for fp in (meta.fingerprint, meta.substrate_fingerprint, meta.tokenizer_fingerprint, parent.fingerprint[:12]):
         assert fp in body
-    assert f"ppl={printed['ppl']:.4g}" in body and f"{meta['params_active']:,}" in body
-    assert f"{parent['params_active']:,}" in body and f"{parent['metrics']['tokens']:,}" in body
-    assert json.dumps(meta["substrate"]["recipe"], sort_keys=True) in body
+    assert f"ppl={printed['ppl']:.4g}" in body and f"{meta.params_active:,}" in body
+    assert f"{parent.params_active:,}" in body and f"{parent.metrics.tokens:,}" in body
+    assert json.dumps(meta.substrate.recipe, sort_keys=True) in body
 
 
 def test_card_without_results_and_foreign_lines(run, tmp_path):
@@ -68,7 +67,7 @@ def test_card_without_results_and_foreign_lines(run, tmp_path):
     never reaches the card."""
     stage = run / "stage-1"
     (stage / EVALS).write_text('{"task": "ppl", "model_fingerprint": "not-this-model", "ppl": 1.5}\n{torn\n')
-    assert read_evals(stage, read_meta(stage)["fingerprint"]) == []
+    assert read_evals(stage, read_meta(stage).fingerprint) == []
     assert main(["export", str(stage), "--out", str(tmp_path / "hf")]) == 0
     fm, body = _front_matter((tmp_path / "hf" / "README.md").read_text(encoding="utf-8"))
     assert "model-index" not in fm and "No evaluation results" in body and "1.5" not in body
@@ -83,7 +82,7 @@ def test_per_stage_save_writes_each_stage(run, corpus_dir, capsys):
                  "--save", "--json"]) == 0
     for n in (1, 2):
         (rec,) = read_evals(run / f"stage-{n}")
-        assert rec["stage"] == n and rec["model_fingerprint"] == read_meta(run / f"stage-{n}")["fingerprint"]
+        assert rec["stage"] == n and rec["model_fingerprint"] == read_meta(run / f"stage-{n}").fingerprint
         assert _files(run / f"stage-{n}") == before[n]
     capsys.readouterr()
     # a run as a whole is many models: without --per-stage it is refused in one line, and nothing is saved
@@ -101,7 +100,7 @@ def test_save_on_a_mixture_is_refused(tiny_model_dir, expert_b, corpus_dir, tmp_
 
     other = copy_of(expert_b, tmp_path / "b")  # a copy: it gets a sidecar of its own
     # an expert's own saved results travel into the mixture as a recorded file, and it verifies
-    save_eval(other, {"task": "ppl", "model_fingerprint": read_meta(other)["fingerprint"], "ppl": 2.0})
+    save_eval(other, {"task": "ppl", "model_fingerprint": read_meta(other).fingerprint, "ppl": 2.0})
     mix = merge([tiny_model_dir, other], tmp_path / "mix", progress=False)
     before = _files(mix)
     capsys.readouterr()
@@ -127,7 +126,7 @@ def test_save_after_a_torn_last_line_is_read_back(tiny_model_dir, tmp_path):
     """A sidecar whose last line was torn (a kill mid-append): the next result starts a line of its own, so it is
     read back (and reaches the card) instead of being glued onto the torn one."""
     model = copy_of(tiny_model_dir, tmp_path / "m")
-    fp = read_meta(model)["fingerprint"]
+    fp = read_meta(model).fingerprint
     (model / EVALS).write_text('{"task": "ppl", "model_fingerprint": "' + fp + '", "ppl": 3.0}\n{"task": "pp')
     save_eval(model, {"task": "ppl", "model_fingerprint": fp, "ppl": 2.0})
     assert [r["ppl"] for r in read_evals(model, fp)] == [3.0, 2.0]

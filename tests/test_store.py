@@ -29,6 +29,7 @@ from growlm.store import (
     resolve,
     stages,
 )
+from growlm.store.model import read_meta
 from growlm.training import make_optimizer, optimizer_step
 
 
@@ -49,7 +50,7 @@ def refused(path: Path, *needles: str) -> str:
 def test_resolve_tells_a_model_a_stage_a_run_and_a_mixture_apart(tiny_model_dir, tmp_path):
     model = resolve(tiny_model_dir)
     assert isinstance(model, ModelDir) and model.path == tiny_model_dir
-    assert model.meta["fingerprint"] == json.loads((tiny_model_dir / "model.json").read_text())["fingerprint"]
+    assert model.meta.fingerprint == json.loads((tiny_model_dir / "model.json").read_text())["fingerprint"]
 
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "stage-1")
@@ -174,3 +175,22 @@ def test_metrics_log_truncates_what_a_killed_process_logged_past_the_resume_poin
         [{"stage": 1, "step": 1}, {"stage": 1, "step": 2}, {"stage": 2, "step": 1}]
     MetricsLog(tmp_path, rank=1).append({"stage": 3, "step": 1})  # only rank 0 writes
     assert len(log.path.read_text().splitlines()) == 3
+
+
+def test_model_json_is_a_typed_record_written_byte_for_byte_as_before(tiny_model_dir, small_run, mixture, tmp_path):
+    """The one writer dumps the typed record; for every kind of model dir (plain, a run's stages with and without
+    LoRA, a mixture's experts, an import) the record reads back to exactly the JSON on disk, so nothing a dir
+    written before the record had a type holds is lost or changed, and a new dir's bytes are what they were."""
+    from growlm.files import atomic_write_json
+    from growlm.interop import export_hf, import_hf
+    from growlm.store.records import ModelRecord
+
+    imported = import_hf(export_hf(small_run / "stage-1", tmp_path / "hf"), tmp_path / "imported")
+    dirs = [tiny_model_dir, small_run / "stage-1", small_run / "stage-2", *sorted((mixture / "experts").iterdir()),
+            imported]
+    for d in dirs:
+        raw = json.loads((d / "model.json").read_text())
+        record = read_meta(d)
+        assert isinstance(record, ModelRecord) and record.to_json() == raw, d
+        atomic_write_json(tmp_path / "again.json", record.to_json())
+        assert (tmp_path / "again.json").read_bytes() == (d / "model.json").read_bytes(), d

@@ -24,6 +24,7 @@ from growlm.errors import GrowlmError
 from growlm.hashing import sha256_file
 from growlm.inspection import info_model
 from growlm.store.model import block_sha256, recorded_fingerprint_of
+from growlm.store.records import ModelRecord
 from growlm.training import Loop, train
 
 HEAD = {"head.weight", "ln_f.weight", "ln_f.bias"}
@@ -291,7 +292,7 @@ def _forge(stage: Path, edit) -> None:
     meta["blocks"] = [{"index": b["index"], "sha256": block_sha256(w, b["index"])} for b in meta["blocks"]]
     meta["files"]["model.safetensors"] = sha256_file(stage / "model.safetensors")
     adapters = load_file(str(stage / "adapters.safetensors")) if (stage / "adapters.safetensors").exists() else {}
-    meta["fingerprint"] = recorded_fingerprint_of(meta, w, adapters)
+    meta["fingerprint"] = recorded_fingerprint_of(ModelRecord.model_validate(meta), w, adapters)
     (stage / "model.json").write_text(json.dumps(meta))
 
 

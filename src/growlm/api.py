@@ -335,10 +335,11 @@ def lora_merge(path: PathLike, out: PathLike) -> Path:
     if not saved.model.lora_records:
         raise GrowlmError(f"{path} has no LoRA adapters to merge")
     model = merge_adapters(saved.model)
-    keep = {k: saved.meta[k] for k in ("plan", "stage", "metrics", "params_active") if k in saved.meta}
-    keep["merged_from"] = saved.meta["fingerprint"]
-    save_model(model, out, tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta["substrate"], extra=keep,
-               lineage=saved.meta["lineage"] + [saved.meta["fingerprint"]])
+    record = saved.meta.to_json()
+    keep = {k: record[k] for k in ("plan", "stage", "metrics", "params_active") if k in record}
+    keep["merged_from"] = saved.meta.fingerprint
+    save_model(model, out, tokenizer_dir=saved.tokenizer_dir, substrate=record["substrate"], extra=keep,
+               lineage=saved.meta.lineage + [saved.meta.fingerprint])
     return out
 
 

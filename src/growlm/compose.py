@@ -197,9 +197,10 @@ def _check_port(experts: list[ModelDir]) -> None:
     for e in experts[1:]:
         for what in ("substrate", "tokenizer"):
             key = f"{what}_fingerprint"
-            if e.meta[key] != ref.meta[key]:
-                raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {e.meta[key][:12]} but {ref.path} "
-                                  f"has {ref.meta[key][:12]}; experts must share the substrate and tokenizer")
+            if getattr(e.meta, key) != getattr(ref.meta, key):
+                raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {getattr(e.meta, key)[:12]} but "
+                                  f"{ref.path} has {getattr(ref.meta, key)[:12]}; experts must share the substrate and "
+                                  f"tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,9 +328,9 @@ def merge(experts: Sequence[Path], out: Path, *, combine: str = "mean-logits", w
     rule = make_rule(combine, len(sources), weights, space)
     if tuning is not None:
         tuning.check()
-        if tuning.router and len({s.meta["fingerprint"] for s in sources}) == 1:
+        if tuning.router and len({s.meta.fingerprint for s in sources}) == 1:
             raise GrowlmError("--router needs experts that differ: these are all the same model "
-                              f"(fingerprint {sources[0].meta['fingerprint'][:12]}), so no gate could learn anything")
+                              f"(fingerprint {sources[0].meta.fingerprint[:12]}), so no gate could learn anything")
     for s in sources:
         verify_files(s.path, s.meta)
     _check_port(sources)

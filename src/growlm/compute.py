@@ -34,11 +34,11 @@ def stage_costs(run: Path) -> list[dict]:
     ``valid_loss``, in order."""
     out = []
     for index, path in stages(Path(run)):
-        m = read_meta(path)["metrics"]
-        if "flops" not in m:
+        m = read_meta(path).metrics
+        if m is None or m.flops is None or m.wall_s is None:
             raise GrowlmError(f"{path}: model.json records no training FLOPs (trained before growlm counted them)")
-        out.append({"stage": index, "tokens": int(m["tokens"]), "flops": float(m["flops"]), "seconds": float(m["wall_s"]),
-                    "valid_loss": m["valid_loss"]})
+        out.append({"stage": index, "tokens": m.tokens, "flops": float(m.flops), "seconds": m.wall_s,
+                    "valid_loss": m.valid_loss})
     if not out:
         raise GrowlmError(f"{run}: no finished stage")
     return out

@@ -35,21 +35,21 @@ def info_model(path: Path) -> dict:
     if isinstance(found, RunDir):
         return {"run": str(found.path), "stages": [info_model(s) for _, s in stages(found)]}
     meta = found.meta
-    cfg = meta["config"]
+    record, cfg = meta.to_json(), meta.config
     out = {
         "path": str(found.path), "n_layers": cfg["n_layers"], "d_model": cfg["d_model"], "n_heads": cfg["n_heads"],
-        "vocab_size": cfg["vocab_size"], "context": cfg["context"], "substrate": meta["substrate"]["kind"],
-        "params_total": meta["params_total"], "params_trainable": meta["params_trainable"],
-        "params_active": meta.get("params_active", meta["params_trainable"]),
-        "blocks": meta["blocks"], "substrate_fingerprint": meta["substrate_fingerprint"],
-        "tokenizer_fingerprint": meta["tokenizer_fingerprint"], "fingerprint": meta["fingerprint"],
-        "lineage": meta["lineage"], "lora": meta.get("lora"),
+        "vocab_size": cfg["vocab_size"], "context": cfg["context"], "substrate": meta.substrate.kind,
+        "params_total": meta.params_total, "params_trainable": meta.params_trainable,
+        "params_active": meta.params_active if meta.params_active is not None else meta.params_trainable,
+        "blocks": record["blocks"], "substrate_fingerprint": meta.substrate_fingerprint,
+        "tokenizer_fingerprint": meta.tokenizer_fingerprint, "fingerprint": meta.fingerprint,
+        "lineage": meta.lineage, "lora": record.get("lora"),
     }
     for k in ("stage", "metrics", "merged_from"):
-        if k in meta:
-            out[k] = meta[k]
-    if isinstance(meta.get("audit"), dict):  # what trained and what stayed frozen; the start hashes stay in model.json
-        out["audit"] = {k: v for k, v in meta["audit"].items() if k != "start_sha256"}
+        if k in record:
+            out[k] = record[k]
+    if meta.audit is not None:  # what trained and what stayed frozen; the start hashes stay in model.json
+        out["audit"] = {k: v for k, v in record["audit"].items() if k != "start_sha256"}
     return out
 
 
@@ -61,7 +61,7 @@ def _plan_model(plan: Plan, root: Path) -> tuple[ModelConfig, list[dict]]:
 
     if plan.base is not None:
         meta = resolve(root / plan.base).meta
-        return ModelConfig.from_dict(meta["config"]), list(meta.get("lora") or [])
+        return ModelConfig.from_dict(meta.config), meta.lora_dicts()
     spec = plan.tokenizer
     if spec.dir is not None:
         vocab = Tokenizer.load(root / spec.dir).vocab_size

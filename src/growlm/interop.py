@@ -57,12 +57,13 @@ from growlm.model_card import write_card
 from growlm.store.model import (
     TOKENIZER_DIR,
     base_state,
-    check_port,
     load_model,
     load_tensors,
     model_fingerprint,
+    port_problems,
     save_model,
 )
+from growlm.store.records import SubstrateRecord
 from growlm.substrate import substrate_fingerprint
 from growlm.substrate.registry import kind_trains
 from growlm.tokenizer import FORMAT as TOKENIZER_FORMAT
@@ -240,7 +241,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise GrowlmError(f"refusing to overwrite existing {out}")
     saved = load_model(model_dir)
     model, meta = saved.model, saved.meta
-    lora = bool(meta.get("lora"))
+    lora = bool(meta.lora)
     if lora:
         merge_adapters(model)
     tok = saved.tokenizer()
@@ -251,13 +252,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     record = {
         "format": EXPORT_FORMAT,
         "version": 1,
-        "source": {"name": model_dir.name, "fingerprint": meta["fingerprint"], "lineage": meta.get("lineage", [])},
+        "source": {"name": model_dir.name, "fingerprint": meta.fingerprint, "lineage": meta.lineage},
         "config": growlm_config,
-        "substrate": meta["substrate"],
-        "substrate_fingerprint": meta["substrate_fingerprint"],
+        "substrate": meta.substrate.to_json(),
+        "substrate_fingerprint": meta.substrate_fingerprint,
         "substrate_width": model.cfg.embed_dim,
         "lift": model.cfg.lift,
-        "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+        "tokenizer_fingerprint": meta.tokenizer_fingerprint,
         "lora_merged": lora,
         # lets import_hf tell an untouched embedding (same substrate) from one changed after export
         "embedding_sha256": sha256_tensors({"weight": state[_NEOX_EMBED]}),
@@ -702,9 +703,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
             if fp != source["fingerprint"]:
                 lineage.append(source["fingerprint"])
         # the docking-port checks of load and verify, on what is about to be written: never a dir that fails them
-        port = {"tokenizer_fingerprint": tok.fingerprint, "substrate": substrate,
-                "substrate_fingerprint": substrate["fingerprint"], "config": cfg.to_dict()}
-        _, problems = check_port(Path(td), port, embedding)
+        _, problems = port_problems(Path(td), SubstrateRecord.model_validate(substrate), substrate["fingerprint"],
+                                    tok.fingerprint, cfg.trainable_embedding, embedding)
         if problems:
             raise GrowlmError(f"cannot import {hf}: the model dir it gives would not verify: {problems[0]}")
         with _writing(out):

@@ -34,6 +34,9 @@ import yaml
 
 from growlm.errors import GrowlmError, one_line
 from growlm.files import WriteError
+from growlm.store import stages
+from growlm.store.model import read_meta
+from growlm.store.records import ModelRecord
 
 EVALS = "evals.jsonl"
 CARD = "README.md"
@@ -166,7 +169,7 @@ def _data_names(result: dict) -> str:
     return ", ".join(Path(str(d)).name for d in data) if isinstance(data, list) else ""
 
 
-def front_matter(meta: dict, name: str, evals: list[dict]) -> dict:
+def front_matter(meta: ModelRecord, name: str, evals: list[dict]) -> dict:
     """Hugging Face's card metadata for the export of the model whose model.json is ``meta``.
 
     No ``license``: neither a plan nor model.json records one, and a guessed licence would be worse
@@ -175,7 +178,7 @@ def front_matter(meta: dict, name: str, evals: list[dict]) -> dict:
     fm: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["growlm", "gpt_neox", "text-generation", f"substrate-{meta['substrate']['kind']}"],
+        "tags": ["growlm", "gpt_neox", "text-generation", f"substrate-{meta.substrate.kind}"],
     }
     results = []
     for r in evals:
@@ -192,36 +195,30 @@ def front_matter(meta: dict, name: str, evals: list[dict]) -> dict:
     return fm
 
 
-def _lineage_rows(model_dir: Path, meta: dict) -> list[tuple[str, str, str, str, str]]:
+def _lineage_rows(model_dir: Path, meta: ModelRecord) -> list[tuple[str, str, str, str, str]]:
     """(stage, layers, params active, tokens, fingerprint) for each ancestor and the model itself.
 
     A stage's model.json names its ancestors by fingerprint only; when the model is a run's stage,
     the sibling ``stage-N`` dirs holding those fingerprints supply their counts.
     """
-    from growlm.store import stages
-    from growlm.store.model import read_meta
-
-    known: dict[str, dict] = {}
+    known: dict[str, ModelRecord] = {}
     for _, sdir in stages(model_dir.parent):
         try:
             m = read_meta(sdir)
         except GrowlmError:  # a damaged sibling only costs the card its counts
             continue
-        known[m["fingerprint"]] = m
+        known[m.fingerprint] = m
 
-    def row(m: dict | None, fp: str) -> tuple[str, str, str, str, str]:
+    def row(m: ModelRecord | None, fp: str) -> tuple[str, str, str, str, str]:
         if m is None:
             return ("?", "?", "?", "?", fp[:12])
-        # model.json's stage and metrics records are not part of its checked schema: a hand edit that
-        # made them something else than objects costs the card the stage's label and token count only
-        st, metrics = (v if isinstance(v, dict) else {} for v in (m.get("stage"), m.get("metrics")))
-        label = f"{st.get('index')} ({st.get('name')})" if st.get("name") else str(st.get("index", "-"))
-        tokens = metrics.get("tokens")
-        active = m.get("params_active", m.get("params_trainable"))
-        return (label, str(m["config"]["n_layers"]), f"{active:,}" if isinstance(active, int) else "?",
-                f"{tokens:,}" if isinstance(tokens, int) else "-", fp[:12])
+        st = m.stage
+        label = "-" if st is None else f"{st.index} ({st.name})" if st.name else str(st.index)
+        active = m.params_active if m.params_active is not None else m.params_trainable
+        tokens = f"{m.metrics.tokens:,}" if m.metrics is not None else "-"
+        return (label, str(m.config["n_layers"]), f"{active:,}", tokens, fp[:12])
 
-    return [row(known.get(fp), fp) for fp in meta["lineage"]] + [row(meta, meta["fingerprint"])]
+    return [row(known.get(fp), fp) for fp in meta.lineage] + [row(meta, meta.fingerprint)]
 
 
 def _table(head: tuple[str, ...], rows: list[tuple]) -> list[str]:
@@ -230,12 +227,12 @@ def _table(head: tuple[str, ...], rows: list[tuple]) -> list[str]:
                                                                         for r in rows]
 
 
-def card_text(model_dir: str | Path, meta: dict) -> str:
+def card_text(model_dir: str | Path, meta: ModelRecord) -> str:
     """The full ``README.md`` of the export of ``model_dir`` (model.json ``meta``, already checked)."""
     model_dir = Path(model_dir)
-    evals = read_evals(model_dir, meta["fingerprint"])
+    evals = read_evals(model_dir, meta.fingerprint)
     name = model_dir.name
-    cfg, sub = meta["config"], meta["substrate"]
+    cfg, sub = meta.config, meta.substrate
     # no line folding: a long name stays one line, so no line of the front matter can read as its "---" end
     fm = yaml.safe_dump(front_matter(meta, name, evals), sort_keys=False, allow_unicode=True, width=math.inf)
     lines = [
@@ -248,17 +245,17 @@ def card_text(model_dir: str | Path, meta: dict) -> str:
         *_table(("layers", "d_model", "heads", "context", "vocab", "substrate width", "params total",
                  "params trainable"),
                 [(cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["context"], f"{cfg['vocab_size']:,}",
-                  cfg.get("embed_dim") or cfg["d_model"], f"{meta['params_total']:,}",
-                  f"{meta['params_trainable']:,}")]),
+                  cfg.get("embed_dim") or cfg["d_model"], f"{meta.params_total:,}",
+                  f"{meta.params_trainable:,}")]),
         "",
         "## Docking port", "",
-        f"- model fingerprint: {_code(meta['fingerprint'])}",
-        f"- substrate: {_code(sub['kind'])}, fingerprint {_code(meta['substrate_fingerprint'])}",
-        f"- substrate recipe: {_code(json.dumps(sub['recipe'], sort_keys=True))}",
-        f"- tokenizer fingerprint: {_code(meta['tokenizer_fingerprint'])}",
+        f"- model fingerprint: {_code(meta.fingerprint)}",
+        f"- substrate: {_code(sub.kind)}, fingerprint {_code(meta.substrate_fingerprint)}",
+        f"- substrate recipe: {_code(json.dumps(sub.recipe, sort_keys=True))}",
+        f"- tokenizer fingerprint: {_code(meta.tokenizer_fingerprint)}",
     ]
-    if meta.get("lora"):
-        lines.append(f"- LoRA adapters of {len(meta['lora'])} stage(s), merged into the exported weights")
+    if meta.lora:
+        lines.append(f"- LoRA adapters of {len(meta.lora)} stage(s), merged into the exported weights")
     lines += ["", "## Lineage", "",
               "Stages this model grew through, oldest first (the last row is this model); params active are "
               "those the stage trained, tokens those it trained on.", "",

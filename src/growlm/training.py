@@ -65,7 +65,7 @@ from growlm.store import (
     stage_dir,
     stages,
 )
-from growlm.store.model import MODEL_JSON, load_model, save_model
+from growlm.store.model import load_model, read_meta, save_model
 from growlm.trunk_cache import TrunkCache
 
 
@@ -168,12 +168,12 @@ def initial_model(plan: Plan, tokenizer, substrate) -> tuple[GrowLM, list[str]]:
     """The stage-0 model: ``base`` (same docking port, checked) or an empty stack over the substrate."""
     if plan.base is not None:
         saved = load_model(plan.base)
-        for what, mine, theirs in (("substrate", substrate.fingerprint, saved.meta["substrate_fingerprint"]),
-                                   ("tokenizer", tokenizer.fingerprint, saved.meta["tokenizer_fingerprint"])):
+        for what, mine, theirs in (("substrate", substrate.fingerprint, saved.meta.substrate_fingerprint),
+                                   ("tokenizer", tokenizer.fingerprint, saved.meta.tokenizer_fingerprint)):
             if mine != theirs:
                 raise GrowlmError(f"cannot grow on {plan.base}: its {what} fingerprint {theirs[:12]} "
                                   f"differs from this plan's {mine[:12]}")
-        return saved.model, saved.meta["lineage"] + [saved.meta["fingerprint"]]
+        return saved.model, saved.meta.lineage + [saved.meta.fingerprint]
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
                       n_layers=0, context=plan.model.context, embed_dim=substrate.table.shape[1],
                       trainable_embedding=substrate.trainable, rope_theta=plan.model.rope_theta)
@@ -527,13 +527,13 @@ class Trainer(Loop):
                 sdir = stage_dir(run, i)
                 if sdir.exists():
                     saved = load_model(sdir)
-                    model, lineage = saved.model, saved.meta["lineage"] + [saved.meta["fingerprint"]]
+                    model, lineage = saved.model, saved.meta.lineage + [saved.meta.fingerprint]
                     self.log(f"stage {i}: complete, reusing {sdir}")
                 else:
                     model, lineage = self.run_stage(i, st, model, lineage)
                 distributed.barrier()  # every rank agrees the stage is complete before the next begins
                 dirs.append(sdir)
-                self.step_offset += json.loads((sdir / MODEL_JSON).read_text())["metrics"]["steps"]
+                self.step_offset += read_meta(sdir).metrics.steps
             distributed.shutdown()
             return dirs
 
@@ -580,10 +580,7 @@ class Trainer(Loop):
         # under is recorded in each finished stage and in the running stage's checkpoint
         change = "; a run has one plan: to change a stage, grow a new run from a finished one (base = ...)"
         for i, sdir in stages(run):
-            try:
-                theirs = json.loads((sdir / MODEL_JSON).read_text(encoding="utf-8")).get("plan")
-            except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-                raise GrowlmError(f"{sdir / MODEL_JSON} is unreadable or corrupt: {e}") from None
+            theirs = read_meta(sdir).plan
             if theirs != mine:
                 raise GrowlmError(f"stage-{i} was trained under another plan than {self.plan_path or 'this one'} "
                                   f"({plan_difference(theirs, mine)}){change}")
@@ -668,7 +665,7 @@ class Trainer(Loop):
             StageCheckpoints(run, f"stage-{i}").discard()
         distributed.barrier()
         if self.rank != 0:
-            meta = json.loads((sdir / MODEL_JSON).read_text())  # written by rank 0 before the barrier
+            meta = read_meta(sdir)  # written by rank 0 before the barrier
         if sharded:  # the next stage grows an ordinary model; every rank starts it from the saved stage
             model = load_model(sdir).model
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
@@ -676,7 +673,7 @@ class Trainer(Loop):
         self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
                  f"valid loss {vl}, {state.wall_s:.1f} s; audit: {au['trained_tensors']} tensors trained "
                  f"({', '.join(au['trained'])}), {au['frozen_tensors']} unchanged -> {sdir}")
-        return model, lineage + [meta["fingerprint"]]
+        return model, lineage + [meta.fingerprint]
 
 
 def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:

@@ -49,32 +49,32 @@ def verify_model(path: Path) -> tuple[dict, list[str], list[str]]:
     meta = read_meta(path)
     try:
         verify_files(path, meta)
-        lines.append(f"{path}: {len(meta['files'])} file checksum(s) ok")
+        lines.append(f"{path}: {len(meta.files)} file checksum(s) ok")
         weights = load_tensors(path / WEIGHTS)
         checked_skeleton(path, meta, weights)
     except GrowlmError as e:
         problems.append(str(e))
         return meta, lines, problems
     adapters = load_tensors(path / ADAPTERS) if (path / ADAPTERS).is_file() else {}
-    for blk in meta["blocks"]:
-        got = block_sha256(weights, blk["index"])
-        if got != blk["sha256"]:
-            problems.append(f"{path}: block {blk['index']} sha256 {got[:12]} differs from the recorded {blk['sha256'][:12]}")
+    for blk in meta.blocks:
+        got = block_sha256(weights, blk.index)
+        if got != blk.sha256:
+            problems.append(f"{path}: block {blk.index} sha256 {got[:12]} differs from the recorded {blk.sha256[:12]}")
     _, port = check_port(path, meta, weights["embed.weight"])
     problems += port
     if not port:
-        lines.append(f"{path}: tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]} ok")
-        if not kind_trains(meta["substrate"]["kind"]):
-            lines.append(f"{path}: substrate {meta['substrate']['kind']} fingerprint {meta['substrate_fingerprint'][:12]} ok")
+        lines.append(f"{path}: tokenizer fingerprint {meta.tokenizer_fingerprint[:12]} ok")
+        if not kind_trains(meta.substrate.kind):
+            lines.append(f"{path}: substrate {meta.substrate.kind} fingerprint {meta.substrate_fingerprint[:12]} ok")
     fp = recorded_fingerprint_of(meta, weights, adapters)
-    if adapters and meta["version"] < LORA_COVERED:
+    if adapters and meta.version < LORA_COVERED:
         lines.append(f"{path}: note: written before fingerprints covered the LoRA records (rank, alpha, blocks, "
                      f"targets); they are checked for form only")
-    if fp != meta["fingerprint"]:
-        problems.append(f"{path}: model fingerprint {fp[:12]} differs from the recorded {meta['fingerprint'][:12]}")
+    if fp != meta.fingerprint:
+        problems.append(f"{path}: model fingerprint {fp[:12]} differs from the recorded {meta.fingerprint[:12]}")
     else:
-        lines.append(f"{path}: {len(meta['blocks'])} block hash(es) and fingerprint {fp[:12]} ok")
-    mismatch = adapter_mismatch(meta.get("lora") or [], meta["config"]["d_model"], adapters) if adapters else None
+        lines.append(f"{path}: {len(meta.blocks)} block hash(es) and fingerprint {fp[:12]} ok")
+    mismatch = adapter_mismatch(meta.lora_dicts(), meta.config["d_model"], adapters) if adapters else None
     if mismatch:  # what load_model refuses: verify never vouches for a dir that will not load
         problems.append(f"{path}: adapter tensors do not match the recorded LoRA stages: {mismatch}")
     return meta, lines, problems
@@ -105,9 +105,8 @@ def verify(path: Path) -> dict:
         return {"ok": not problems, "lines": lines, "problems": problems}
     if isinstance(found, ModelDir):
         meta, lines, problems = verify_model(path)
-        if not problems and isinstance(meta.get("stage"), dict):  # a run's stage, checked without its parent
-            n = meta["stage"].get("index")
-            n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+        if not problems and meta.stage is not None:  # a run's stage, checked without its parent
+            n = meta.stage.index
             derived, problems = _derive_stage(n, meta, None)
             if derived is not None:
                 ln, pr = _check_audit(n, n - 1, meta, derived, _file_digests(path), None)
@@ -128,10 +127,10 @@ def _verify_run(path: Path, run_stages: list[tuple[int, Path]]) -> dict:
         problems += pr
         if prev is not None:
             problems += _check_lineage(n, p, meta, prev)
-        if plan is None and isinstance(meta.get("plan"), dict):
-            plan = meta["plan"]
+        if plan is None and meta.plan is not None:
+            plan = meta.plan
             problems += _check_run_plan(path, plan)
-        elif meta.get("plan") != plan:
+        elif meta.plan != plan:
             problems.append(f"stage-{n}: records another plan than the stages before it (a run has one plan)")
         derived, dp = _derive_stage(n, meta, prev)
         problems += dp
@@ -164,16 +163,16 @@ def _check_run_plan(run: Path, recorded: dict) -> list[str]:
 def _check_lineage(n: int, p: int, meta: dict, parent: dict) -> list[str]:
     """Stage ``n`` against the stage before it, ``p``: the lineage link and the substrate."""
     out = []
-    if not meta["lineage"] or meta["lineage"][-1] != parent["fingerprint"]:
-        out.append(f"stage-{n}: its lineage does not name stage-{p} ({parent['fingerprint'][:12]}) as its parent")
-    if meta["substrate_fingerprint"] != parent["substrate_fingerprint"]:
+    if not meta.lineage or meta.lineage[-1] != parent.fingerprint:
+        out.append(f"stage-{n}: its lineage does not name stage-{p} ({parent.fingerprint[:12]}) as its parent")
+    if meta.substrate_fingerprint != parent.substrate_fingerprint:
         out.append(f"stage-{n}: substrate fingerprint changed from stage-{p}")
     return out
 
 
 def _declared(meta: dict, derived: dict, names) -> set[str]:
     return trainable_names(names, train=derived["train"], new_blocks=derived["new_blocks"], adapter=derived["adapter"],
-                           trainable_embedding=bool(meta["config"].get("trainable_embedding")))
+                           trainable_embedding=bool(meta.config.get("trainable_embedding")))
 
 
 def _check_frozen(n: int, p: int, meta: dict, derived: dict, now: dict[str, str], parent: dict[str, str]) -> list[str]:
@@ -193,10 +192,10 @@ def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None,
     """What stage ``n`` trained, derived from the plan its model.json records and its parent's depth
     (``parent`` None: its own depth less the plan's growth), and its records checked against that.
     Returns ``{"train", "new_blocks", "adapter"}`` (None when there is no plan to derive from) and the problems."""
-    stage, raw = meta.get("stage"), meta.get("plan")
-    if not isinstance(stage, dict):
+    stage, raw = meta.stage, meta.plan
+    if stage is None:
         return None, [f"stage-{n}: model.json has no stage record"]
-    if not isinstance(raw, dict):
+    if raw is None:
         return None, [f"stage-{n}: model.json records no plan to check the stage against"]
     try:
         plan = plan_from_dict(raw, check_paths=False, source=f"recorded in stage-{n}/model.json")
@@ -204,8 +203,8 @@ def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None,
         return None, [f"stage-{n}: {e}"]
     if not 1 <= n <= len(plan.stage):
         return None, [f"stage-{n}: the recorded plan has {len(plan.stage)} stage(s), none numbered {n}"]
-    spec, depth = plan.stage[n - 1], len(meta["blocks"])
-    before = len(parent["blocks"]) if parent is not None else depth - spec.grow
+    spec, depth = plan.stage[n - 1], len(meta.blocks)
+    before = len(parent.blocks) if parent is not None else depth - spec.grow
     if before < 0 or depth != before + spec.grow:
         return None, [f"stage-{n}: has {depth} block(s), but the plan grows {spec.grow} over the parent's {before}"]
     adapter = f"stage{n}" if spec.lora else None
@@ -213,10 +212,10 @@ def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None,
     want = {"index": n, "name": spec.name, "grow": spec.grow, "init": spec.init, "train": spec.train,
             "tokens": spec.tokens, "lora": spec.lora.model_dump() if spec.lora else None, "adapter": adapter,
             "new_blocks": derived["new_blocks"]}
-    problems = [f"stage-{n}: the stage record says {k} = {stage.get(k)!r}, the recorded plan and the parent's depth "
-                f"give {v!r}" for k, v in want.items() if stage.get(k) != v]
-    records = meta.get("lora") or []
-    inherited = (parent.get("lora") or []) if parent is not None else records[:-1] if spec.lora else records
+    problems = [f"stage-{n}: the stage record says {k} = {getattr(stage, k, None)!r}, the recorded plan and the parent's depth "
+                f"give {v!r}" for k, v in want.items() if getattr(stage, k, None) != v]
+    records = meta.lora_dicts()
+    inherited = parent.lora_dicts() if parent is not None else records[:-1] if spec.lora else records
     if records[:len(inherited)] != inherited:
         problems.append(f"stage-{n}: its LoRA records of earlier stages differ from its parent's")
     if spec.lora:
@@ -247,18 +246,15 @@ def _check_audit(n: int, p: int, meta: dict, derived: dict, now: dict[str, str],
                  parent: dict[str, str] | None) -> tuple[list[str], list[str]]:
     """Re-check a stage's trainable-set audit from its files: what the plan trains (``derived``) changed since
     the stage began, nothing else did, the stage began from its parent, and the record says so."""
-    rec = meta.get("audit")
+    rec = meta.audit
     if rec is None:
         # growlm has recorded audits since before it recorded a stage's FLOPs: a stage with FLOPs lost its audit
-        if isinstance(meta.get("metrics"), dict) and "flops" in meta["metrics"]:
+        if meta.metrics is not None and meta.metrics.flops is not None:
             return [], [f"stage-{n}: no trainable-set audit recorded, though the growlm that wrote it records one: "
                         f"model.json was edited"]
         return [f"stage-{n}: no trainable-set audit recorded (written before growlm recorded audits)"], []
-    try:
-        start, steps = dict(rec["start_sha256"]), int(rec["steps"])
-        declared = _declared(meta, derived, now)
-    except (KeyError, TypeError, ValueError) as e:
-        return [], [f"stage-{n}: the audit record in model.json is malformed ({e!r})"]
+    start, steps = dict(rec.start_sha256), rec.steps
+    declared = _declared(meta, derived, now)
     problems = [f"stage-{n}: {p}" for p in audit.check(start, now, declared, steps)]
     if parent is not None:
         moved = sorted(k for k in set(start) & set(parent) if start[k] != parent[k])
@@ -266,7 +262,7 @@ def _check_audit(n: int, p: int, meta: dict, derived: dict, now: dict[str, str],
             problems.append(f"stage-{n}: did not start from stage-{p}: {len(moved)} tensor(s) differ, e.g. {moved[0]}")
     if not problems:
         again = audit.record(start, now, declared, steps)
-        if any(again[k] != rec.get(k) for k in ("trained", "frozen")):
+        if any(again[k] != getattr(rec, k) for k in ("trained", "frozen")):
             problems.append(f"stage-{n}: the audit recorded in model.json does not match its files")
     if problems:
         return [], problems

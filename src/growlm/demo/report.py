@@ -57,7 +57,7 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     depth_series: dict[str, list[tuple[int, float]]] = {}
     for name in ("grown-glyph", "grown-binary16", "monolithic-glyph", "monolithic-trainable"):
         sts = stages(runs[name]) if name in EVERY_STAGE else stages(runs[name])[-1:]
-        depth_series[name] = [(read_meta(p)["config"]["n_layers"], _bpb(ppl, f"{name}/{p.name}", "en"))
+        depth_series[name] = [(read_meta(p).config["n_layers"], _bpb(ppl, f"{name}/{p.name}", "en"))
                               for _, p in sts]
     plot_vs_depth(depth_series, "validation bits/byte (English)", out / "bpb_vs_depth.png", "bits/byte vs depth")
 
@@ -66,8 +66,8 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     for name in runs:
         key = final_key(runs, name)
         metas = [read_meta(p) for _, p in stages(runs[name])]
-        model_rows.append([name, metas[-1]["config"]["n_layers"], max(m["params_active"] for m in metas),
-                           sum(m["metrics"]["tokens"] for m in metas), _tflops(res["train_flops"][name]),
+        model_rows.append([name, metas[-1].config["n_layers"], max(m.params_active for m in metas),
+                           sum(m.metrics.tokens for m in metas), _tflops(res["train_flops"][name]),
                            f"{res['train_seconds'][name]:.1f}", *(_bpb(ppl, key, d) for d in DOMAINS),
                            _rate(words[name]["en"]), _rate(words[name]["ru"])])
     models = markdown_table(["model", "depth", "max active params", "tokens", "train TFLOPs", "train s",
@@ -93,8 +93,8 @@ def write_report(out: Path, runs: dict[str, Path], res: dict, console) -> Path:
     for name in EVERY_STAGE:
         for _, st in stages(runs[name]):
             m = read_meta(st)
-            stage_rows.append([name, st.name, m["config"]["n_layers"], m["params_active"],
-                               _tflops(m["metrics"]["flops"]), f"{m['metrics']['wall_s']:.1f}",
+            stage_rows.append([name, st.name, m.config["n_layers"], m.params_active,
+                               _tflops(m.metrics.flops), f"{m.metrics.wall_s:.1f}",
                                *(_bpb(ppl, f"{name}/{st.name}", d) for d in DOMAINS)])
     stage_table = markdown_table(["run", "stage", "depth", "active params", "TFLOPs", "s",
                                   *(f"bpb {d}" for d in DOMAINS)], stage_rows)

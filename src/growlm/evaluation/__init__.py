@@ -66,7 +66,7 @@ def fingerprint_of(path: str | Path) -> str:
         from growlm.store.mixture import info_mixture
 
         return info_mixture(found.path)["fingerprint"]
-    return found.meta["fingerprint"]
+    return found.meta.fingerprint
 
 
 def _model_or_mixture(path: str | Path) -> ModelDir | MixtureDir:

@@ -87,7 +87,7 @@ def evaluate_per_stage(run_dir: str | Path, task: str, *, data: DataArg = None, 
     out = []
     for n, path in stages(found):
         res = _evaluate_path(path, task, spec, source, options)
-        out.append({"stage": n, "n_layers": read_meta(path)["config"]["n_layers"], **res})
+        out.append({"stage": n, "n_layers": read_meta(path).config["n_layers"], **res})
     if (run_dir / MetricsLog.TENSORBOARD).is_dir():  # written after the sweep: a failed stage leaves no half curve
         try:
             with MetricsLog.writer(run_dir) as tb:

@@ -97,14 +97,14 @@ def write_desc(root: Path, rule: dict, experts: Sequence[ModelDir], router: dict
     desc = {
         "format": FORMAT, "version": VERSION, **rule,
         "router": router,
-        "experts": [{"path": rel, "fingerprint": e.meta["fingerprint"], "source": str(e.path.resolve())}
+        "experts": [{"path": rel, "fingerprint": e.meta.fingerprint, "source": str(e.path.resolve())}
                     for rel, e in zip(rels, experts, strict=True)],
-        "substrate_fingerprint": ref["substrate_fingerprint"],
-        "tokenizer_fingerprint": ref["tokenizer_fingerprint"],
+        "substrate_fingerprint": ref.substrate_fingerprint,
+        "tokenizer_fingerprint": ref.tokenizer_fingerprint,
         "tensors": sorted(stored),
         "tuning": tuning,
-        "fingerprint": mixture_fingerprint(rule, [e.meta["fingerprint"] for e in experts],
-                                           ref["substrate_fingerprint"], ref["tokenizer_fingerprint"], tensors),
+        "fingerprint": mixture_fingerprint(rule, [e.meta.fingerprint for e in experts],
+                                           ref.substrate_fingerprint, ref.tokenizer_fingerprint, tensors),
         "files": _checked_files(root, rels),
     }
     atomic_write_json(root / MIXTURE_JSON, desc)
@@ -121,7 +121,7 @@ def _checked_names(root: Path, expert_paths: Sequence[str]) -> list[str]:
     per verification)."""
     skip = {MIXTURE_JSON}
     for rel in expert_paths:
-        skip |= {f"{rel}/{name}" for name in read_meta(root / rel)["files"]}
+        skip |= {f"{rel}/{name}" for name in read_meta(root / rel).files}
     names = (f.relative_to(root).as_posix() for f in sorted(root.rglob("*")) if f.is_file())
     return [n for n in names if n not in skip]
 
@@ -212,12 +212,12 @@ def verify_dir(path: Path) -> dict:
     for rel, e in zip(rels, desc["experts"], strict=True):
         meta = read_meta(path / rel)
         verify_files(path / rel, meta)
-        if meta["fingerprint"] != e["fingerprint"]:
-            raise GrowlmError(f"mixture {path}: {rel} has fingerprint {meta['fingerprint'][:12]}, "
+        if meta.fingerprint != e["fingerprint"]:
+            raise GrowlmError(f"mixture {path}: {rel} has fingerprint {meta.fingerprint[:12]}, "
                               f"{MIXTURE_JSON} records {e['fingerprint'][:12]}")
         for what in ("substrate_fingerprint", "tokenizer_fingerprint"):
-            if meta[what] != desc[what]:
-                raise GrowlmError(f"mixture {path}: {rel} has {what} {meta[what][:12]}, not {desc[what][:12]}")
+            if getattr(meta, what) != desc[what]:
+                raise GrowlmError(f"mixture {path}: {rel} has {what} {getattr(meta, what)[:12]}, not {desc[what][:12]}")
     return desc
 
 
@@ -261,9 +261,9 @@ def info_mixture(path: Path) -> dict:
     experts = []
     for e in desc["experts"]:
         meta = read_meta(path / e["path"])
-        cfg = meta["config"]
-        experts.append({"path": e["path"], "fingerprint": meta["fingerprint"], "n_layers": cfg["n_layers"],
-                        "d_model": cfg["d_model"], "context": cfg["context"], "params_total": meta["params_total"],
+        cfg = meta.config
+        experts.append({"path": e["path"], "fingerprint": meta.fingerprint, "n_layers": cfg["n_layers"],
+                        "d_model": cfg["d_model"], "context": cfg["context"], "params_total": meta.params_total,
                         "source": e.get("source")})
     router = desc.get("router")
     router_params = (router["in_features"] + 1) * len(experts) if router else 0
@@ -273,7 +273,7 @@ def info_mixture(path: Path) -> dict:
         # the effective fixed weights (uniform for the means); a router's are per token
         "weights": None if router else desc["weights"] or [1.0 / len(experts)] * len(experts),
         "params_total": sum(e["params_total"] for e in experts) + router_params,
-        "vocab_size": read_meta(path / desc["experts"][0]["path"])["config"]["vocab_size"],
+        "vocab_size": read_meta(path / desc["experts"][0]["path"]).config["vocab_size"],
         "context": min(e["context"] for e in experts),
         "tuned": [r["stage"] for r in desc["tuning"]],
         "substrate_fingerprint": desc["substrate_fingerprint"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import shutil
 import typing
 from dataclasses import dataclass
@@ -35,13 +34,13 @@ from growlm.files import (
     read_descriptor,
 )
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.lora import TARGETS, attach_adapters
+from growlm.lora import attach_adapters
 from growlm.model import GrowLM, ModelConfig
+from growlm.store.records import FORMAT, LORA_COVERED, ModelRecord, SubstrateRecord
 from growlm.substrate.base import substrate_fingerprint
 from growlm.substrate.registry import kind_trains
 from growlm.tokenizer import Tokenizer
 
-FORMAT = "growlm-model"
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 ADAPTERS = "adapters.safetensors"
@@ -68,9 +67,6 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-# model.json version 2: the fingerprint covers the LoRA records too (how the adapters apply: rank, alpha, blocks,
-# targets). A version-1 dir with adapters predates that: it still loads and verifies, with a note saying so.
-LORA_COVERED = 2
 LORA_KEYS = ("name", "rank", "alpha", "blocks", "targets")
 
 
@@ -96,7 +92,7 @@ class ModelDir:
     """A model dir (a run's stage is one too), with its checked model.json."""
 
     path: Path
-    meta: dict
+    meta: ModelRecord
 
 
 @dataclass
@@ -104,7 +100,7 @@ class SavedModel:
     """A loaded model dir: the module, its tokenizer dir and its metadata."""
 
     model: GrowLM
-    meta: dict
+    meta: ModelRecord
     path: Path
     tokenizer_dir: Path = dataclasses.field(init=False)
     # loaded (and checked against model.json) by load_model; loading it again would re-parse the vocabulary
@@ -121,11 +117,12 @@ class SavedModel:
 
 
 def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: dict, extra: dict | None = None,
-               lineage: list[str] | None = None) -> dict:
-    """Write ``model`` as an immutable, self-contained model dir; returns the model.json content.
+               lineage: list[str] | None = None) -> ModelRecord:
+    """Write ``model`` as an immutable, self-contained model dir; returns its model.json record (the one writer
+    of model.json).
 
     ``substrate`` is ``{"kind", "fingerprint", "recipe"}``; ``extra`` adds run information
-    (plan, stage, metrics, params_active, lora). The dir appears atomically or not at all.
+    (plan, stage, metrics, params_active, audit). The dir appears atomically or not at all.
     """
     tok = Tokenizer.load(tokenizer_dir)
     weights = base_state(model)
@@ -156,89 +153,55 @@ def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: 
             files[ADAPTERS] = sha256_file(tmp / ADAPTERS)
         shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         meta["files"] = files
-        atomic_write_json(tmp / MODEL_JSON, meta)
-    return meta
+        record = ModelRecord.read(meta, tmp / MODEL_JSON)  # what is written is what every reader will read
+        atomic_write_json(tmp / MODEL_JSON, record.to_json())
+    return record
 
 
-def read_meta(path: Path) -> dict:
-    """model.json of a model dir, or a one-line GrowlmError saying why the dir is not a model.
+def read_meta(path: Path) -> ModelRecord:
+    """model.json of a model dir as its typed record, or a one-line GrowlmError saying why the dir is not a model.
 
     Refuses a dir holding a symlink or special file, and a model.json whose fields have the wrong
-    types, whose config cannot build a model, or whose ``files`` reach outside the dir.
+    types, whose config cannot build a model, whose ``files`` reach outside the dir, or whose records
+    contradict each other (block hashes for another depth, adapters without LoRA records).
     """
     path = Path(path)
     if not path.exists():
         raise GrowlmError(f"model not found: {path}")
     check_tree(path, "model")
     f = path / MODEL_JSON
-    meta = read_descriptor(f, FORMAT, "model")
-    cfg = model_config(meta, f)
-    for key in ("substrate_fingerprint", "tokenizer_fingerprint", "fingerprint"):
-        field(meta, key, (str,), f)
-    sub = field(meta, "substrate", (dict,), f)
-    field(sub, "kind", (str,), f, "substrate.")
-    field(sub, "recipe", (dict,), f, "substrate.")
-    for key in ("params_total", "params_trainable"):
-        field(meta, key, (int,), f)
-    if not all(isinstance(fp, str) for fp in field(meta, "lineage", (list,), f)):
-        raise GrowlmError(f"{f} is corrupt: lineage is not a list of fingerprints")
-    blocks = field(meta, "blocks", (list,), f)
-    if len(blocks) != cfg.n_layers:
-        raise GrowlmError(f"{f} is inconsistent: {cfg.n_layers} layers but {len(blocks)} block hashes")
-    for i, blk in enumerate(blocks):
-        where = f"blocks[{i}]."
-        if not isinstance(blk, dict) or field(blk, "index", (int,), f, where) != i:
+    meta = ModelRecord.read(read_descriptor(f, FORMAT, "model"), f)
+    cfg = model_config(meta.config, f)
+    if len(meta.blocks) != cfg.n_layers:
+        raise GrowlmError(f"{f} is inconsistent: {cfg.n_layers} layers but {len(meta.blocks)} block hashes")
+    for i, blk in enumerate(meta.blocks):
+        if blk.index != i:
             raise GrowlmError(f"{f} is corrupt: blocks[{i}] is not the record of block {i}")
-        field(blk, "sha256", (str,), f, where)
-    files = field(meta, "files", (dict,), f)
-    for name in files:
+    for name in meta.files:
         check_name(name, f"{f} files")
-        field(files, name, (str,), f, "the checksum of ")
-    if WEIGHTS not in files:
+    if WEIGHTS not in meta.files:
         raise GrowlmError(f"{f} is corrupt: it records no checksum for {WEIGHTS}")
-    if field(meta, "version", (int,), f) not in (1, LORA_COVERED):
-        raise GrowlmError(f"{f} is corrupt: version {meta['version']!r} is not one this growlm reads (1 or {LORA_COVERED})")
-    lora = field(meta, "lora", (list, type(None)), f) if "lora" in meta else None
-    for i, rec in enumerate(lora or []):
-        check_lora_record(rec, cfg.n_layers, f, f"lora[{i}].")
-    if bool(lora) != (ADAPTERS in files):  # adapters without records would be dropped silently on load
-        raise GrowlmError(f"{f} is inconsistent: it records {'no ' if ADAPTERS not in files else ''}{ADAPTERS} "
-                          f"but {'no' if not lora else len(lora)} LoRA record(s)")
+    for i, rec in enumerate(meta.lora or []):
+        if max(rec.blocks) >= cfg.n_layers:
+            raise GrowlmError(f"{f} is corrupt: lora[{i}].blocks must be block indices below {cfg.n_layers}, "
+                              f"got {rec.blocks!r:.60}")
+    if bool(meta.lora) != (ADAPTERS in meta.files):  # adapters without records would be dropped silently on load
+        raise GrowlmError(f"{f} is inconsistent: it records {'no ' if ADAPTERS not in meta.files else ''}{ADAPTERS} "
+                          f"but {'no' if not meta.lora else len(meta.lora)} LoRA record(s)")
     return meta
 
 
-def recorded_fingerprint_of(meta: dict, weights: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor]) -> str:
+def recorded_fingerprint_of(meta: ModelRecord, weights: dict[str, torch.Tensor],
+                            adapters: dict[str, torch.Tensor]) -> str:
     """The model fingerprint recomputed from the tensors and model.json's records, as :func:`save_model` made it
     (with the LoRA records from version 2 on): equal to the recorded one iff nothing that computes was edited."""
-    lora = meta.get("lora") if adapters and meta["version"] >= LORA_COVERED else None
-    return model_fingerprint(meta["config"], meta["substrate_fingerprint"], meta["tokenizer_fingerprint"], weights,
+    lora = meta.lora_dicts() if adapters and meta.version >= LORA_COVERED else None
+    return model_fingerprint(meta.config, meta.substrate_fingerprint, meta.tokenizer_fingerprint, weights,
                              adapters, lora)
 
 
-def check_lora_record(rec: object, n_layers: int, f: Path, where: str) -> None:
-    """A LoRA record of model.json as :func:`growlm.lora.add_lora` writes it, or a one-line error naming the key:
-    a load builds the adapters from it, so a record it cannot build from is refused before any tensor is read."""
-    if not isinstance(rec, dict):
-        raise GrowlmError(f"{f} is corrupt: {where[:-1]} is not an object")
-    field(rec, "name", (str,), f, where)
-    rank = field(rec, "rank", (int,), f, where)
-    alpha = field(rec, "alpha", (float,), f, where)
-    if rank < 1 or not math.isfinite(alpha) or alpha <= 0:
-        raise GrowlmError(f"{f} is corrupt: {where}rank must be at least 1 and {where}alpha a positive number "
-                          f"(got {rank!r}, {alpha!r})")
-    blocks, targets = field(rec, "blocks", (list,), f, where), field(rec, "targets", (list,), f, where)
-    if not blocks or len(set(map(repr, blocks))) != len(blocks) or \
-            not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < n_layers for b in blocks):
-        raise GrowlmError(f"{f} is corrupt: {where}blocks must be distinct block indices below {n_layers}, "
-                          f"got {blocks!r:.60}")
-    if not targets or len(set(map(repr, targets))) != len(targets) or not all(t in TARGETS for t in targets):
-        raise GrowlmError(f"{f} is corrupt: {where}targets must be distinct names of {', '.join(TARGETS)}, "
-                          f"got {targets!r:.60}")
-
-
-def model_config(meta: dict, f: Path) -> ModelConfig:
-    """The :class:`ModelConfig` in model.json ``f``, or a one-line error naming the key at fault."""
-    raw = field(meta, "config", (dict,), f)
+def model_config(raw: dict, f: Path) -> ModelConfig:
+    """The :class:`ModelConfig` of model.json ``f``'s ``config``, or a one-line error naming the key at fault."""
     hints = typing.get_type_hints(ModelConfig)
     for fld in dataclasses.fields(ModelConfig):
         kinds = typing.get_args(hints[fld.name]) or (hints[fld.name],)  # int | None -> (int, NoneType)
@@ -249,9 +212,9 @@ def model_config(meta: dict, f: Path) -> ModelConfig:
         raise GrowlmError(f"{f} is corrupt: {e}") from None
 
 
-def verify_files(path: Path, meta: dict) -> None:
+def verify_files(path: Path, meta: ModelRecord) -> None:
     """Check every weight file against the sha256 recorded in model.json (read by :func:`read_meta`)."""
-    files = meta["files"]
+    files = meta.files
     if ADAPTERS not in files and (Path(path) / ADAPTERS).exists():
         raise GrowlmError(f"{Path(path) / ADAPTERS} is not recorded in {MODEL_JSON}: the dir was modified")
     for name, digest in files.items():
@@ -270,12 +233,12 @@ def load_tensors(f: Path) -> dict[str, torch.Tensor]:
         raise GrowlmError(f"{f} is not a valid safetensors file: {e}") from e
 
 
-def checked_skeleton(path: Path, meta: dict, weights: dict[str, torch.Tensor]) -> GrowLM:
+def checked_skeleton(path: Path, meta: ModelRecord, weights: dict[str, torch.Tensor]) -> GrowLM:
     """The model model.json's config builds (on the meta device, no memory), once ``weights`` are
     checked to be exactly its tensors: every name, no other, each of the shape the config gives."""
     f = Path(path) / WEIGHTS
     with torch.device("meta"):
-        model = GrowLM(model_config(meta, Path(path) / MODEL_JSON))
+        model = GrowLM(model_config(meta.config, Path(path) / MODEL_JSON))
     want = model.state_dict()
     missing = set(want) - set(weights)
     if missing:
@@ -290,16 +253,15 @@ def checked_skeleton(path: Path, meta: dict, weights: dict[str, torch.Tensor]) -
     return model
 
 
-def embedding_fingerprint(meta: dict, table: torch.Tensor) -> str | None:
+def embedding_fingerprint(substrate: SubstrateRecord, table: torch.Tensor) -> str | None:
     """The substrate fingerprint of the embedding ``table`` under model.json's recipe, or ``None``
     for a trainable substrate (its embedding moves in training, so only the starting point is recorded)."""
-    sub = meta["substrate"]
-    if kind_trains(sub["kind"]):
+    if kind_trains(substrate.kind):
         return None
-    return substrate_fingerprint(sub["recipe"], table)
+    return substrate_fingerprint(substrate.recipe, table)
 
 
-def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
+def check_port(path: Path, meta: ModelRecord, embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
     """The docking port a model dir really has, against the one its model.json records.
 
     Loads the tokenizer (its fingerprint is computed from its own vocabulary) and recomputes the
@@ -307,6 +269,13 @@ def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) ->
     one pass over it that load and verify make). Returns the tokenizer (``None`` when it does not
     load) and the problems found, each one line.
     """
+    return port_problems(path, meta.substrate, meta.substrate_fingerprint, meta.tokenizer_fingerprint,
+                         bool(meta.config.get("trainable_embedding")), embedding)
+
+
+def port_problems(path: Path, sub: SubstrateRecord, substrate_fp: str, tokenizer_fp: str, trainable_embedding: bool,
+                  embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
+    """:func:`check_port` of the records given one by one (a dir about to be written has no model.json yet)."""
     path = Path(path)
     problems = []
     try:
@@ -314,23 +283,21 @@ def check_port(path: Path, meta: dict, embedding: torch.Tensor | None = None) ->
     except GrowlmError as e:
         tok = None
         problems.append(str(e))
-    if tok is not None and tok.fingerprint != meta["tokenizer_fingerprint"]:
+    if tok is not None and tok.fingerprint != tokenizer_fp:
         problems.append(f"{path}: tokenizer/ has fingerprint {tok.fingerprint[:12]}, but {MODEL_JSON} records "
-                        f"{meta['tokenizer_fingerprint'][:12]}: the tokenizer was replaced")
-    sub = meta["substrate"]
-    if sub.get("fingerprint") != meta["substrate_fingerprint"] or \
-            sub.get("kind") != (sub.get("recipe") or {}).get("kind", sub.get("kind")):
-        problems.append(f"{path}: {MODEL_JSON} contradicts itself about its substrate (kind {sub.get('kind')!r}, "
+                        f"{tokenizer_fp[:12]}: the tokenizer was replaced")
+    if sub.fingerprint != substrate_fp or sub.kind != sub.recipe.get("kind", sub.kind):
+        problems.append(f"{path}: {MODEL_JSON} contradicts itself about its substrate (kind {sub.kind!r}, "
                         f"recipe kind, and the two substrate fingerprints must agree)")
-    if kind_trains(meta["substrate"]["kind"]) and not meta["config"]["trainable_embedding"]:
+    if kind_trains(sub.kind) and not trainable_embedding:
         problems.append(f"{path}: {MODEL_JSON} names a trainable substrate but its config freezes the embedding")
-    elif not kind_trains(meta["substrate"]["kind"]):
+    elif not kind_trains(sub.kind):
         if embedding is None:
             embedding = _read_embedding(path / WEIGHTS)
-        fp = embedding_fingerprint(meta, embedding)
-        if fp != meta["substrate_fingerprint"]:
+        fp = embedding_fingerprint(sub, embedding)
+        if fp != substrate_fp:
             problems.append(f"{path}: the embedding does not match substrate fingerprint "
-                            f"{meta['substrate_fingerprint'][:12]} (got {fp[:12]})")
+                            f"{substrate_fp[:12]} (got {fp[:12]})")
     return tok, problems
 
 
@@ -362,12 +329,12 @@ def load_model(path: Path, device: str | torch.device = "cpu", verify: bool = Tr
         raise GrowlmError(problems[0])
     model.load_state_dict(weights, strict=True, assign=True)
     model.embed.weight.requires_grad_(model.cfg.trainable_embedding)
-    adapters = load_tensors(path / ADAPTERS) if ADAPTERS in meta["files"] else {}
-    if verify and recorded_fingerprint_of(meta, weights, adapters) != meta["fingerprint"]:
+    adapters = load_tensors(path / ADAPTERS) if ADAPTERS in meta.files else {}
+    if verify and recorded_fingerprint_of(meta, weights, adapters) != meta.fingerprint:
         raise GrowlmError(f"{path / MODEL_JSON}: its records do not give its fingerprint "
-                          f"{meta['fingerprint'][:12]}: it was edited (`growlm verify {path}` says more)")
+                          f"{meta.fingerprint[:12]}: it was edited (`growlm verify {path}` says more)")
     if adapters:
-        attach_adapters(model, meta["lora"], adapters)
-        model.lora_records = list(meta["lora"])
+        attach_adapters(model, meta.lora_dicts(), adapters)
+        model.lora_records = meta.lora_dicts()
     model.to(device)
     return SavedModel(model=model, meta=meta, path=path, _tokenizer=tok)
