@@ -1,7 +1,9 @@
-"""The one way the benchmarks time things: synchronised wall clock, median after a warm-up."""
+"""The one way the benchmarks time things: synchronised wall clock, median after a warm-up; and the two peaks
+MFU is quoted against: the matmul peak measured in the same run, and the datasheet's dense bf16 peak."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -52,3 +54,36 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
         for name, fn in fns.items():
             times[name].append(once(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+# Dense (no 2:4 sparsity) bf16 tensor peaks in FLOP/s, the denominator the field quotes MFU against. The figures
+# and their order follow nanochat's table (karpathy/nanochat, nanochat/common.py get_peak_flops, after torchtitan's
+# tools/utils.py), which takes them from the vendors' datasheets, where NVIDIA quotes "with sparsity", halved here
+# (H100 and H200 SXM: 1,979 -> 989; H100 PCIe: 1,513 -> 756). The two rows nanochat lacks cite their datasheet. A row
+# matches when each of its words is a word of the device name (torch.cuda.get_device_name, lower case), and the first
+# match wins, so a variant (NVL, PCIe) comes before its family and "l4" never matches an L40. The A10G, an AWS part
+# with no public datasheet figure, is left out on purpose: an unknown device reports no datasheet MFU, never a guess.
+DATASHEET_BF16: tuple[tuple[str, float], ...] = (
+    ("gb200", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("a10", 125e12),  # NVIDIA A10 datasheet: BF16 tensor 125 TFLOPS (250 with sparsity); not nanochat's
+    ("l40s", 362e12),
+    ("l40", 181e12),  # NVIDIA L40 datasheet: BF16 tensor 362 TFLOPS with sparsity; not nanochat's
+    ("l4", 121e12),
+    ("mi355x", 2.5e15), ("mi325x", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12), ("mi250x", 383e12),
+    ("mi250", 362.1e12),
+    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+)
+
+
+def datasheet_peak(device_name: str) -> tuple[float | None, str]:
+    """The datasheet's dense bf16 peak (FLOP/s) of the device called ``device_name``, and what it was matched as;
+    ``(None, why)`` for a device the table lacks (a CPU, say): MFU against it is then unknown, not guessed."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    for row, peak in DATASHEET_BF16:
+        if set(row.split()) <= words:
+            return peak, f"{row} (dense bf16 datasheet peak, {peak / 1e12:g} TFLOP/s)"
+    return None, f"no datasheet peak known for {device_name!r}: MFU against the datasheet is not reported"

@@ -38,8 +38,10 @@ def by_name(lines: list[dict]) -> dict[str, dict]:
 def test_dry_run_runs_every_step_and_records_every_figure(tmp_path):
     """``--dry-run`` on CPU: install check, speed figures (no MFU goal), ratios, memory, a forced profile, the
     kill-and-resume plan and the pytest subset, each as a JSON line with its goal; a summary; the files.
-    Started from another cwd with a relative --out, as a user might."""
-    r, lines = run_check("--dry-run", "--out", "gpu-out", "--site", str(tmp_path / "site"), cwd=tmp_path)
+    Started from another cwd with a relative --out, as a user might. Every MFU comes twice, over the measured
+    peak and over the datasheet's, here an H200's by name (the CPU has no datasheet row)."""
+    r, lines = run_check("--dry-run", "--out", "gpu-out", "--site", str(tmp_path / "site"), "--datasheet-name",
+                         "NVIDIA H200", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     figs = by_name(lines)
     summary = figs.pop("summary")
@@ -48,10 +50,10 @@ def test_dry_run_runs_every_step_and_records_every_figure(tmp_path):
         assert f["met"] in (True, False, None)
         assert not f["figure"].endswith(".crashed"), f
     stages = [f"grow[{f}+3]" for f in (0, 3, 6)]
-    expected = {"install.missing", "matmul_peak", "batch", "memory.grow[6+3]_vs_mono[9]", "plan.kill_resume",
-                "pytest"}
-    expected |= {f"mono[{d}].{k}" for d in (3, 6, 9) for k in ("tokens_per_s", "mfu")}
-    expected |= {f"{s}.{k}" for s in stages for k in ("tokens_per_s", "mfu", "ratio_over_model",
+    expected = {"install.missing", "matmul_peak", "datasheet_peak", "batch", "memory.grow[6+3]_vs_mono[9]",
+                "plan.kill_resume", "pytest"}
+    expected |= {f"mono[{d}].{k}" for d in (3, 6, 9) for k in ("tokens_per_s", "mfu", "mfu_datasheet")}
+    expected |= {f"{s}.{k}" for s in stages for k in ("tokens_per_s", "mfu", "mfu_datasheet", "ratio_over_model",
                                                        "cached_ratio_over_model")}
     assert expected <= set(figs), sorted(expected - set(figs))
     profiles = [f for name, f in figs.items() if name.startswith("profile[")]
@@ -59,9 +61,16 @@ def test_dry_run_runs_every_step_and_records_every_figure(tmp_path):
 
     assert figs["install.missing"]["mode"] == "check-only" and figs["install.missing"]["installed"] == []
     assert figs["mono[9].mfu"]["goal"] is None and figs["mono[9].mfu"]["value"] > 0  # no MFU goal on CPU
+    sheet = figs["datasheet_peak"]
+    assert sheet["value"] == 989 and sheet["looked_up"] == "NVIDIA H200" and "h200" in sheet["note"]
+    for name in ["mono[9]", *stages]:
+        m, d = figs[f"{name}.mfu"], figs[f"{name}.mfu_datasheet"]
+        assert d["goal"] is None and d["value"] == pytest.approx(m["value"] * figs["matmul_peak"]["value"] / 989,
+                                                                 rel=0.01, abs=1e-4)
     for s in stages:
         ratio = figs[f"{s}.ratio_over_model"]
-        assert ratio["goal"] == "<= 1.15" and ratio["met"] == (ratio["value"] <= 1.15) and ratio["value"] > 0
+        assert ratio["goal"] == f"<= {RATIO_GOAL}" and ratio["met"] == (ratio["value"] <= RATIO_GOAL)
+        assert ratio["value"] > 0
     mem = figs["memory.grow[6+3]_vs_mono[9]"]
     assert mem["goal"] == "< 1" and mem["grow_bytes"] > 0 and mem["mono_bytes"] > 0
     plan = figs["plan.kill_resume"]
@@ -156,7 +165,7 @@ def test_prepare_wheels_pins_the_lock_for_the_gpu_python_and_never_torch(tmp_pat
 
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_check import search_batch  # noqa: E402
+from gpu_check import RATIO_GOAL, search_batch  # noqa: E402
 
 GB = 2**30
 
