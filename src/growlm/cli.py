@@ -207,6 +207,16 @@ def cmd_demo(a: argparse.Namespace) -> None:
     demo(out=Path(a.out), quick=a.quick, force=a.force, seeds=a.seeds)
 
 
+def cmd_data_prepare(a: argparse.Namespace) -> None:
+    from growlm.prepare import prepare
+
+    slurm = {"partition": a.partition, "time": a.time}
+    if a.executor != "slurm" and any(slurm.values()):
+        raise GrowlmError("--partition and --time are for --executor slurm")
+    prepare(a.sources, a.tokenizer, a.out, workers=a.workers, executor=a.executor, shuffle=a.shuffle,
+            valid_fraction=a.valid_fraction, slurm=slurm)
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -350,6 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("path", metavar="RUN_OR_MODEL")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_verify)
+
+    dt = sub.add_parser("data", help="prepare training data ahead, at scale").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    b = dt.add_parser("prepare", help="tokenize text into a prepared DATA folder (datatrove: local, Slurm or Ray)")
+    b.add_argument("sources", nargs="+", metavar="SOURCES",
+                   help="files, folders or globs of text, JSONL, parquet and save_to_disk datasets")
+    b.add_argument("--tokenizer", required=True, metavar="TOK", help="a growlm tokenizer dir (the plan's)")
+    b.add_argument("--out", required=True, metavar="DATA")
+    b.add_argument("--workers", type=int, metavar="N",
+                   help="tasks at once (local: default one per CPU core; slurm and ray: default no limit)")
+    b.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    b.add_argument("--shuffle", action="store_true", help="shuffle the documents within each task's shard")
+    b.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of the documents (a text file's lines) as DATA's valid split")
+    b.add_argument("--partition", help="--executor slurm: the partition to submit to")
+    b.add_argument("--time", help="--executor slurm: each task's time limit (default 24:00:00)")
+    b.set_defaults(func=cmd_data_prepare)
 
     b = sub.add_parser("demo", help="grow, compare and merge real models end to end, with a report")
     b.add_argument("--out", default="demo-out", metavar="DIR")

@@ -1,24 +1,30 @@
-"""Training data: documents from text/JSONL/parquet/Arrow, cached token shards, packed deterministic batches.
+"""Training data: documents from text/JSONL/parquet/Arrow, token shards, packed deterministic batches.
 
 Pipeline::
 
     file --iter_documents--> documents --tokenize_file--> CACHE/<key>.u16 (memmap, EOS after each document)
-    sources (weighted lists of files) --Batches--> fixed-length (x, y) batches, resumable from counters
+    prepared DATA folder (growlm data prepare, growlm.prepare) --open_split--> DATA/train/*.u16 (memmap)
+    sources (weighted lists of files or prepared folders) --Batches--> fixed-length (x, y) batches, resumable
 
-Shards are named by a hash of (file content, tokenizer fingerprint, reader kind, format version), so a
-changed file or tokenizer never reuses stale tokens, and are written atomically (temp file + rename),
-so a killed run never leaves a shard that looks complete.
+The per-file cache suits small data: shards are named by a hash of (file content, tokenizer fingerprint,
+reader kind, format version), so a changed file or tokenizer never reuses stale tokens, and are written
+atomically (temp file + rename), so a killed run never leaves a shard that looks complete. A prepared
+folder holds the same tokens, made ahead by many workers: both paths encode with :func:`encode_batches`,
+so the same files give the same token stream, and the same stream gives the same batches.
 
 Batch order is a pure function of the seed and two kinds of counters: the global row index picks
 each row's source (mixture), and each source's cursor (sequences consumed so far) picks the next
-sequence from the per-epoch permutation of that source. ``Batches.state_dict()`` is therefore just
-those counters, and resuming from it reproduces the exact same subsequent batches, on any number of
-ranks (every rank simulates the whole global batch and gathers only its rows ``rank::world_size``).
+sequence from the per-epoch permutation of that source (:func:`permute`, computed index by index for a
+large source, so memory never grows with the corpus). ``Batches.state_dict()`` is therefore just those
+counters, and resuming from it reproduces the exact same subsequent batches, on any number of ranks
+(every rank simulates the whole global batch and gathers only its rows ``rank::world_size``).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -32,10 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from growlm import distributed
 from growlm.corpus import iter_text_chunks, regular_file
 from growlm.errors import GrowlmError, one_line
 from growlm.files import atomic_file
 from growlm.hashing import canonical_json, sha256_file
+from growlm.shards import is_prepared, open_split
 
 SHARD_VERSION = 1
 STATE_VERSION = 1
@@ -57,28 +65,33 @@ _CUT_CHARS = (" ", "\n")
 # documents
 
 
-def _check_file(p: Path) -> None:
-    """A data path must be a non-empty regular file or a folder (a datasets save_to_disk folder,
-    checked by :func:`_kind`); a FIFO or device would block the reader, so it is refused here."""
+def check_data_file(p: Path) -> None:
+    """A data path must be a non-empty regular file or a folder (a datasets save_to_disk folder, or a
+    prepared DATA folder, checked by :func:`data_kind`); a FIFO or device would block the reader, so it is
+    refused here."""
     if p.is_dir():
         return
     if regular_file(p, "data file").st_size == 0:
         raise GrowlmError(f"data file is empty: {p}")
 
 
-def _kind(p: Path) -> str:
-    """How ``p`` is read: 'text', 'jsonl', 'parquet', 'arrow' (one stream file) or 'arrow-dir'."""
+def data_kind(p: Path) -> str:
+    """How ``p`` is read: 'text', 'jsonl', 'parquet', 'arrow' (one stream file), 'arrow-dir' (a save_to_disk
+    folder) or 'prepared' (a folder made by ``growlm data prepare``: tokens, not documents)."""
     if p.is_dir():
+        if is_prepared(p):
+            return "prepared"
         if (p / "dataset_dict.json").is_file():
             raise GrowlmError(f"{p} is a datasets DatasetDict folder; point at one split folder inside it (e.g. {p / 'train'})")
         if (p / "dataset_info.json").is_file() or (p / "state.json").is_file():
             return "arrow-dir"
-        raise GrowlmError(f"{p} is a folder but not a datasets save_to_disk folder (no dataset_info.json or state.json)")
+        raise GrowlmError(f"{p} is a folder but not a datasets save_to_disk folder (no dataset_info.json or state.json) "
+                          f"nor a prepared data folder (no manifest.json)")
     suffix = p.suffix.lower()
     return {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}.get(suffix, "text")
 
 
-def _arrow_files(d: Path) -> list[Path]:
+def arrow_files(d: Path) -> list[Path]:
     """The data files of a save_to_disk folder, in the order state.json lists them (else by name)."""
     names: list[str] = []
     state = d / "state.json"
@@ -91,21 +104,15 @@ def _arrow_files(d: Path) -> list[Path]:
     if not files:
         raise GrowlmError(f"datasets folder {d} has no .arrow data files")
     for f in files:
-        _check_file(f)
+        check_data_file(f)
     return files
 
 
-def text_pieces(p: Path, cut_chars: Sequence[str] = _CUT_CHARS, what: str = "corpus file",
-                chunk_chars: int | None = None) -> Iterator[str]:
-    """The text of ``p`` in pieces of about ``chunk_chars`` (default ``_CHUNK_CHARS``) characters,
-    each cut just after one of ``cut_chars`` (space, newline).
-
-    When no multi-character token contains a cut character, encoding the pieces one by one gives
-    the same ids as encoding the whole file. A run of more than ``_MAX_CARRY`` characters without
-    one is cut anyway, so memory stays bounded by the chunk size whatever the text.
-    """
+def _cut_pieces(chunks: Iterable[str], cut_chars: Sequence[str]) -> Iterator[str]:
+    """Chunks of text re-cut just after one of ``cut_chars``; a run of more than ``_MAX_CARRY`` characters
+    without one is cut anyway, so memory stays bounded by the chunk size whatever the text."""
     carry = ""
-    for chunk in iter_text_chunks(p, chunk_chars=chunk_chars or _CHUNK_CHARS, what=what):
+    for chunk in chunks:
         buf = carry + chunk
         cut = max((buf.rfind(c) for c in cut_chars), default=-1) + 1
         if cut == 0 and len(buf) > _MAX_CARRY:
@@ -117,27 +124,84 @@ def text_pieces(p: Path, cut_chars: Sequence[str] = _CUT_CHARS, what: str = "cor
         yield carry
 
 
-def _jsonl_documents(p: Path) -> Iterator[str]:
-    offset = 0
+def text_pieces(p: Path, cut_chars: Sequence[str] = _CUT_CHARS, what: str = "corpus file",
+                chunk_chars: int | None = None) -> Iterator[str]:
+    """The text of ``p`` in pieces of about ``chunk_chars`` (default ``_CHUNK_CHARS``) characters,
+    each cut just after one of ``cut_chars`` (space, newline).
+
+    When no multi-character token contains a cut character, encoding the pieces one by one gives
+    the same ids as encoding the whole file. A run of more than ``_MAX_CARRY`` characters without
+    one is cut anyway, so memory stays bounded by the chunk size whatever the text.
+    """
+    return _cut_pieces(iter_text_chunks(p, chunk_chars=chunk_chars or _CHUNK_CHARS, what=what), cut_chars)
+
+
+def _range_chunks(p: Path, start: int, end: int) -> Iterator[str]:
+    """The UTF-8 text of bytes ``[start, end)`` of ``p`` in chunks of at most ``_CHUNK_CHARS`` characters; bad
+    UTF-8 is named with its offset in the whole file. The bounds fall just after an ASCII byte, so on
+    character boundaries (prepare cuts there)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    try:
+        f = open(p, "rb")  # noqa: SIM115 (closed by the with below; open errors need their own message)
+    except OSError as e:
+        raise GrowlmError(f"cannot read data file {p}: {e.strerror or e}") from None
+    with f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            block = f.read(min(_CHUNK_CHARS, end - pos))
+            final = not block or pos + len(block) >= end
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final)
+            except UnicodeDecodeError as e:
+                raise GrowlmError(f"data file {p} is not UTF-8: invalid byte 0x{e.object[e.start]:02x} at byte offset "
+                                  f"{pos - pending + e.start}") from None
+            if text:
+                yield text
+            if not block:  # the file shrank under us: prepare's stat check refuses that on the next run
+                return
+            pos += len(block)
+
+
+def _line_number(p: Path, offset: int) -> int:
+    """The 1-based line holding byte ``offset`` of ``p`` (counted only for an error message)."""
+    lines, left = 1, offset
     with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        while left > 0 and (block := f.read(min(left, _CHUNK_CHARS))):
+            lines += block.count(b"\n")
+            left -= len(block)
+    return lines
+
+
+def _jsonl_documents(p: Path, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """The documents of the lines in bytes ``[start, end)`` of a JSONL file (``start`` begins a line)."""
+    offset = start
+    with open(p, "rb") as f:
+        f.seek(start)
+        for raw in f:
+            if end is not None and offset >= end:
+                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise GrowlmError(
-                    f"{p} is not UTF-8: invalid byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} (line {lineno})"
+                    f"{p} is not UTF-8: invalid byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                    f"(line {_line_number(p, offset)})"
                 ) from None
+            where = offset
             offset += len(raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise GrowlmError(f"bad JSON on line {lineno} of {p}: {one_line(e)}") from None
+                raise GrowlmError(f"bad JSON on line {_line_number(p, where)} of {p}: {one_line(e)}") from None
             if not isinstance(obj, dict) or "text" not in obj:
-                raise GrowlmError(f'line {lineno} of {p} has no "text" field')
+                raise GrowlmError(f'line {_line_number(p, where)} of {p} has no "text" field')
             if not isinstance(obj["text"], str):
-                raise GrowlmError(f'"text" on line {lineno} of {p} is {type(obj["text"]).__name__}, not a string')
+                raise GrowlmError(f'"text" on line {_line_number(p, where)} of {p} is {type(obj["text"]).__name__}, '
+                                  f'not a string')
             yield obj["text"]
 
 
@@ -155,11 +219,13 @@ def _column_texts(column: pa.Array) -> Iterator[str]:
     return (t for t in column.to_pylist() if t is not None)
 
 
-def _parquet_documents(p: Path) -> Iterator[str]:
+def _parquet_documents(p: Path, row_groups: Sequence[int] | None = None) -> Iterator[str]:
+    """The ``text`` column of a parquet file (of the given row groups only, when given)."""
     try:
         pf = pq.ParquetFile(p)
         _text_column(pf.schema_arrow, p)
-        for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=["text"]):
+        groups = list(row_groups) if row_groups is not None else None
+        for batch in pf.iter_batches(batch_size=_ROW_BATCH, columns=["text"], row_groups=groups):
             yield from _column_texts(batch.column(0))
     except (pa.ArrowException, OSError) as e:
         raise GrowlmError(f"cannot read parquet file {p}: {one_line(e)}") from None
@@ -188,15 +254,38 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     number) or invalid UTF-8 (with its byte offset); errors surface when the bad part is reached.
     """
     p = Path(path)
-    _check_file(p)
-    kind = _kind(p)
+    check_data_file(p)
+    kind = data_kind(p)
+    if kind == "prepared":
+        raise GrowlmError(f"{p} is a prepared data folder (token shards, not documents); name the text it was "
+                          f"prepared from here")
     if kind == "text":
         return text_pieces(p)
     if kind == "jsonl":
         return _jsonl_documents(p)
     if kind == "parquet":
         return _parquet_documents(p)
-    return _arrow_documents(_arrow_files(p) if kind == "arrow-dir" else [p])
+    return _arrow_documents(arrow_files(p) if kind == "arrow-dir" else [p])
+
+
+def part_documents(path: str | Path, kind: str, *, start: int = 0, end: int | None = None,
+                   row_groups: Sequence[int] | None = None) -> Iterator[str]:
+    """The documents of one part of a data file, read as :func:`iter_documents` reads the whole (``growlm data
+    prepare`` gives each task a part). ``kind`` "text": the pieces of bytes ``[start, end)`` (one document's,
+    cut after whitespace); "jsonl": the lines in bytes ``[start, end)``; "parquet": the rows of ``row_groups``;
+    "arrow": one Arrow stream file. A part's bounds fall where prepare cut: after a space or newline (text),
+    at a line start (JSONL).
+    """
+    p = Path(path)
+    if kind == "text":
+        return _cut_pieces(_range_chunks(p, start, p.stat().st_size if end is None else end), _CUT_CHARS)
+    if kind == "jsonl":
+        return _jsonl_documents(p, start, end)
+    if kind == "parquet":
+        return _parquet_documents(p, row_groups)
+    if kind == "arrow":
+        return _arrow_documents([p])
+    raise ValueError(f"no parts of kind {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +307,7 @@ def _content_sha256(p: Path, kind: str) -> str:
     if kind != "arrow-dir":
         return sha256_file(p)
     h = hashlib.sha256()
-    for f in _arrow_files(p):
+    for f in arrow_files(p):
         h.update(canonical_json([f.name, sha256_file(f)]))
     return h.hexdigest()
 
@@ -226,8 +315,8 @@ def _content_sha256(p: Path, kind: str) -> str:
 def shard_path(path: str | Path, tokenizer: Any, cache_dir: str | Path | None = None) -> Path:
     """Where the token shard of ``path`` under ``tokenizer`` lives (it may not exist yet)."""
     p = Path(path)
-    _check_file(p)
-    kind = _kind(p)
+    check_data_file(p)
+    kind = data_kind(p)
     key = hashlib.sha256(canonical_json({
         "format": "growlm-shard", "version": SHARD_VERSION, "kind": kind,
         "content": _content_sha256(p, kind), "tokenizer": tokenizer.fingerprint,
@@ -236,31 +325,37 @@ def shard_path(path: str | Path, tokenizer: Any, cache_dir: str | Path | None = 
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{key}.u{dtype.itemsize * 8}"
 
 
-def _encoded_batches(docs: Iterable[str], tokenizer: Any, dtype: np.dtype, eos_each: bool) -> Iterator[np.ndarray]:
-    """Token arrays of consecutive batches of documents (EOS after each one when ``eos_each``)."""
+def encode_batches(docs: Iterable[tuple[str, bool]], tokenizer: Any, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encode ``(text, eos_after)`` pairs in batches of about ``_BATCH_CHARS`` characters (one Rust call each);
+    yields each batch's tokens, an EOS after every text with ``eos_after``, and the end offset of each text's
+    tokens in them. The one encoder of both the per-file cache and ``growlm data prepare``: the same texts give
+    the same tokens on either path."""
     eos = tokenizer.eos_id
-    batch: list[str] = []
+    texts: list[str] = []
+    eos_flags: list[bool] = []
     chars = 0
 
-    def flush() -> np.ndarray:
+    def flush() -> tuple[np.ndarray, np.ndarray]:
         flat: list[int] = []
-        for ids in tokenizer.encode_batch(batch):
+        ends = np.empty(len(texts), dtype=np.int64)
+        for k, (ids, add) in enumerate(zip(tokenizer.encode_batch(texts), eos_flags, strict=True)):
             flat.extend(ids)
-            if eos_each:
+            if add:
                 flat.append(eos)
-        batch.clear()
-        return np.asarray(flat, dtype=dtype)
+            ends[k] = len(flat)
+        texts.clear()
+        eos_flags.clear()
+        return np.asarray(flat, dtype=dtype), ends
 
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+    for text, add in docs:
+        texts.append(text)
+        eos_flags.append(add)
+        chars += len(text)
+        if chars >= _BATCH_CHARS or len(texts) >= _BATCH_DOCS:
             yield flush()
             chars = 0
-    if batch:
+    if texts:
         yield flush()
-    if not eos_each:  # a text file is one document stream: a single EOS closes it
-        yield np.asarray([eos], dtype=dtype)
 
 
 MAX_UNK_FRACTION = 0.5
@@ -281,8 +376,10 @@ def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path | None
         out.parent.mkdir(parents=True, exist_ok=True)
         n = n_unk = 0
         with atomic_file(out) as f:
-            eos_each = _kind(p) != "text"
-            for arr in _encoded_batches(iter_documents(p), tokenizer, dtype, eos_each):
+            # a text file is one document (its pieces get no EOS, its end one); any other holds documents
+            text = data_kind(p) == "text"
+            docs = itertools.chain(((d, not text) for d in iter_documents(p)), [("", True)] if text else [])
+            for arr, _ in encode_batches(docs, tokenizer, dtype):
                 f.write(arr.tobytes())
                 n += arr.size
                 n_unk += int(np.count_nonzero(arr == tokenizer.unk_id))
@@ -298,11 +395,26 @@ def tokenize_file(path: str | Path, tokenizer: Any, cache_dir: str | Path | None
 # packing
 
 
-class _Packed:
-    """The concatenated tokens of some files, cut into non-overlapping sequences of ``seq_len`` tokens."""
+def token_arrays(paths: Sequence[Path], tokenizer: Any, cache_dir: Path, split: str = "train") -> list[np.ndarray]:
+    """The token stream of ``paths`` as memmapped arrays, in order: a data file's cached shard (tokenized on
+    first use), a prepared folder's shards of ``split`` (checked against its manifest; data-parallel rank 0
+    verifies their sha256 and the sources, the others read what it checked)."""
+    arrays: list[np.ndarray] = []
+    for p in paths:
+        if is_prepared(p):
+            arrays.extend(open_split(p, split, tokenizer, verify=distributed.world()[0] == 0, stamp_dir=cache_dir))
+        else:
+            arrays.append(tokenize_file(p, tokenizer, cache_dir))
+    return arrays
 
-    def __init__(self, paths: Sequence[Path], tokenizer: Any, cache_dir: Path, seq_len: int, what: str) -> None:
-        self.shards = [tokenize_file(p, tokenizer, cache_dir) for p in paths]
+
+class _Packed:
+    """The concatenated tokens of some files or prepared folders, cut into non-overlapping sequences of
+    ``seq_len`` tokens."""
+
+    def __init__(self, paths: Sequence[Path], tokenizer: Any, cache_dir: Path, seq_len: int, what: str,
+                 split: str = "train") -> None:
+        self.shards = token_arrays(paths, tokenizer, cache_dir, split)
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.seq_len = seq_len
         self.n_tokens = int(self.starts[-1])
@@ -335,6 +447,49 @@ def _split_xy(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
+# A source of at most this many sequences draws each epoch's order as numpy's permutation (held in memory,
+# 32 MB at most, and the order of every run made before prepared data existed, so those resume as they were);
+# a larger one computes it index by index with a keyed Feistel network (no memory at all).
+MATERIALISE_MAX = 1 << 22
+_FEISTEL_ROUNDS = 4
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 values (wrapping)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _feistel(x: np.ndarray, half: int, key: int) -> np.ndarray:
+    """A keyed bijection of [0, 4**half): a balanced Feistel network of ``half``-bit halves."""
+    mask = np.uint64((1 << half) - 1)
+    left, right = x >> np.uint64(half), x & mask
+    with np.errstate(over="ignore"):
+        for r in range(_FEISTEL_ROUNDS):
+            k = np.uint64((key + (r + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1))
+            left, right = right, left ^ (_mix64(right + k) & mask)
+    return (left << np.uint64(half)) | right
+
+
+def permute(positions: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Where ``positions`` (each in [0, n)) go under the permutation of [0, n) drawn from ``key``: the values
+    ``perm[positions]`` of one fixed permutation ``perm``, a pure function of (n, key).
+
+    Up to :data:`MATERIALISE_MAX` it is numpy's ``default_rng(key).permutation(n)``; above, a Feistel network
+    over the next even power of two, cycle-walked into [0, n) (each step lands in [0, n) with probability
+    above 1/4), so any index is computed in a few vector operations and nothing of size n is ever held.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if n <= MATERIALISE_MAX:
+        return np.random.default_rng(key).permutation(n)[positions]
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    out = _feistel(positions.astype(np.uint64), half, key)
+    while (outside := out >= np.uint64(n)).any():
+        out[outside] = _feistel(out[outside], half, key)
+    return out.astype(np.int64)
+
+
 def _key(*parts: Any) -> int:
     """A 64-bit key derived from ``parts`` (stable across platforms and Python runs)."""
     return int.from_bytes(hashlib.sha256(canonical_json(list(parts))).digest()[:8], "little")
@@ -352,7 +507,8 @@ def _uniforms(key: int, counters: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Source:
-    """Files whose concatenated tokens form one stream of the training mixture, with its weight."""
+    """Files (or prepared folders, their train split) whose concatenated tokens form one stream of the training
+    mixture, with its weight."""
 
     paths: list[Path]
     weight: float = 1.0
@@ -371,11 +527,12 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
 class Batches:
     """Fixed-length packed sequences from weighted sources, in a deterministic order from the seed.
 
-    Each source's files are tokenized (cached shards) and concatenated, then cut into non-overlapping
-    sequences of ``context + 1`` tokens. Row ``r`` of the global stream comes from source ``s`` with
-    probability ∝ ``weight`` (drawn from a hash of (seed, r)); within a source, epoch ``e`` visits its
-    sequences in a permutation seeded by (seed, source index, e). With ``world_size`` W, rank k gets
-    rows ``k::W`` of every global batch of ``batch_size`` rows.
+    Each source's files are tokenized (cached shards) or its prepared folders mapped, concatenated, then cut
+    into non-overlapping sequences of ``context + 1`` tokens. Row ``r`` of the global stream comes from source
+    ``s`` with probability ∝ ``weight`` (drawn from a hash of (seed, r)); within a source, epoch ``e`` visits
+    its sequences in a permutation seeded by (seed, source index, e) (:func:`permute`). With ``world_size`` W,
+    rank k gets rows ``k::W`` of every global batch of ``batch_size`` rows. Memory holds no token and no
+    per-sequence table of a large source: its shards are memmapped, its order computed index by index.
     """
 
     def __init__(self, sources: list[Source], tokenizer: Any, *, context: int, batch_size: int, seed: int,
@@ -425,14 +582,21 @@ class Batches:
         """Passes made over each source so far (1.0 = every sequence seen once)."""
         return [c / s.n_sequences for c, s in zip(self._cursors, self.sources, strict=True)]
 
-    def _sequence(self, source: int, cursor: int) -> int:
+    def _order(self, source: int, cursors: np.ndarray) -> np.ndarray:
+        """The sequence each of ``cursors`` (sequences consumed so far from ``source``) reads: epoch
+        ``cursor // n`` visits the source in its own permutation, seeded by (seed, source, epoch)."""
         n = self.sources[source].n_sequences
-        epoch = cursor // n
-        cached = self._perms.get(source)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng(_key("perm", self.seed, source, epoch))
-            cached = self._perms[source] = (epoch, rng.permutation(n))
-        return int(cached[1][cursor % n])
+        out = np.empty(len(cursors), dtype=np.int64)
+        for epoch in np.unique(cursors // n).tolist():
+            at = cursors // n == epoch
+            cached = self._perms.get(source)
+            if n <= MATERIALISE_MAX:  # today's order, drawn once per epoch and kept while the epoch lasts
+                if cached is None or cached[0] != epoch:
+                    cached = self._perms[source] = (epoch, permute(np.arange(n), n, _key("perm", self.seed, source, epoch)))
+                out[at] = cached[1][cursors[at] % n]
+            else:
+                out[at] = permute(cursors[at] % n, n, _key("perm", self.seed, source, epoch))
+        return out
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of the next global batch: x, y int64 [batch_size // world_size, context]."""
@@ -442,10 +606,12 @@ class Batches:
             u = _uniforms(self._mix_key, np.arange(self._rows, self._rows + self.batch_size))
             choice = np.minimum(np.searchsorted(self._cum, u, side="right"), len(self.sources) - 1)
         # Every rank walks the whole global batch so that the cursors stay identical everywhere.
-        ids = []
-        for s in choice.tolist():
-            ids.append((s, self._sequence(s, self._cursors[s])))
-            self._cursors[s] += 1
+        seq = np.empty(self.batch_size, dtype=np.int64)
+        for s in np.unique(choice).tolist():
+            at = np.flatnonzero(choice == s)
+            seq[at] = self._order(s, self._cursors[s] + np.arange(len(at)))
+            self._cursors[s] += len(at)
+        ids = list(zip(choice.tolist(), seq.tolist(), strict=True))
         self._rows += self.batch_size
         mine = ids[self.rank :: self.world_size]
         self.last_sequence_ids = mine
@@ -485,7 +651,8 @@ class Batches:
 
 def validation_batches(paths: Sequence[str | Path], tokenizer: Any, *, context: int, batch_size: int,
                        cache_dir: Path, max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed validation batches: the files' sequences of ``context + 1`` tokens, in order, non-overlapping.
+    """Fixed validation batches: the files' sequences of ``context + 1`` tokens, in order, non-overlapping (a
+    prepared folder gives its valid split).
 
     Only full batches are kept (so every batch weighs the same in a mean), except that data too small
     for one full batch gives a single smaller batch. ``max_batches`` keeps only the first ones.
@@ -494,7 +661,7 @@ def validation_batches(paths: Sequence[str | Path], tokenizer: Any, *, context: 
         raise GrowlmError("no validation files given")
     if context < 1 or batch_size < 1:
         raise GrowlmError(f"context and batch_size must be positive, got context={context}, batch_size={batch_size}")
-    packed = _Packed([Path(p) for p in paths], tokenizer, Path(cache_dir), context + 1, "validation data")
+    packed = _Packed([Path(p) for p in paths], tokenizer, Path(cache_dir), context + 1, "validation data", "valid")
     n = packed.n_sequences
     bounds = [(a, a + batch_size) for a in range(0, n - batch_size + 1, batch_size)] or [(0, n)]
     if max_batches is not None:

@@ -124,9 +124,11 @@ class ModelSpec(_Spec):
 
 
 class DataSpec(_Spec):
+    # Each entry a data file (text, JSONL, parquet, a save_to_disk folder), tokenized into the per-file cache on
+    # first use, or a folder made by `growlm data prepare`: its train split under train, its valid split under valid
     train: list[Path]
     valid: list[Path] = []
-    weights: list[PosFloat] | None = None  # one per train file: a mixture
+    weights: list[PosFloat] | None = None  # one per train entry: a mixture
 
     @model_validator(mode="after")
     def _weights(self) -> DataSpec:
@@ -179,6 +181,7 @@ class LoraSpec(_Spec):
 
 
 class StageData(_Spec):
+    # as DataSpec: files or prepared folders; empty lists take the plan's [data]
     train: list[Path] = []
     valid: list[Path] = []
     weights: list[PosFloat] | None = None
