@@ -210,6 +210,9 @@ def test_the_api_takes_what_its_docs_and_readme_give_and_refuses_the_rest_in_one
     (["merge", "a", "b", "--out", "x", "--tokens", "64"], "merge", (["a", "b"], "x"),
      {"weights": None, "router": False, "finetune_head": False, "data": None, "tokens": 64}),
     (["verify", "r"], "verify", ("r",), {}),
+    (["data", "prepare", "a.txt", "--tokenizer", "t", "--out", "D", "--workers", "2"], "prepare_data",
+     (["a.txt"], "t", "D"), {"workers": 2, "executor": "local", "shuffle": False, "valid_fraction": 0.0,
+                            "slurm": {"partition": None, "time": None}}),
 ])
 def test_every_command_is_its_api_function(monkeypatch, capsys, argv, verb, args, kwargs):
     """The CLI only parses and prints: each command calls its ``growlm.*`` function with the options given, and

@@ -969,7 +969,8 @@ def argv_strategy(ex: dict[str, Path]):
          "protocol": st.sampled_from(["paper", "loglik", "bogus"]), "combine": st.sampled_from(
              ["mean-logits", "mean-probs", "weighted", "router"]),
          "space": st.sampled_from(["logits", "probs", "x"]), "preset": st.sampled_from(
-             ["bvv241-2-3", "bogus", "", "tiny"]), "nproc": st.sampled_from(["0", "1", "-1", "x"])}
+             ["bvv241-2-3", "bogus", "", "tiny"]), "nproc": st.sampled_from(["0", "1", "-1", "x"]),
+         "executor": st.sampled_from(["local", "slurm", "ray", "bogus"])}
     # (flag, value kind or None for a switch, probability-ish weight: required ones almost always)
     spec = {
         "tokenizer build": [("--corpus", "path+", 0.8), ("--out", "out", 0.95), ("--compact", None, 0.7),
@@ -994,6 +995,9 @@ def argv_strategy(ex: dict[str, Path]):
                   ("--finetune-head", None, 0.15), ("--data", "path+", 0.3), ("--tokens", "small", 0.3),
                   ("--lr", "float", 0.2)],
         "verify": [("", "model", 1.0), ("--json", None, 0.3)],
+        "data prepare": [("", "path+", 1.0), ("--tokenizer", "path", 0.9), ("--out", "out", 0.95),
+                         ("--workers", "small", 0.4), ("--executor", "executor", 0.3), ("--shuffle", None, 0.3),
+                         ("--valid-fraction", "float", 0.3)],
     }
 
     @st.composite

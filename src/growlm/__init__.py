@@ -27,6 +27,7 @@ from growlm.api import (
     lora_merge,
     merge,
     plan_from_dict,
+    prepare_data,
     train,
     verify,
 )
@@ -34,7 +35,7 @@ from growlm.api import (
 __version__ = "0.1.0"
 
 __all__ = ["Loaded", "Plan", "build_substrate", "build_tokenizer", "evaluate", "export", "generate", "import_hf", "info",
-           "load", "load_plan", "lora_merge", "merge", "plan_from_dict", "train", "verify"]
+           "load", "load_plan", "lora_merge", "merge", "plan_from_dict", "prepare_data", "train", "verify"]
 
 
 def __getattr__(name: str) -> object:

@@ -18,6 +18,7 @@
     model, tokenizer = growlm.load(mix)                # a GrowLM or a Mixture, ready for inference
     growlm.export(run / "stage-2", "hf")               # a Hugging Face checkpoint
     growlm.import_hf("hf", "imported")                 # and back
+    growlm.prepare_data(["corpus/"], "tok", "DATA")    # = growlm data prepare: token shards plans read by memmap
 
 Every function is the library call its command makes (the CLI only parses and prints), so a result
 here equals the command's. Errors are one-line :class:`growlm.errors.GrowlmError`. Nothing heavy is
@@ -149,6 +150,24 @@ def build_substrate(out: PathLike, kind: str, *, dim: int, tokenizer: PathLike |
     with _output_dir(out, overwrite) as tmp:
         sub.save(tmp)
     return sub
+
+
+def prepare_data(sources: PathLike | Sequence[PathLike], tokenizer: PathLike, out: PathLike, *,
+                 workers: int | None = None, executor: str = "local", shuffle: bool = False,
+                 valid_fraction: float = 0.0, slurm: Mapping[str, Any] | None = None,
+                 log: Callable[[str], object] = print) -> Path:
+    """Tokenize ``sources`` (files, folders, globs of text, JSONL, parquet, save_to_disk) with the tokenizer dir
+    ``tokenizer`` into the prepared folder ``out`` that plans name like a file, on datatrove (``executor`` local,
+    slurm or ray, ``workers`` at once); as ``growlm data prepare`` does. A rerun resumes. See
+    :func:`growlm.prepare.prepare`."""
+    from growlm.prepare import prepare
+
+    slurm = dict(slurm or {})
+    if executor != "slurm" and any(slurm.values()):
+        raise GrowlmError("--partition and --time are for --executor slurm")
+    return prepare([str(p) for p in _paths(sources, "sources")], _path(tokenizer, "tokenizer"),
+                   _path(out, "prepare_data: out"), workers=workers, executor=executor, shuffle=shuffle,
+                   valid_fraction=valid_fraction, slurm=slurm, log=log)
 
 
 def train(plan: Plan | Mapping[str, Any] | PathLike, out: PathLike, *, resume: bool = False, progress: bool = True,
@@ -412,4 +431,4 @@ def export(path: PathLike, out: PathLike) -> Path:
 
 
 __all__ = ["Loaded", "build_substrate", "build_tokenizer", "evaluate", "export", "generate", "import_hf", "info", "load",
-           "load_plan", "lora_merge", "merge", "plan_from_dict", "train", "verify"]
+           "load_plan", "lora_merge", "merge", "plan_from_dict", "prepare_data", "train", "verify"]

@@ -208,13 +208,10 @@ def cmd_demo(a: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
-    from growlm.prepare import prepare
+    from growlm.api import prepare_data
 
-    slurm = {"partition": a.partition, "time": a.time}
-    if a.executor != "slurm" and any(slurm.values()):
-        raise GrowlmError("--partition and --time are for --executor slurm")
-    prepare(a.sources, a.tokenizer, a.out, workers=a.workers, executor=a.executor, shuffle=a.shuffle,
-            valid_fraction=a.valid_fraction, slurm=slurm)
+    prepare_data(a.sources, a.tokenizer, a.out, workers=a.workers, executor=a.executor, shuffle=a.shuffle,
+                 valid_fraction=a.valid_fraction, slurm={"partition": a.partition, "time": a.time})
 
 
 # ----------------------------------------------------------------------------------------------
