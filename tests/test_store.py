@@ -177,13 +177,14 @@ def test_metrics_log_truncates_what_a_killed_process_logged_past_the_resume_poin
     assert len(log.path.read_text().splitlines()) == 3
 
 
-def test_model_json_is_a_typed_record_written_byte_for_byte_as_before(tiny_model_dir, small_run, mixture, tmp_path):
+def test_model_and_mixture_json_are_typed_records_written_byte_for_byte_as_before(tiny_model_dir, small_run, mixture, tmp_path):
     """The one writer dumps the typed record; for every kind of model dir (plain, a run's stages with and without
     LoRA, a mixture's experts, an import) the record reads back to exactly the JSON on disk, so nothing a dir
     written before the record had a type holds is lost or changed, and a new dir's bytes are what they were."""
     from growlm.files import atomic_write_json
     from growlm.interop import export_hf, import_hf
-    from growlm.store.records import ModelRecord
+    from growlm.store.mixture import read_desc
+    from growlm.store.records import MixtureRecord, ModelRecord
 
     imported = import_hf(export_hf(small_run / "stage-1", tmp_path / "hf"), tmp_path / "imported")
     dirs = [tiny_model_dir, small_run / "stage-1", small_run / "stage-2", *sorted((mixture / "experts").iterdir()),
@@ -194,3 +195,7 @@ def test_model_json_is_a_typed_record_written_byte_for_byte_as_before(tiny_model
         assert isinstance(record, ModelRecord) and record.to_json() == raw, d
         atomic_write_json(tmp_path / "again.json", record.to_json())
         assert (tmp_path / "again.json").read_bytes() == (d / "model.json").read_bytes(), d
+    desc = read_desc(mixture)  # mixture.json likewise
+    assert isinstance(desc, MixtureRecord) and desc.to_json() == json.loads((mixture / "mixture.json").read_text())
+    atomic_write_json(tmp_path / "again.json", desc.to_json())
+    assert (tmp_path / "again.json").read_bytes() == (mixture / "mixture.json").read_bytes()

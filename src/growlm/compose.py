@@ -354,11 +354,11 @@ def add_expert(mixture_dir: Path, expert_dir: Path, out: Path, *, combine: str |
     """
     desc = read_desc(Path(mixture_dir))
     if combine is None:
-        if not RULES.get(desc["combine"]).extends:
-            raise GrowlmError(f"{mixture_dir} combines with {desc['combine']!r}, which does not extend to a new "
+        if not RULES.get(desc.combine).extends:
+            raise GrowlmError(f"{mixture_dir} combines with {desc.combine!r}, which does not extend to a new "
                               f"expert; choose the new mixture's combine rule")
-        combine = desc["combine"]
-    return merge([mixture_dir, expert_dir], out, combine=combine, weights=weights, space=space or desc["space"])
+        combine = desc.combine
+    return merge([mixture_dir, expert_dir], out, combine=combine, weights=weights, space=space or desc.space)
 
 
 def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixture, Tokenizer]:
@@ -369,13 +369,13 @@ def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixtur
     """
     path = Path(path)
     desc = verify_dir(path)
-    models = [load_model(path / e["path"], verify=False).model for e in desc["experts"]]
-    rule = Rule(desc["combine"], desc["space"], tuple(desc["weights"]) if desc["weights"] is not None else None)
+    models = [load_model(path / e.path, verify=False).model for e in desc.experts]
+    rule = Rule(desc.combine, desc.space, tuple(desc.weights) if desc.weights is not None else None)
     router = None
     if rule.kind.trained:  # its per-token weights come from the router stored beside the experts
-        if ROUTER not in desc["tensors"] or not desc["router"]:
+        if ROUTER not in desc.tensors or desc.router is None:
             raise GrowlmError(f"mixture {path} combines with a router but stores none")
-        router = Router(desc["router"]["in_features"], desc["router"]["prior"])
+        router = Router(desc.router.in_features, desc.router.prior)
     mixture = Mixture(models, rule, router)
     mixture.load_state_dict(read_tensors(path, desc, {*mixture.router_state(), *mixture.head_state()}), strict=False)
     tok = read_tokenizer(path, desc)
@@ -406,7 +406,7 @@ def merge_summary(path: Path) -> str:
     info = info_mixture(path)
     spaces = RULES[info["combine"]].spaces  # a rule that acts in one space only needs no mention of it
     rule = info["combine"] + (f" in {info['space']} space" if len(spaces) > 1 else "")
-    tuned = "".join(f"; {r['stage']} {r['loss_before']:.4f} -> {r['loss_after']:.4f} on {r['tokens']:,} tokens"
-                    for r in read_desc(path)["tuning"])
+    tuned = "".join(f"; {r.stage} {r.loss_before:.4f} -> {r.loss_after:.4f} on {r.tokens:,} tokens"
+                    for r in read_desc(path).tuning)
     return (f"merged {info['n_experts']} experts ({rule}{tuned}) -> {path} "
             f"(fingerprint {info['fingerprint'][:12]}, {info['params_total']:,} params)")

@@ -11,7 +11,6 @@ every expert path (``experts/i``, never elsewhere), every checksum and fingerpri
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -25,16 +24,14 @@ from growlm.files import (
     atomic_write_json,
     check_name,
     check_tree,
-    field,
     read_descriptor,
 )
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
 from growlm.rules import RULES, SPACES
 from growlm.store.model import TOKENIZER_DIR, ModelDir, load_tensors, read_meta, verify_files
+from growlm.store.records import MIXTURE_FORMAT, MIXTURE_VERSION, MixtureRecord
 from growlm.tokenizer import Tokenizer
 
-FORMAT = "growlm-mixture"
-VERSION = 1
 MIXTURE_JSON = "mixture.json"
 EXPERTS_DIR = "experts"
 ROUTER = "router.safetensors"
@@ -84,18 +81,18 @@ def write_tensors(root: Path, stored: dict[str, dict[str, torch.Tensor]]) -> Non
 
 
 def write_desc(root: Path, rule: dict, experts: Sequence[ModelDir], router: dict | None,
-               stored: dict[str, dict[str, torch.Tensor]], tuning: list[dict]) -> dict:
+               stored: dict[str, dict[str, torch.Tensor]], tuning: list[dict]) -> MixtureRecord:
     """Write ``root/mixture.json``, last: it checksums every other file, so they must all be in place.
 
     ``rule`` is the rule's JSON (combine, space, weights), ``router`` the gate's description (or
     ``None``), ``stored`` what :func:`write_tensors` wrote, ``tuning`` the post-merge stage records.
-    Returns the written descriptor.
+    Returns the written record.
     """
     rels = [expert_path(i) for i in range(len(experts))]
     ref = experts[0].meta
     tensors = {k: v for t in stored.values() for k, v in t.items()}
     desc = {
-        "format": FORMAT, "version": VERSION, **rule,
+        "format": MIXTURE_FORMAT, "version": MIXTURE_VERSION, **rule,
         "router": router,
         "experts": [{"path": rel, "fingerprint": e.meta.fingerprint, "source": str(e.path.resolve())}
                     for rel, e in zip(rels, experts, strict=True)],
@@ -107,8 +104,9 @@ def write_desc(root: Path, rule: dict, experts: Sequence[ModelDir], router: dict
                                            ref.substrate_fingerprint, ref.tokenizer_fingerprint, tensors),
         "files": _checked_files(root, rels),
     }
-    atomic_write_json(root / MIXTURE_JSON, desc)
-    return desc
+    record = MixtureRecord.read(desc, root / MIXTURE_JSON)  # what is written is what every reader will read
+    atomic_write_json(root / MIXTURE_JSON, record.to_json())
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,126 +129,84 @@ def _checked_files(root: Path, expert_paths: Sequence[str]) -> dict[str, str]:
     return {name: sha256_file(root / name) for name in _checked_names(root, expert_paths)}
 
 
-def read_desc(path: Path) -> dict:
-    """mixture.json of a mixture dir, checked to have every field, each of the right type, before
-    anything reads it; a dir holding a symlink or special file is refused."""
+def read_desc(path: Path) -> MixtureRecord:
+    """mixture.json of a mixture dir as its typed record, every field checked before anything reads it;
+    a dir holding a symlink or special file is refused."""
     path = Path(path)
     check_tree(path, "mixture")
     f = path / MIXTURE_JSON
-    desc = read_descriptor(f, FORMAT, "mixture")
-    if desc.get("version") != VERSION:
-        raise GrowlmError(f"{f} has version {desc.get('version')!r}; this growlm reads version {VERSION}")
-    _check_desc(f, desc)
+    desc = MixtureRecord.read(read_descriptor(f, MIXTURE_FORMAT, "mixture"), f)
+    if desc.combine not in RULES:
+        raise GrowlmError(f"{f} is corrupt: unknown combine rule {desc.combine!r}")
+    if desc.space not in SPACES:
+        raise GrowlmError(f"{f} is corrupt: space is {desc.space!r}, not one of {', '.join(SPACES)}")
+    for name in desc.tensors:
+        if name not in (ROUTER, HEADS):
+            raise GrowlmError(f"{f} is corrupt: tensors lists {name!r}; a mixture stores only {ROUTER} and {HEADS}")
+    for name in desc.files:
+        check_name(name, f"{f} files")
     return desc
 
 
-def _numbers(values: list, f: Path, what: str) -> None:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise GrowlmError(f"{f} is corrupt: {what} are not all finite numbers")
-
-
-def _check_desc(f: Path, desc: dict) -> None:
-    """Refuse a mixture.json whose fields are missing, mistyped or name files outside the dir."""
-    for key in ("substrate_fingerprint", "tokenizer_fingerprint", "fingerprint"):
-        field(desc, key, (str,), f)
-    experts = field(desc, "experts", (list,), f)
-    if len(experts) < 2:
-        raise GrowlmError(f"{f} is corrupt: a mixture has at least two experts, it lists {len(experts)}")
-    for i, e in enumerate(experts):
-        if not isinstance(e, dict):
-            raise GrowlmError(f"{f} is corrupt: experts[{i}] is not an object")
-        field(e, "path", (str,), f, f"experts[{i}].")
-        field(e, "fingerprint", (str,), f, f"experts[{i}].")
-    combine = field(desc, "combine", (str,), f)
-    if combine not in RULES:
-        raise GrowlmError(f"{f} is corrupt: unknown combine rule {combine!r}")
-    if field(desc, "space", (str,), f) not in SPACES:
-        raise GrowlmError(f"{f} is corrupt: space is {desc['space']!r}, not one of {', '.join(SPACES)}")
-    weights = field(desc, "weights", (list, type(None)), f)
-    if weights is not None:
-        _numbers(weights, f, "weights")
-        if len(weights) != len(experts):
-            raise GrowlmError(f"{f} is corrupt: {len(weights)} weights for {len(experts)} experts")
-    router = field(desc, "router", (dict, type(None)), f)
-    if router is not None:
-        if field(router, "in_features", (int,), f, "router.") <= 0:
-            raise GrowlmError(f"{f} is corrupt: router.in_features must be positive")
-        prior = field(router, "prior", (list,), f, "router.")
-        _numbers(prior, f, "router.prior")
-        if len(prior) != len(experts):
-            raise GrowlmError(f"{f} is corrupt: router.prior has {len(prior)} entries for {len(experts)} experts")
-    for name in field(desc, "tensors", (list,), f):
-        if name not in (ROUTER, HEADS):
-            raise GrowlmError(f"{f} is corrupt: tensors lists {name!r}; a mixture stores only {ROUTER} and {HEADS}")
-    files = field(desc, "files", (dict,), f)
-    for name in files:
-        check_name(name, f"{f} files")
-        field(files, name, (str,), f, "the checksum of ")
-    for i, record in enumerate(field(desc, "tuning", (list,), f)):
-        if not isinstance(record, dict) or not isinstance(record.get("stage"), str):
-            raise GrowlmError(f"{f} is corrupt: tuning[{i}] is not a stage record")
-
-
-def verify_dir(path: Path) -> dict:
+def verify_dir(path: Path) -> MixtureRecord:
     """Check every file and fingerprint of a mixture dir except its own tensors; returns mixture.json."""
     path = Path(path)
     desc = read_desc(path)
-    rels = [e["path"] for e in desc["experts"]]
+    rels = [e.path for e in desc.experts]
     for i, rel in enumerate(rels):
         if rel != expert_path(i):  # never follow a path out of the mixture dir
             raise GrowlmError(f"mixture {path}: expert {i} has path {rel!r}, expected {EXPERTS_DIR}/{i}")
     # a file dropped from the record would otherwise go unchecked (and unnoticed)
-    unrecorded = sorted(set(_checked_names(path, rels)) - set(desc["files"]))
+    unrecorded = sorted(set(_checked_names(path, rels)) - set(desc.files))
     if unrecorded:
         raise GrowlmError(f"mixture {path} was modified: {unrecorded[0]} is not recorded in {MIXTURE_JSON}")
-    for name, digest in desc["files"].items():
+    for name, digest in desc.files.items():
         f = path / name
         if not f.is_file():
             raise GrowlmError(f"mixture {path} is incomplete: {name} is missing")
         if sha256_file(f) != digest:
             raise GrowlmError(f"mixture {path} was modified: checksum mismatch in {name}")
-    for rel, e in zip(rels, desc["experts"], strict=True):
+    for rel, e in zip(rels, desc.experts, strict=True):
         meta = read_meta(path / rel)
         verify_files(path / rel, meta)
-        if meta.fingerprint != e["fingerprint"]:
+        if meta.fingerprint != e.fingerprint:
             raise GrowlmError(f"mixture {path}: {rel} has fingerprint {meta.fingerprint[:12]}, "
-                              f"{MIXTURE_JSON} records {e['fingerprint'][:12]}")
+                              f"{MIXTURE_JSON} records {e.fingerprint[:12]}")
         for what in ("substrate_fingerprint", "tokenizer_fingerprint"):
-            if getattr(meta, what) != desc[what]:
-                raise GrowlmError(f"mixture {path}: {rel} has {what} {getattr(meta, what)[:12]}, not {desc[what][:12]}")
+            if getattr(meta, what) != getattr(desc, what):
+                raise GrowlmError(f"mixture {path}: {rel} has {what} {getattr(meta, what)[:12]}, not {getattr(desc, what)[:12]}")
     return desc
 
 
 def verified_experts(path: Path) -> list[ModelDir]:
     """The experts of the mixture dir ``path``, once every file and fingerprint of it is checked."""
     path = Path(path)
-    return [ModelDir(path / e["path"], read_meta(path / e["path"])) for e in verify_dir(path)["experts"]]
+    return [ModelDir(path / e.path, read_meta(path / e.path)) for e in verify_dir(path).experts]
 
 
-def read_tensors(path: Path, desc: dict, expected: Collection[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, desc: MixtureRecord, expected: Collection[str]) -> dict[str, torch.Tensor]:
     """The tensors a verified mixture dir stores (router, heads), refused unless each one's name is in
     ``expected`` (the mixture's own) and together with mixture.json they give its recorded fingerprint."""
     tensors = {}
-    for name in desc["tensors"]:
+    for name in desc.tensors:
         tensors.update(load_tensors(path / name))
     unknown = set(tensors) - set(expected)
     if unknown:
         raise GrowlmError(f"mixture {path} stores unknown tensors: {', '.join(sorted(unknown)[:5])}")
-    rule = {"combine": desc["combine"], "space": desc["space"], "weights": desc["weights"]}
-    fp = mixture_fingerprint(rule, [e["fingerprint"] for e in desc["experts"]], desc["substrate_fingerprint"],
-                             desc["tokenizer_fingerprint"], tensors)
-    if fp != desc["fingerprint"]:
+    fp = mixture_fingerprint(desc.rule, [e.fingerprint for e in desc.experts], desc.substrate_fingerprint,
+                             desc.tokenizer_fingerprint, tensors)
+    if fp != desc.fingerprint:
         raise GrowlmError(f"mixture {path} was modified: fingerprint {fp[:12]} differs from the recorded "
-                          f"{desc['fingerprint'][:12]}")
+                          f"{desc.fingerprint[:12]}")
     return tensors
 
 
-def read_tokenizer(path: Path, desc: dict) -> Tokenizer:
+def read_tokenizer(path: Path, desc: MixtureRecord) -> Tokenizer:
     """The shared tokenizer of a mixture dir, refused unless it has the fingerprint mixture.json records."""
     tok = Tokenizer.load(Path(path) / TOKENIZER_DIR)
-    if tok.fingerprint != desc["tokenizer_fingerprint"]:
+    if tok.fingerprint != desc.tokenizer_fingerprint:
         raise GrowlmError(f"mixture {path}: tokenizer fingerprint {tok.fingerprint[:12]} is not the recorded "
-                          f"{desc['tokenizer_fingerprint'][:12]}")
+                          f"{desc.tokenizer_fingerprint[:12]}")
     return tok
 
 
@@ -259,24 +215,24 @@ def info_mixture(path: Path) -> dict:
     path = Path(path)
     desc = read_desc(path)
     experts = []
-    for e in desc["experts"]:
-        meta = read_meta(path / e["path"])
+    for e in desc.experts:
+        meta = read_meta(path / e.path)
         cfg = meta.config
-        experts.append({"path": e["path"], "fingerprint": meta.fingerprint, "n_layers": cfg["n_layers"],
+        experts.append({"path": e.path, "fingerprint": meta.fingerprint, "n_layers": cfg["n_layers"],
                         "d_model": cfg["d_model"], "context": cfg["context"], "params_total": meta.params_total,
-                        "source": e.get("source")})
-    router = desc.get("router")
-    router_params = (router["in_features"] + 1) * len(experts) if router else 0
+                        "source": e.source})
+    router = desc.router
+    router_params = (router.in_features + 1) * len(experts) if router else 0
     return {
-        "kind": "mixture", "path": str(path), "n_experts": len(experts), "combine": desc["combine"],
-        "space": desc["space"], "experts": experts,
+        "kind": "mixture", "path": str(path), "n_experts": len(experts), "combine": desc.combine,
+        "space": desc.space, "experts": experts,
         # the effective fixed weights (uniform for the means); a router's are per token
-        "weights": None if router else desc["weights"] or [1.0 / len(experts)] * len(experts),
+        "weights": None if router else desc.weights or [1.0 / len(experts)] * len(experts),
         "params_total": sum(e["params_total"] for e in experts) + router_params,
-        "vocab_size": read_meta(path / desc["experts"][0]["path"]).config["vocab_size"],
+        "vocab_size": read_meta(path / desc.experts[0].path).config["vocab_size"],
         "context": min(e["context"] for e in experts),
-        "tuned": [r["stage"] for r in desc["tuning"]],
-        "substrate_fingerprint": desc["substrate_fingerprint"],
-        "tokenizer_fingerprint": desc["tokenizer_fingerprint"], "fingerprint": desc["fingerprint"],
+        "tuned": [r.stage for r in desc.tuning],
+        "substrate_fingerprint": desc.substrate_fingerprint,
+        "tokenizer_fingerprint": desc.tokenizer_fingerprint, "fingerprint": desc.fingerprint,
     }
 

@@ -1,4 +1,4 @@
-"""model.json as a typed record: one writer (:func:`growlm.store.model.save_model`), and every reader gets a
+"""model.json and mixture.json as typed records. model.json: one writer (:func:`growlm.store.model.save_model`), and every reader gets a
 :class:`ModelRecord` from :func:`growlm.store.model.read_meta`, never a dict read by string key.
 
 The format on disk is unchanged: a record is validated from the JSON a model dir holds (dirs written by earlier
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from growlm.errors import GrowlmError
 from growlm.lora import TARGETS
@@ -167,8 +167,84 @@ def _problem(e: ValidationError) -> str:
             where += f"[{part}]"
         elif not (isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "list", "dict"))):
             where += ("." if where else "") + str(part)
+    if not where:  # a check across keys (counts that must agree)
+        return err["msg"].replace("Value error, ", "")
     if err["type"] == "missing":
         return f"{where} is missing"
     shown = repr(err.get("input"))
     shown = shown if len(shown) <= 40 else shown[:40] + "..."
     return f"{where} is {shown}: {err['msg'].replace('Value error, ', '')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# mixture.json
+
+MIXTURE_FORMAT = "growlm-mixture"
+MIXTURE_VERSION = 1
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ExpertEntry(_Record):
+    """An expert of a mixture: its copy inside the mixture dir and the fingerprint it must have."""
+
+    path: str
+    fingerprint: str
+    source: str | None = None
+
+
+class RouterRecord(_Record):
+    """A trained per-token gate: its input width and the prior it started from."""
+
+    in_features: int = Field(gt=0)
+    prior: list[Finite]
+
+
+class TuningRecord(_Record):
+    """One post-merge stage (``router`` or ``head``) and what it measured; its audit rides along as given."""
+
+    stage: str
+    tokens: int = 0
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
+class MixtureRecord(_Record):
+    """A mixture dir's mixture.json (written by :func:`growlm.store.mixture.write_desc`, its one writer)."""
+
+    format: Literal["growlm-mixture"]
+    version: Literal[1]
+    combine: str
+    space: str
+    weights: list[Finite] | None
+    router: RouterRecord | None
+    experts: list[ExpertEntry] = Field(min_length=2)
+    substrate_fingerprint: str
+    tokenizer_fingerprint: str
+    tensors: list[str]
+    tuning: list[TuningRecord]
+    fingerprint: str
+    files: dict[str, str]
+
+    @model_validator(mode="after")
+    def _counts(self) -> MixtureRecord:
+        n = len(self.experts)
+        if self.weights is not None and len(self.weights) != n:
+            raise ValueError(f"{len(self.weights)} weights for {n} experts")
+        if self.router is not None and len(self.router.prior) != n:
+            raise ValueError(f"router.prior has {len(self.router.prior)} entries for {n} experts")
+        return self
+
+    @classmethod
+    def read(cls, raw: object, f: Path) -> MixtureRecord:
+        """``raw`` (mixture.json's JSON) as a record, or a one-line error naming the file and the key at fault."""
+        if isinstance(raw, dict) and raw.get("version") != MIXTURE_VERSION:
+            raise GrowlmError(f"{f} has version {raw.get('version')!r}; this growlm reads version {MIXTURE_VERSION}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise GrowlmError(f"{f} is corrupt: {_problem(e)}") from None
+
+    @property
+    def rule(self) -> dict[str, Any]:
+        """How the experts' logits combine, as the fingerprint and :class:`growlm.rules.Rule` take it."""
+        return {"combine": self.combine, "space": self.space, "weights": self.weights}
