@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -179,59 +174,3 @@ def test_import_refuses_other_architectures(hf_export, tmp_path, change, message
         import_hf(other, tmp_path / "imported")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "imported").exists()
-
-
-LM_EVAL_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    out, tasks = sys.argv[1], sys.argv[2]
-    res = simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=["growlm_tiny_mc"],
-                          task_manager=TaskManager(include_path=tasks, include_defaults=False), device="cpu",
-                          batch_size=4, bootstrap_iters=0, log_samples=False)
-    print("RESULTS " + json.dumps(res["results"]))
-""")
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
-def test_lm_eval_harness_runs_the_export_offline(hf_export, tmp_path):
-    docs = [
-        {"question": "What is the capital of France?", "choices": ["Paris", "red", "blue"], "answer": 0},
-        {"question": "Which colour is the sky?", "choices": ["green", "blue", "yellow"], "answer": 1},
-        {"question": "What jumps over the lazy dog?", "choices": ["the model", "the substrate", "the fox"], "answer": 2},
-        {"question": "How does the model grow?", "choices": ["layer by layer", "never"], "answer": 0},
-    ]
-    data = tmp_path / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "growlm_tiny_mc.yaml").write_text(textwrap.dedent(f"""
-        task: growlm_tiny_mc
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        metric_list:
-          - metric: acc
-            aggregation: mean
-            higher_is_better: true
-        metadata:
-          version: 1.0
-    """))
-    # a private HF_HOME: nothing cached elsewhere can leak in, and the offline flags make any
-    # attempt to reach the Hub fail loudly instead of downloading
-    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                        "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", LM_EVAL_SCRIPT, str(hf_export), str(tasks)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
-    result = json.loads(line.removeprefix("RESULTS "))["growlm_tiny_mc"]
-    assert 0.0 <= result["acc,none"] <= 1.0
