@@ -443,3 +443,23 @@ def test_hf_dataset_names_load_offline_folders_and_fail_clearly(tmp_path):
     first, err = r.stdout.strip().splitlines()[0], r.stdout.strip().splitlines()[-1]
     assert first.startswith("1 ")
     assert err.startswith("ERR could not load Hugging Face dataset 'cais/mmlu'") and "--data PATH" in err
+
+
+def test_a_loss_past_exps_range_has_an_infinite_perplexity_and_prints_json(tiny_model_dir, corpus_dir, tmp_path):
+    """A model whose head makes every wrong token certain scores a mean loss of thousands of nats: ``math.exp``
+    overflowed (a traceback); the perplexity is infinite, and ``eval --json`` prints it as null."""
+    import torch
+
+    from cli_util import growlm as run_growlm
+    from growlm.evaluation.ppl import perplexity
+    from growlm.store.model import load_model, save_model
+
+    saved = load_model(tiny_model_dir)
+    with torch.no_grad():
+        saved.model.head.weight.mul_(1e5)
+    res = perplexity(saved.model, saved.tokenizer(), ["The quick brown fox jumps over the lazy dog. " * 4])
+    assert res["loss"] > 710 and res["ppl"] == float("inf")
+    save_model(saved.model, tmp_path / "m", tokenizer_dir=saved.tokenizer_dir, substrate=saved.meta.substrate.to_json())
+    r = run_growlm("eval", str(tmp_path / "m"), "--task", "ppl", "--data", str(corpus_dir / "valid.txt"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["ppl"] is None

@@ -20,6 +20,7 @@ UTF-8, a Han character three, a Latin letter one).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +204,8 @@ def perplexity(model: LM, tokenizer, texts: str | Path | Iterable[str | Path], *
     loss = nll / n_tokens
     return {
         "loss": loss,
-        "ppl": math.exp(loss),
+        # exp overflows past a loss of ~709 nats (a diverged or hostile model): its perplexity is infinite
+        "ppl": math.exp(loss) if loss < math.log(sys.float_info.max) else math.inf,
         "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
         "bits_per_char": nll / math.log(2) / n_chars if n_chars else float("nan"),
         "n_tokens": n_tokens,
