@@ -16,14 +16,5 @@
 set -euo pipefail
 export GROWLM_CHECK_CWD="$PWD"  # relative --out/--wheels/--site paths are the caller's
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -x .venv/bin/python ]; then
-  PY=.venv/bin/python
-else
-  PY=python3
-fi
-PY=${GROWLM_PYTHON:-$PY}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-# fewer OOMs from fragmentation while the batch search tries large steps (CUDA only; a no-op elsewhere)
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+source bench/python_env.sh
 exec "$PY" bench/gpu_check.py "$@"

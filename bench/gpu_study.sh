@@ -14,13 +14,5 @@
 set -euo pipefail
 export GROWLM_CHECK_CWD="$PWD"  # relative --out/--data/--wheels paths are the caller's
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ -x .venv/bin/python ]; then
-  PY=.venv/bin/python
-else
-  PY=python3
-fi
-PY=${GROWLM_PYTHON:-$PY}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+source bench/python_env.sh
 exec "$PY" bench/gpu_study.py "$@"

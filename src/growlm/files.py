@@ -171,6 +171,8 @@ def read_descriptor(f: str | Path, fmt: str, what: str) -> dict:
         desc = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GrowlmError(f"{f} is corrupt: {e}") from e
+    except OSError as e:  # unreadable (permissions, an I/O error): said, not a traceback
+        raise GrowlmError(f"cannot read {f}: {e.strerror or e}") from None
     if not isinstance(desc, dict) or desc.get("format") != fmt:
         raise GrowlmError(f"{f} is not a growlm {what} description")
     return desc

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from growlm.errors import GrowlmError
-from growlm.model import _PLAIN_MAX_ROWS
+from growlm.model import LOSS_CHUNK_ROWS
 
 # Bytes autograd keeps per token for each d_model unit of a block the gradient passes through: measured
 # with saved_tensors_hooks (fp32: 18.2 d-wide tensors of 4 bytes; bf16 autocast: 23.2 of mostly 2 bytes),
@@ -72,7 +72,7 @@ def training_memory(*, params_total: int, params_trainable: int, grad_layers: in
         gradients=4 * params_trainable * (2 if world > 1 and not sharded else 1) // share,
         optimizer=8 * params_trainable // share,
         activations=activations,
-        logits=min(tokens, _PLAIN_MAX_ROWS) * vocab_size * _LOGIT_BYTES,
+        logits=min(tokens, LOSS_CHUNK_ROWS) * vocab_size * _LOGIT_BYTES,
     )
 
 

@@ -313,7 +313,7 @@ _LINEAR_CE_OPTIONS = getattr(nn, "LinearCrossEntropyOptions", None)
 # while 512-row chunks were 1.1-2.2x faster than the plain loss from 512 to 8,192 rows (bench/NOTES.md #12)
 _LINEAR_CE_CPU_CHUNK = 512
 # the most rows whose logits are computed at once where torch's op does not apply (or is unmeasured)
-_PLAIN_MAX_ROWS = 8192
+LOSS_CHUNK_ROWS = 8192
 
 
 def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
@@ -332,13 +332,13 @@ def chunked_cross_entropy(x: torch.Tensor, head_weight: torch.Tensor, targets: t
     if _LINEAR_CE_OPTIONS is not None and not torch.is_autocast_enabled(x2.device.type):
         # None: torch's own chunk size, and only where the plain path would chunk (off CPU it is unmeasured here)
         chunk = chunk_rows or (_LINEAR_CE_CPU_CHUNK if x2.device.type == "cpu" else None)
-        if rows >= (chunk or _PLAIN_MAX_ROWS + 1):
+        if rows >= (chunk or LOSS_CHUNK_ROWS + 1):
             options = _LINEAR_CE_OPTIONS() if chunk is None else _LINEAR_CE_OPTIONS(chunking_method=None,
                                                                                      batch_chunk_size=chunk)
             return F.linear_cross_entropy(x2, head_weight, t2, ignore_index=ignore_index, options=options).float()
     # torch's op returns the loss in its inputs' dtype: in bf16 about 1% off, too coarse for the perplexities
     # we report, and fp32 inputs would give up bf16's matmul speed, so autocast keeps our own paths
-    chunk = chunk_rows or _PLAIN_MAX_ROWS
+    chunk = chunk_rows or LOSS_CHUNK_ROWS
     if rows <= chunk:
         return F.cross_entropy((x2 @ head_weight.t()).float(), t2, ignore_index=ignore_index)
     return _checkpointed_cross_entropy(x2, head_weight, t2, chunk, ignore_index)

@@ -28,9 +28,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from growlm.errors import GrowlmError, one_line
-from growlm.files import atomic_write_json
+from growlm.errors import GrowlmError
+from growlm.files import atomic_write_json, read_descriptor
 from growlm.hashing import canonical_json
+from growlm.store.records import validation_problem
 
 FORMAT, VERSION = "growlm-prepared", 1
 MANIFEST = "manifest.json"
@@ -151,20 +152,13 @@ def read_manifest(data_dir: str | Path) -> Manifest:
             raise GrowlmError(f"{d} is not finished preparing (no {MANIFEST}); rerun the growlm data prepare "
                               f"command that made it to complete it")
         raise GrowlmError(f"{d} is not a prepared data folder (no {MANIFEST})")
-    try:
-        raw = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GrowlmError(f"{f} is unreadable or corrupt: {one_line(e)}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise GrowlmError(f"{f} is not a growlm prepared-data manifest (format {FORMAT!r})")
+    raw = read_descriptor(f, FORMAT, "prepared data")
     if raw.get("version") != VERSION:
         raise GrowlmError(f"{f} has version {raw.get('version')!r}; this growlm reads version {VERSION}")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise GrowlmError(f"{f} is corrupt: {where}: {err['msg']}") from None
+        raise GrowlmError(f"{f} is corrupt: {validation_problem(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------

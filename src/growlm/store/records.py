@@ -147,7 +147,7 @@ class ModelRecord(_Record):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            raise GrowlmError(f"{f} is corrupt: {_problem(e)}") from None
+            raise GrowlmError(f"{f} is corrupt: {validation_problem(e)}") from None
 
     def lora_dicts(self) -> list[dict[str, Any]]:
         """The LoRA records as :mod:`growlm.lora` takes them (empty without adapters)."""
@@ -158,7 +158,7 @@ class ModelRecord(_Record):
         return (self.model_extra or {}).get(key)
 
 
-def _problem(e: ValidationError) -> str:
+def validation_problem(e: ValidationError) -> str:
     """Pydantic's first error as the key a user would read in the file: ``lora[0].alpha is missing``."""
     err = e.errors()[0]
     where = ""
@@ -242,7 +242,7 @@ class MixtureRecord(_Record):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            raise GrowlmError(f"{f} is corrupt: {_problem(e)}") from None
+            raise GrowlmError(f"{f} is corrupt: {validation_problem(e)}") from None
 
     @property
     def rule(self) -> dict[str, Any]:
