@@ -18,7 +18,7 @@ FLOORS: list[list[str]] = [
     ["growlm.corpus", "growlm.model", "growlm.lora", "growlm.memory", "growlm.rules"],  # parts of the model
     ["growlm.tokenizer", "growlm.substrate", "growlm.trunk_cache", "growlm.audit"],  # the docking port
     ["growlm.store"],  # formats: model, mixture and run dirs
-    ["growlm.plan", "growlm.growth", "growlm.data", "growlm.prepare", "growlm.shards"],  # the method's data
+    ["growlm.stages", "growlm.plan", "growlm.growth", "growlm.data", "growlm.prepare", "growlm.shards"],  # the method's data
     ["growlm.training"],  # the loop
     ["growlm.compose"],  # mixtures (their router and head tuning train with the loop)
     ["growlm.loading", "growlm.evaluation", "growlm.verification", "growlm.inspection", "growlm.interop", "growlm.model_card",

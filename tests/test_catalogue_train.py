@@ -222,7 +222,7 @@ def _interrupted(small_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for i in range(running, 3):
         shutil.rmtree(run / f"stage-{i}")
 
-    def ctrl_c(where: str, stage: int, step: int) -> None:
+    def ctrl_c(where: str, stage: int, step: int, phase: int | None = None) -> None:
         if (where, stage, step) == ("step", running, 3):
             raise KeyboardInterrupt
 

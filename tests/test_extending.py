@@ -202,3 +202,27 @@ def test_a_path_parameter_is_a_file_relative_to_the_plan(corpus_dir, tmp_path, m
     with pytest.raises(GrowlmError) as e:
         load_plan(plan)
     assert str(e.value) == f"plan {plan}: substrate.params.font_path: file not found: {plans / 'my-font.otf'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# A stage kind
+
+
+def test_toy_stage_kind(corpus_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from cli_util import SMALL_PLAN, write_plan
+    from growlm.api import train, verify
+    from growlm.stages import STAGE_KINDS
+
+    text = SMALL_PLAN.split("[[stage]]")[0] + "[[stage]]\ngrow = 2\ntokens = 256\n[[stage]]\ntrain = \"top\"\ntokens = 256\n"
+    with loaded("A stage kind", STAGE_KINDS, "top"):
+        run = tmp_path / "run"
+        train(write_plan(tmp_path, text, corpus_dir), run, progress=False, log=lambda m: None)
+        before, after = (load_file(run / f"stage-{i}" / "model.safetensors") for i in (1, 2))
+        moved = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+                 for n in after if not torch.equal(before[n], after[n])}
+        assert moved == {"blocks.1", "head", "ln_f"}  # the top block of two, and the head: nothing else
+        assert verify(run)["ok"]
+    with pytest.raises(GrowlmError, match="unknown stage kind 'top'"):
+        train(write_plan(tmp_path, text, corpus_dir), tmp_path / "run2", progress=False, log=lambda m: None)

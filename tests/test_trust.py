@@ -384,14 +384,19 @@ def _reseal(stage: Path, edit_meta, parent: Path | None) -> None:
     fingerprint, lineage and a self-consistent audit (its start digests taken from ``parent``)."""
     from growlm.audit import record
     from growlm.growth import trainable_names
+    from growlm.plan import StageSpec
+    from growlm.stages import Shape, stage_kind
 
     meta = json.loads((stage / "model.json").read_text())
     edit_meta(meta)
     now = _digests(stage)
     if meta.get("audit") is not None:
         st = meta["stage"]
-        declared = trainable_names(now, train=st["train"], new_blocks=st["new_blocks"], adapter=st["adapter"],
-                                   trainable_embedding=False)
+        spec = StageSpec(grow=st["grow"], train=st["train"], tokens=st["tokens"],
+                         lora=st["lora"], unfreeze_tokens=st.get("unfreeze_tokens"))
+        shape = Shape(len(meta["blocks"]), tuple(st["new_blocks"]))
+        declared = set().union(*(trainable_names(now, ph.trains, st["adapter"])
+                                 for ph in stage_kind(st["train"]).phases(spec, shape, False)))
         before, began = _digests(parent) if parent else {}, meta["audit"]["start_sha256"]
         start = {n: before.get(n, began.get(n)) if n in declared else d for n, d in now.items()}
         meta["audit"] = record(start, now, declared, meta["audit"]["steps"])

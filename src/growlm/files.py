@@ -229,10 +229,11 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str
 
 
 # here, beside the writes it interrupts: a test kills a process halfway through writing a checkpoint
-def fault_point(where: str, stage: int, step: int) -> None:
+def fault_point(where: str, stage: int, step: int, phase: int | None = None) -> None:
     """Deterministic fault injection for the reliability tests.
 
-    ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2;
+    ``GROWLM_FAULT="kill@step:2:7"`` sends SIGKILL to this process after step 7 of stage 2
+    (``kill@step:2.2:7``: of phase 2 of stage 2, for a stage of several phases);
     ``sigint@step:2:7`` sends SIGINT (Ctrl-C), ``sigterm@...`` SIGTERM; ``kill@checkpoint:2:6`` dies halfway through writing the
     step-6 checkpoint of stage 2. ``GROWLM_FAULT_RANK=R`` limits the fault to data-parallel rank R.
     Unset in normal use: the check is one dict lookup.
@@ -241,6 +242,6 @@ def fault_point(where: str, stage: int, step: int) -> None:
     if not spec or os.environ.get("GROWLM_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     action, _, point = spec.partition("@")
-    if point == f"{where}:{stage}:{step}":
+    if point == f"{where}:{stage if phase is None else f'{stage}.{phase}'}:{step}":
         sig = {"kill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[action]
         os.kill(os.getpid(), sig)

@@ -3,11 +3,11 @@ stage costs (:func:`stage_flop_per_token`) and the memory it needs (:func:`stage
 
 A grow stage stacks ``k`` new blocks on top and trains only them, the LM head and the final norm;
 the substrate and every earlier block are frozen forever (``requires_grad=False``, left out of
-the optimizer, bytes unchanged). A LoRA stage adds adapters beside the frozen blocks and trains
-them together with whatever the stage's ``train`` names (see :func:`trainable_names`).
-``train = "all"`` is monolithic training (the baselines, and the paper's "unfrozen-constructive"
-first stage when the substrate is ``trainable``); ``"head"`` trains only the head and final norm;
-``"adapters"`` only the stage's LoRA adapters.
+the optimizer, bytes unchanged). A stage may instead rebuild the stack from copies of its trained
+blocks (:func:`stack`, depth stacking). What then trains, phase by phase, is the stage kind's to say
+(:mod:`growlm.stages`: ``new``, ``all``, ``head``, ``adapters``, ``new-then-all``, ...); from its
+:class:`~growlm.stages.TrainSet` this module derives the parameter names (:func:`trainable_names`), the
+active count, the FLOPs and the memory of each phase, from shapes alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from growlm.errors import GrowlmError
 from growlm.lora import lora_param_count
 from growlm.memory import TrainingMemory, check_fits, gib, training_memory
 from growlm.model import Block, GrowLM, ModelConfig, block_param_count, head_param_count
-from growlm.plan import LoraSpec, Plan, StageSpec
+from growlm.plan import LoraSpec, Plan, StageSpec, depth_after
+from growlm.stages import Phase, Shape, TrainSet, stage_kind
 from growlm.substrate.registry import kind_trains
 
 # (in, out) of each LoRA target's Linear, in multiples of d_model (lora.TARGETS names the modules)
@@ -56,38 +57,65 @@ def grow(model: GrowLM, k: int, init: str, generator: torch.Generator) -> list[i
     return new
 
 
-def trainable_names(names: Iterable[str], *, train: str, new_blocks: Sequence[int], adapter: str | None,
-                    trainable_embedding: bool) -> set[str]:
-    """The parameter names a stage trains, decided from the plan alone, never from ``requires_grad``.
+def stack(model: GrowLM, layers: Sequence[int]) -> list[int]:
+    """Rebuild ``model``'s stack from copies of its blocks at ``layers`` (depth stacking: G_stack, FusionBench's
+    depth up-scaling; ``[0, 1, 0, 1]`` doubles a two-block model); returns the new blocks, the positions
+    holding a block listed earlier too (the first copy of each block is the block itself)."""
+    old = list(model.blocks)
+    model.blocks = torch.nn.ModuleList(copy.deepcopy(old[i]) for i in layers)
+    model.cfg.n_layers = len(model.blocks)
+    return stacked_copies(layers)
 
-    ``new`` (default): the blocks this stage grows, the LM head and the final norm; ``all``: every
-    block, head and norm (and a ``trainable`` substrate); ``head``: head and final norm only;
-    ``adapters``: nothing but this stage's LoRA adapters. This stage's adapters (``adapter``) train
-    in every mode; earlier stages' adapters never do. Pure over names, so ``growlm verify`` applies
-    the same rule to a saved stage that training applied to the live model.
+
+def stacked_copies(layers: Sequence[int]) -> list[int]:
+    """The positions of a stack (``layers``) that repeat a block listed before them."""
+    return [p for p, b in enumerate(layers) if b in layers[:p]]
+
+
+def stage_shape(stage: StageSpec, depth_before: int) -> Shape:
+    """The stack a stage's phases train on, from the plan alone: its depth and its new blocks."""
+    depth = depth_after(stage, depth_before)
+    new = stacked_copies(stage.layers) if stage.layers is not None else range(depth_before, depth)
+    return Shape(depth, tuple(new))
+
+
+def stage_phases(stage: StageSpec, depth_before: int, trainable_embedding: bool) -> list[Phase]:
+    """The phases of ``stage`` (its kind's), over the model ``depth_before`` blocks deep."""
+    return stage_kind(stage.train).phases(stage, stage_shape(stage, depth_before), trainable_embedding)
+
+
+def trainable_names(names: Iterable[str], trains: TrainSet, adapter: str | None) -> set[str]:
+    """The parameter names a phase trains, decided from the plan alone, never from ``requires_grad``:
+    the blocks, head and final norm, and trainable substrate table its :class:`TrainSet` names, and this
+    stage's adapters (``adapter``); earlier stages' adapters never train. Pure over names, so ``growlm
+    verify`` applies the same rule to a saved stage that training applied to the live model.
     """
-    grown = tuple(f"blocks.{i}." for i in new_blocks)
+    blocks = tuple(f"blocks.{i}." for i in trains.blocks)
     mine = (f".lora_A.{adapter}.", f".lora_B.{adapter}.") if adapter else ()
     out = set()
     for n in names:
         if ".lora_" in n:
-            trains = any(m in n for m in mine)
+            on = any(m in n for m in mine)
         elif n == "embed.weight":
-            trains = train == "all" and trainable_embedding
+            on = trains.embedding
         elif n.startswith(("head.", "ln_f.")):
-            trains = train != "adapters"
+            on = trains.head
         else:
-            trains = train == "all" or (train == "new" and n.startswith(grown))
-        if trains:
+            on = n.startswith(blocks) if blocks else False
+        if on:
             out.add(n)
     return out
 
 
-def set_trainable(model: GrowLM, stage: StageSpec, new_blocks: list[int], adapter: str | None = None) -> set[str]:
-    """Make exactly the parameters ``stage`` trains require grad (call it after any LoRA injection,
-    which freezes every other parameter); returns their names."""
-    names = trainable_names((n for n, _ in model.named_parameters()), train=stage.train, new_blocks=new_blocks,
-                            adapter=adapter, trainable_embedding=model.cfg.trainable_embedding)
+def set_trainable(model: GrowLM, stage: StageSpec, new_blocks: Sequence[int], adapter: str | None = None, *,
+                  trains: TrainSet | None = None) -> set[str]:
+    """Make exactly the parameters a phase trains require grad (call it after any LoRA injection, which
+    freezes every other parameter); returns their names. ``trains``: the phase's set (default: the
+    first phase of ``stage``'s kind over the model as it is, ``new_blocks`` its new blocks)."""
+    if trains is None:
+        shape = Shape(len(model.blocks), tuple(new_blocks))
+        trains = stage_kind(stage.train).phases(stage, shape, model.cfg.trainable_embedding)[0].trains
+    names = trainable_names((n for n, _ in model.named_parameters()), trains, adapter)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return names
@@ -102,23 +130,27 @@ def lora_blocks(spec: LoraSpec, n_before: int, n_after: int) -> list[int]:
     return list(spec.blocks)
 
 
-def stage_active_params(cfg: ModelConfig, stage: StageSpec, depth_before: int, trainable_embedding: bool) -> int:
-    """Active trainable parameters of a stage, computed from shapes alone (no model needed).
+def phase_active_params(cfg: ModelConfig, stage: StageSpec, phase: Phase, depth_before: int) -> int:
+    """Active trainable parameters of one phase of a stage, computed from shapes alone (no model needed).
 
     Training checks that the live model's trainable count equals this, so the LoRA budget check,
     which runs before any training, judges the number that really trains.
     """
-    depth = depth_before + stage.grow
-    n = {"all": depth * block_param_count(cfg) + head_param_count(cfg),
-         "new": stage.grow * block_param_count(cfg) + head_param_count(cfg),
-         "head": head_param_count(cfg),
-         "adapters": 0}[stage.train]
-    if stage.train == "all" and trainable_embedding:
+    t = phase.trains
+    n = len(t.blocks) * block_param_count(cfg) + (head_param_count(cfg) if t.head else 0)
+    if t.embedding:
         n += cfg.vocab_size * cfg.embed_dim
     if stage.lora is not None:
+        depth = depth_after(stage, depth_before)
         n += lora_param_count(cfg.d_model, stage.lora.rank, len(lora_blocks(stage.lora, depth_before, depth)),
                               stage.lora.targets)
     return n
+
+
+def stage_active_params(cfg: ModelConfig, stage: StageSpec, depth_before: int, trainable_embedding: bool) -> int:
+    """Active trainable parameters of a stage: its largest phase's (:func:`phase_active_params`)."""
+    return max(phase_active_params(cfg, stage, ph, depth_before)
+               for ph in stage_phases(stage, depth_before, trainable_embedding))
 
 
 def _matmul_flops(weights: int, trains: bool, input_grad: bool) -> int:
@@ -129,14 +161,23 @@ def _matmul_flops(weights: int, trains: bool, input_grad: bool) -> int:
 
 def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int,
                          earlier_lora: Sequence[Mapping] = ()) -> float:
-    """Matmul FLOPs per training token of a stage: its forward and backward pass as autograd runs them.
+    """Matmul FLOPs per training token of a stage: over its phases (:func:`phase_flop_per_token`), weighted
+    by their tokens, so that ``stage.tokens`` times this is the stage's FLOPs."""
+    phases = stage_phases(stage, depth_before, cfg.trainable_embedding)
+    return sum(ph.tokens * phase_flop_per_token(cfg, stage, ph, depth_before, earlier_lora)
+               for ph in phases) / stage.tokens
+
+
+def phase_flop_per_token(cfg: ModelConfig, stage: StageSpec, phase: Phase, depth_before: int,
+                         earlier_lora: Sequence[Mapping] = ()) -> float:
+    """Matmul FLOPs per training token of one phase of a stage: its forward and backward pass as autograd
+    runs them.
 
     Every matrix multiplication costs 2 FLOPs per weight (or attention score) in the forward, 2 more for
     its weight gradient when the weight trains and 2 more for its input's gradient when anything below it
     needs one. So a frozen block under the lowest trainable tensor runs forward only (2 per weight); a
     frozen block above one (above a stage's adapters, or the base weights beside them once the gradient
-    flows there) costs 4; a trained block 6. The LM head costs 6 unless it is frozen (``train =
-    "adapters"``: 4). LoRA adapters are counted as the two matmuls they are, this stage's trained, those
+    flows there) costs 4; a trained block 6. The LM head costs 6 unless the phase freezes it (4). LoRA adapters are counted as the two matmuls they are, this stage's trained, those
     of ``earlier_lora`` (the model's ``lora_records`` from earlier stages: applied, frozen) not.
     Attention's score and value products cost 4·d·context per token forward, 8 more in a block the
     gradient reaches.
@@ -146,7 +187,8 @@ def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int,
     torch's ``FlopCounterMode`` over one training step (tests/test_compute.py).
     """
     d, V, T = cfg.d_model, cfg.vocab_size, cfg.context
-    depth = depth_before + stage.grow
+    depth = depth_after(stage, depth_before)
+    phase_trains = phase.trains
     shapes = {t: (d * m_in, d * m_out) for t, (m_in, m_out) in _TARGET_WIDTHS.items()}
     adapters: dict[tuple[int, str], list[tuple[int, bool]]] = {}  # (block, target) -> [(rank, trains)]
     for rec in earlier_lora:
@@ -174,17 +216,16 @@ def stage_flop_per_token(cfg: ModelConfig, stage: StageSpec, depth_before: int,
 
     # the residual stream needs a gradient from the first trainable tensor up (the embedding's own
     # gradient is a lookup, no matmul)
-    stream = stage.train == "all" and cfg.trainable_embedding
+    stream = phase_trains.embedding
     for i in range(depth):
-        trains = stage.train == "all" or (stage.train == "new" and i >= depth_before)
+        trains = i in phase_trains.blocks
         # a trained block's LayerNorms train, so its Linears' inputs need gradients even over a frozen trunk
         qkv = linear(i, "qkv", trains, stream or trains)
         total += 4 * d * T * (1 + 2 * qkv)  # scores and values: 2 matmuls forward, 4 backward
         stream = linear(i, "attn_out", trains, qkv) or stream
         fc = linear(i, "fc", trains, stream or trains)
         stream = linear(i, "mlp_out", trains, fc) or stream
-    head_trains = stage.train != "adapters"  # the head and the final norm train in every other mode
-    total += _matmul_flops(V * d, head_trains, stream or head_trains)
+    total += _matmul_flops(V * d, phase_trains.head, stream or phase_trains.head)
     return float(total)
 
 
@@ -193,7 +234,7 @@ def plan_active_params(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> list[in
     out, depth = [], depth0
     for st in plan.stage:
         out.append(stage_active_params(cfg, st, depth, kind_trains(plan.substrate.kind)))
-        depth += st.grow
+        depth = depth_after(st, depth)
     return out
 
 
@@ -204,7 +245,8 @@ def check_lora_budget(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> None:
     paper keeps LoRA phases within the same active-parameter budget as a growth stage).
     """
     counts = plan_active_params(plan, cfg, depth0)
-    grow_counts = [c for c, st in zip(counts, plan.stage, strict=True) if st.lora is None and st.train == "new"]
+    grow_counts = [c for c, st in zip(counts, plan.stage, strict=True)
+                   if st.lora is None and stage_kind(st.train).sets_budget]
     budget = plan.train.lora_budget or (max(grow_counts) if grow_counts else None)
     if budget is None:
         return
@@ -214,10 +256,10 @@ def check_lora_budget(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> None:
                               f"(lower lora.rank or set train.lora_budget)")
 
 
-def _lowest_recorded(stage: StageSpec, depth_before: int) -> int:
-    """The lowest block holding a tensor the stage trains: autograd records it and every block above."""
-    depth = depth_before + stage.grow
-    lowest = {"all": 0, "new": depth_before if stage.grow else depth}.get(stage.train, depth)
+def _lowest_recorded(stage: StageSpec, phase: Phase, depth_before: int) -> int:
+    """The lowest block holding a tensor the phase trains: autograd records it and every block above."""
+    depth = depth_after(stage, depth_before)
+    lowest = 0 if phase.trains.embedding else min(phase.trains.blocks, default=depth)
     if stage.lora is not None:
         lowest = min([lowest, *lora_blocks(stage.lora, depth_before, depth)])
     return lowest
@@ -226,19 +268,20 @@ def _lowest_recorded(stage: StageSpec, depth_before: int) -> int:
 def stage_memory(cfg: ModelConfig, stage: StageSpec, depth_before: int, *, rows: int, bf16: bool,
                  earlier_lora: Sequence[Mapping] = (), world: int = 1, sharded: bool = False) -> TrainingMemory:
     """Estimated memory of one process training ``stage`` on ``rows`` sequences of ``cfg.context`` tokens
-    a step (see :func:`growlm.memory.training_memory` for what it counts), from shapes alone.
-    ``earlier_lora``: the adapters earlier stages left on the model (their parameters count as weights)."""
-    depth = depth_before + stage.grow
+    a step, in its hungriest phase (see :func:`growlm.memory.training_memory` for what it counts), from
+    shapes alone. ``earlier_lora``: the adapters earlier stages left on the model (their parameters count
+    as weights)."""
+    depth = depth_after(stage, depth_before)
     adapters = sum(lora_param_count(cfg.d_model, int(r["rank"]), len(r["blocks"]), list(r["targets"]))
                    for r in earlier_lora)
     if stage.lora is not None:
         adapters += lora_param_count(cfg.d_model, stage.lora.rank,
                                      len(lora_blocks(stage.lora, depth_before, depth)), stage.lora.targets)
     total = cfg.vocab_size * cfg.embed_dim + depth * block_param_count(cfg) + head_param_count(cfg) + adapters
-    return training_memory(params_total=total,
-                           params_trainable=stage_active_params(cfg, stage, depth_before, cfg.trainable_embedding),
-                           grad_layers=depth - _lowest_recorded(stage, depth_before), tokens=rows * cfg.context,
-                           d_model=cfg.d_model, vocab_size=cfg.vocab_size, bf16=bf16, world=world, sharded=sharded)
+    return max((training_memory(params_total=total, params_trainable=phase_active_params(cfg, stage, ph, depth_before),
+                                grad_layers=depth - _lowest_recorded(stage, ph, depth_before), tokens=rows * cfg.context,
+                                d_model=cfg.d_model, vocab_size=cfg.vocab_size, bf16=bf16, world=world, sharded=sharded)
+                for ph in stage_phases(stage, depth_before, cfg.trainable_embedding)), key=lambda m: m.total)
 
 
 def plan_memory(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Sequence[Mapping] = (), *,
@@ -250,9 +293,9 @@ def plan_memory(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Seq
         out.append(stage_memory(cfg, st, depth, rows=plan.train.batch_size // world, bf16=bf16, earlier_lora=lora,
                                 world=world, sharded=world > 1 and plan.train.parallel == "fsdp"))
         if st.lora is not None:
-            lora.append({"rank": st.lora.rank, "blocks": lora_blocks(st.lora, depth, depth + st.grow),
+            lora.append({"rank": st.lora.rank, "blocks": lora_blocks(st.lora, depth, depth_after(st, depth)),
                          "targets": list(st.lora.targets)})
-        depth += st.grow
+        depth = depth_after(st, depth)
     return out
 
 

@@ -82,12 +82,12 @@ def info_plan(path: Path) -> dict:
     import torch
 
     from growlm.growth import plan_memory
-    from growlm.plan import load_plan, lora_blocks_problem
+    from growlm.plan import blocks_problem, load_plan
 
     # its shape needs no data: a plan whose corpus is on another machine (a paper config) is described too
     plan = load_plan(path, check_paths=False)
     cfg, lora = _plan_model(plan, Path(path).parent)
-    problem = lora_blocks_problem(plan, cfg.n_layers) if plan.base is not None else None
+    problem = blocks_problem(plan, cfg.n_layers) if plan.base is not None else None
     if problem:  # as training refuses it: a base's depth is known only now
         raise GrowlmError(f"plan {path}: {problem}")
     spec = plan.train

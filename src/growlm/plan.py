@@ -30,6 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from growlm.corpus import regular_file
 from growlm.errors import GrowlmError
+from growlm.stages.base import STAGE_KINDS, stage_kind
 
 # Strict numbers: in lax mode pydantic reads `tokens = true` as 1 token and `lr = true` as 1.0 (a float may
 # still be written as an integer, `lr = 1`)
@@ -191,26 +192,59 @@ class StageSpec(_Spec):
     name: str | None = None
     grow: NonNeg = 0
     init: Literal["random", "zero-out", "copy-top"] = "random"
+    # depth stacking: the stack rebuilt from copies of the trained blocks at these indices (replaces grow)
+    layers: list[NonNeg] | None = None
     tokens: Pos
-    # What trains besides this stage's LoRA adapters (growth.trainable_names): "new" = the grown blocks
-    # plus the LM head and final norm (the paper trains the head at every stage, LoRA-only stages too)
-    train: Literal["new", "all", "head", "adapters"] = "new"
+    # The stage kind (growlm.stages): what each of its phases trains besides this stage's LoRA adapters.
+    # "new" = the grown blocks plus the LM head and final norm (the paper trains the head at every stage)
+    train: str = "new"
+    unfreeze_tokens: Pos | None = None  # train = "new-then-all": of tokens, the last these train every block
     lora: LoraSpec | None = None
     lr: PosFloat | None = None
     data: StageData | None = None
 
+    @field_validator("train")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        if v not in STAGE_KINDS:
+            raise ValueError(f"unknown stage kind {v!r}; one of {', '.join(map(repr, STAGE_KINDS.names()))}")
+        return v
+
     @model_validator(mode="after")
-    def _does_something(self) -> StageSpec:
-        if self.grow == 0 and self.train == "new" and self.lora is None:
-            raise ValueError("a stage must grow blocks, train all/head, or train LoRA adapters")
-        if self.train == "adapters" and self.lora is None:
-            raise ValueError('train = "adapters" needs a lora table')
-        if self.train in ("head", "adapters") and self.grow:
-            raise ValueError(f'train = "{self.train}" would leave the {self.grow} grown block(s) untrained; '
-                             f'use train = "new"')
-        if self.train == "all" and self.lora is not None:
-            raise ValueError('train = "all" already trains every block; drop the lora table')
+    def _fits_its_kind(self) -> StageSpec:
+        kind = stage_kind(self.train)
+        for other in STAGE_KINDS.names():
+            for key in set(STAGE_KINDS[other].keys) - set(kind.keys):
+                if getattr(self, key, None) is not None:
+                    raise ValueError(f'{key} belongs to train = "{other}", not "{self.train}"')
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers = [] stacks no block; list the trained blocks to copy, e.g. [0, 1, 0, 1]")
+            if self.grow:
+                raise ValueError("layers rebuilds the stack from the trained blocks; it replaces grow: drop grow")
+            if self.lora is not None:
+                raise ValueError("layers with a lora table is not supported: stack in one stage, adapt in the next")
+        if kind.needs_lora and self.lora is None:
+            raise ValueError(f'train = "{self.train}" needs a lora table')
+        if not kind.structure and (self.grow or self.layers):
+            grown = f"the {self.grow} grown block(s)" if self.grow else "the stacked copies"
+            raise ValueError(f'train = "{self.train}" would leave {grown} untrained; use train = "new"')
+        if not kind.lora and self.lora is not None:
+            raise ValueError(f'train = "{self.train}" already trains every block; drop the lora table')
+        problem = kind.check(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_kind_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """No ``layers`` or ``unfreeze_tokens`` key where the stage has none: the plan.json of every plan
+        written before they existed is byte-identical (``--resume`` and ``verify`` compare them)."""
+        out = handler(self)
+        for key in ("layers", "unfreeze_tokens"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class Plan(_Spec):
@@ -237,18 +271,27 @@ class Plan(_Spec):
                 raise ValueError(f"stage[{i}].lora.rank: {st.lora.rank:,} is above model.d_model = "
                                  f"{self.model.d_model}: a low-rank adapter's rank is at most the width")
         if self.base is None:  # a base's depth is known once it is loaded: training checks it then
-            problem = lora_blocks_problem(self, 0)
+            problem = blocks_problem(self, 0)
             if problem:
                 raise ValueError(problem)
         return self
 
 
-def lora_blocks_problem(plan: Plan, depth0: int) -> str | None:
-    """What is wrong with the blocks the plan's LoRA tables adapt, when the model starts ``depth0`` blocks deep
-    (None: nothing): every stage's adapted blocks must exist once the stage has grown."""
+def depth_after(stage: StageSpec, depth_before: int) -> int:
+    """How many blocks the model has once ``stage`` has grown (or stacked) them."""
+    return len(stage.layers) if stage.layers is not None else depth_before + stage.grow
+
+
+def blocks_problem(plan: Plan, depth0: int) -> str | None:
+    """What is wrong with the blocks the plan's stages name, when the model starts ``depth0`` blocks deep
+    (None: nothing): every block a stage stacks exists before it, every block it adapts once it has grown."""
     depth = depth0
     for i, st in enumerate(plan.stage, 1):
-        before, depth = depth, depth + st.grow
+        before, depth = depth, depth_after(st, depth)
+        missing = [b for b in st.layers or () if b >= before]
+        if missing:
+            return (f"stage[{i}].layers: block {missing[0]} does not exist there (the model has {before} trained "
+                    f"block(s) before the stage)")
         if st.lora is None:
             continue
         if st.lora.blocks == "frozen" and not before:

@@ -37,9 +37,12 @@ from growlm.growth import (
     check_plan_memory,
     grow,
     lora_blocks,
+    phase_active_params,
+    phase_flop_per_token,
     set_trainable,
+    stack,
     stage_active_params,
-    stage_flop_per_token,
+    stage_phases,
 )
 from growlm.hashing import canonical_json
 from growlm.lora import add_lora
@@ -48,12 +51,14 @@ from growlm.plan import (
     Plan,
     StageSpec,
     TrainSpec,
+    blocks_problem,
+    depth_after,
     load_plan,
-    lora_blocks_problem,
     plan_difference,
     plan_to_json,
     resolve_plan,
 )
+from growlm.stages import stage_kind
 from growlm.store import (
     CHECKPOINTS,
     LOCK,
@@ -292,7 +297,9 @@ class _Fit:
     trunk_cache: TrunkCache | None
     ckpts: StageCheckpoints
     halted: torch.Tensor  # set on the device by the first non-finite step (see optimizer_step)
-    flop_per_token: float | None  # the stage's FLOP model, for the log's cumulative FLOPs (None: not modelled)
+    flop_per_token: float | None  # the phase's FLOP model, for the log's cumulative FLOPs (None: not modelled)
+    phase: int | None = None  # the phase of a stage of several, as its log lines name it
+    flops_before: float = 0.0  # the stage's FLOPs in its earlier phases
     state: StageState = field(default_factory=StageState)
     pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
     t_last: float = 0.0  # time and token count at the last log line: the throughput's window
@@ -331,13 +338,17 @@ class Loop:
 
     def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
             stage: int, resume_hint: str, declared: set[str], trunk_cache: TrunkCache | None = None,
-            flop_per_token: float | None = None) -> StageState:
+            flop_per_token: float | None = None, phase: int | None = None, flops_before: float = 0.0,
+            keep_final: bool = False) -> StageState:
         """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state.
 
-        ``declared`` names the parameters the stage is meant to train: exactly those must require
-        grad, and when the stage ends exactly those must have changed (``state.audit``, see audit.py).
+        ``declared`` names the parameters the fit is meant to train: exactly those must require
+        grad, and when it ends exactly those must have changed (``state.audit``, see audit.py).
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
-        With ``flop_per_token`` every log line carries the stage's FLOPs so far (tokens × FLOPs per token).
+        With ``flop_per_token`` every log line carries the stage's FLOPs so far (``flops_before``, its
+        earlier phases', plus tokens × FLOPs per token). ``phase``: the phase of a stage of several, named
+        in every log line. ``keep_final``: checkpoint the last step too, so a resume finds the fit finished
+        (a phase the next one continues from: its trained tensors, data position and RNG).
         """
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         if live != declared:
@@ -350,7 +361,8 @@ class Loop:
         f = _Fit(stage, model, forward, params, make_optimizer(params, lr, self.spec.weight_decay), batches,
                  vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank,
                                                                      plan_sha256=self.plan_sha256),
-                 halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token)
+                 halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token, phase=phase,
+                 flops_before=flops_before)
         state, spec = f.state, self.spec
         if self.resume:
             self._resume(f)
@@ -374,7 +386,7 @@ class Loop:
                         self._log_step(f, cur_lr, bar)
                     if checkpoint_now:
                         self._checkpoint(f)
-                    fault_point("step", stage, state.step)
+                    fault_point("step", stage, state.step, phase=phase)
             except KeyboardInterrupt:
                 bar.close()
                 self._check_finite(f)  # never checkpoint past a bad step
@@ -382,6 +394,9 @@ class Loop:
                 raise Interrupted(f"interrupted in {key} at step {state.step}/{n_steps}; checkpoint {path}; "
                                   f"continue with: {resume_hint}") from None
             bar.close()
+            if keep_final and f.ckpts.latest() != f.ckpts.root / f"step-{state.step:08d}":
+                self._check_finite(f)
+                self._checkpoint(f)
             state.valid_loss = evaluate_loss(model, vbatches, self.device, self.autocast())
             self.metrics.scalars({"valid_loss": state.valid_loss}, self.step_offset + state.step)
             self.metrics.flush()  # the stage's scalars reach the event file as it ends
@@ -418,11 +433,11 @@ class Loop:
         now = time.perf_counter()
         tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
         f.t_last, f.tok_last = now, state.tokens
-        rec = {"stage": f.stage, "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
+        rec = {"stage": f.stage, **({"phase": f.phase} if f.phase is not None else {}), "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
                "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params),
                "wall_s": round(state.wall_s, 3)}  # the stage's training time so far: steps only, no evals
         if f.flop_per_token is not None:
-            rec["flops"] = round(f.flop_per_token * state.tokens)
+            rec["flops"] = round(f.flops_before + f.flop_per_token * state.tokens)
         if f.grad_norm_read is not None:  # read with the losses just before (_check_finite): no extra sync
             rec["grad_norm"] = round(f.grad_norm_read, 6)
         if self.spec.eval_every and state.step % self.spec.eval_every == 0:
@@ -461,7 +476,8 @@ class Loop:
         """Continue from the stage's latest checkpoint, if any, and drop the metrics logged after it
         (all of the stage's, when it starts over)."""
         ck = f.ckpts.restore(f.model, f.opt, f.batches, f.state)
-        self.metrics.truncate(f.stage, f.state.step, global_step=self.step_offset + f.state.step)
+        if ck is None or f.state.step < f.n_steps:  # a finished phase logged nothing past its end
+            self.metrics.truncate(f.stage, f.state.step, phase=f.phase or 1, global_step=self.step_offset + f.state.step)
         if ck is not None:
             self.log(f"resuming {ck.parent.name} at step {f.state.step} from {ck}")
 
@@ -512,12 +528,13 @@ class Trainer(Loop):
             tok = distributed.rank0_first(lambda: prepare_tokenizer(self.plan, run))
             sub = distributed.rank0_first(lambda: prepare_substrate(self.plan, run, tok))
             model, lineage = initial_model(self.plan, tok, sub)
-            problem = lora_blocks_problem(self.plan, len(model.blocks)) if self.plan.base is not None else None
+            problem = blocks_problem(self.plan, len(model.blocks)) if self.plan.base is not None else None
             if problem:
                 raise GrowlmError(f"plan {self.plan_path or '(built in Python)'}: {problem}")
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
             check_plan_memory(self.plan, model.cfg, len(model.blocks), model.lora_records, self.device,
                               bf16=self.amp_dtype is not None, world=self.world)  # before any batch
+            self._check_phases_fit_world(len(model.blocks), model.cfg.trainable_embedding)
             self.tokenizer, self.substrate = tok, sub
             todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not stage_dir(run, i).exists()]
             for i, st in todo:  # every stage's data is read and checked before the first stage trains
@@ -536,6 +553,17 @@ class Trainer(Loop):
                 self.step_offset += read_meta(sdir).metrics.steps
             distributed.shutdown()
             return dirs
+
+    def _check_phases_fit_world(self, depth: int, trainable_embedding: bool) -> None:
+        """A stage of several phases wraps its model once per phase, which DDP and FSDP2 do not allow: under
+        torchrun such a plan is refused before anything trains."""
+        if self.world == 1:
+            return
+        for i, st in enumerate(self.plan.stage, 1):
+            if len(stage_phases(st, depth, trainable_embedding)) > 1:
+                raise GrowlmError(f"stage {i} (train = {st.train!r}) trains in several phases, which runs in one process "
+                                  f"for now; run this plan without --nproc, or give each phase its own stage")
+            depth = depth_after(st, depth)
 
     def _trunk_cache(self, model: GrowLM, batches: Batches, depth: int, lineage: list[str], i: int) -> TrunkCache | None:
         """A trunk cache when this stage has a frozen trunk to skip (a grow stage, one process)."""
@@ -604,12 +632,14 @@ class Trainer(Loop):
         return batches, vbatches
 
     def run_stage(self, i: int, st: StageSpec, model: GrowLM, lineage: list[str]) -> tuple[GrowLM, list[str]]:
-        """Grow (and/or attach LoRA), train, and write the immutable RUN/stage-i."""
+        """Grow or stack (and/or attach LoRA), train phase by phase, and write the immutable RUN/stage-i."""
         plan, run, device = self.plan, self.run, self.device
         model.to(device)
         depth_before = len(model.blocks)
-        gen = torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i))
-        new = grow(model, st.grow, st.init, gen)  # new blocks land on the model's device
+        if st.layers is not None:
+            new = stack(model, st.layers)
+        else:
+            new = grow(model, st.grow, st.init, torch.Generator().manual_seed(_seed(plan.train.seed, "grow", i)))
         adapter = None
         if st.lora is not None:
             adapter, rank = f"stage{i}", st.lora.rank
@@ -617,29 +647,53 @@ class Trainer(Loop):
                            blocks=lora_blocks(st.lora, depth_before, len(model.blocks)),
                            targets=list(st.lora.targets), generator_seed=_seed(plan.train.seed, "lora", i))
             model.lora_records.append(rec)  # peft puts adapters on their base layer's device
-        # after the injection: peft freezes every parameter that is not an adapter
-        declared = set_trainable(model, st, new, adapter)
-        counts = model.param_counts()
-        active, total = counts["params_active"], counts["params_total"]
-        expected = stage_active_params(model.cfg, st, depth_before, model.cfg.trainable_embedding)
-        if active != expected:  # the LoRA budget was checked against `expected` before training
-            raise GrowlmError(f"stage {i}: {active:,} parameters are set to train but the plan's stage trains "
-                              f"{expected:,}; nothing was trained")
-        what = (f"grow {st.grow} ({st.init})" if st.grow else "no growth") + (f", train {st.train}" if st.train != "new" else "") \
+        earlier_lora = model.lora_records[:-1] if st.lora else model.lora_records
+        phases = stage_phases(st, depth_before, model.cfg.trainable_embedding)
+        several = len(phases) > 1
+        total = model.param_counts()["params_total"]
+        active = stage_active_params(model.cfg, st, depth_before, model.cfg.trainable_embedding)
+        built = (f"stack {st.layers}" if st.layers is not None else f"grow {st.grow} ({st.init})" if st.grow
+                 else "no growth")
+        what = built + (f", train {st.train}" if st.train != "new" else "") \
             + (f", LoRA r{st.lora.rank} on {len(model.lora_records[-1]['blocks'])} blocks" if st.lora else "")
         self.log(f"stage {i}/{len(plan.stage)}: {what} | depth {len(model.blocks)} | active {active:,} | "
                  f"frozen {total - active:,} | total {total:,}")
 
-        batches, vbatches = self._stage_data(i, st)
-        n_steps = math.ceil(st.tokens / batches.tokens_per_batch)
-        trunk = self._trunk_cache(model, batches, depth_before, lineage, i) if plan.train.trunk_cache else None
-        fpt = stage_flop_per_token(model.cfg, st, depth_before, model.lora_records[:-1] if st.lora else model.lora_records)
-        state = self.fit(f"stage-{i}", model, batches, vbatches, n_steps=n_steps, lr=st.lr or plan.train.lr,
-                         stage=i, resume_hint=shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"),
-                                                          "--out", str(run), "--resume"]),
-                         declared=declared, trunk_cache=trunk, flop_per_token=fpt)
-        if trunk is not None:
-            self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
+        batches, vbatches = self._stage_data(i, st)  # one stream for the whole stage: each phase continues it
+        start = audit.digests(model.named_parameters()) if several else None
+        hint = shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"), "--out", str(run), "--resume"])
+        offset0, flops, steps, wall, declared_all, done = self.step_offset, 0.0, 0, 0.0, set(), []
+        for k, ph in enumerate(phases, 1):
+            # after any LoRA injection, which freezes every parameter that is not an adapter
+            declared = set_trainable(model, st, new, adapter, trains=ph.trains)
+            live = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            expected = phase_active_params(model.cfg, st, ph, depth_before)
+            if live != expected:  # the LoRA budget was checked against `expected` before training
+                raise GrowlmError(f"stage {i}: {live:,} parameters are set to train but the plan's stage trains "
+                                  f"{expected:,}; nothing was trained")
+            if several:
+                self.log(f"stage {i} phase {k}/{len(phases)} ({ph.name}): {ph.tokens:,} tokens, active {live:,}")
+            n_steps = math.ceil(ph.tokens / batches.tokens_per_batch)
+            trunk = self._trunk_cache(model, batches, depth_before, lineage, i) \
+                if plan.train.trunk_cache and st.layers is None else None
+            fpt = phase_flop_per_token(model.cfg, st, ph, depth_before, earlier_lora)
+            self.step_offset = offset0 + steps
+            state = self.fit(f"stage-{i}-phase-{k}" if several else f"stage-{i}", model, batches, vbatches,
+                             n_steps=n_steps, lr=st.lr or plan.train.lr, stage=i, resume_hint=hint, declared=declared,
+                             trunk_cache=trunk, flop_per_token=fpt, phase=k if several else None, flops_before=flops,
+                             keep_final=k < len(phases))
+            if trunk is not None:
+                self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
+            phase_flops = fpt * state.tokens
+            flops, steps, wall = flops + phase_flops, steps + state.step, wall + state.wall_s
+            declared_all |= declared
+            done.append({"name": ph.name, "tokens": ph.tokens, "steps": n_steps,
+                         "trains": {"blocks": list(ph.trains.blocks), "head": ph.trains.head,
+                                    "embedding": ph.trains.embedding},
+                         "metrics": _metrics(state, round(phase_flops)), "audit": state.audit})
+        self.step_offset = offset0
+        stage_audit = state.audit if not several else audit.audit(start, audit.digests(model.named_parameters()),
+                                                                  declared_all, steps, f"stage-{i}")
 
         sharded = self.world > 1 and plan.train.parallel == "fsdp"
         if sharded:  # gather the shards (every rank), then save an ordinary copy
@@ -647,33 +701,50 @@ class Trainer(Loop):
             model = _plain_copy(model, full) if self.rank == 0 else model
         else:
             model.to("cpu")
+        record = {"index": i, "name": st.name, "grow": st.grow, "init": st.init, "train": st.train,
+                  "lora": st.lora.model_dump() if st.lora else None, "adapter": adapter, "tokens": st.tokens,
+                  "steps": sum(p["steps"] for p in done), "new_blocks": new}
+        record.update(_kind_settings(st))
+        if several:
+            record["phases"] = done
         extra = {
             "plan": plan_to_json(plan),
-            "stage": {"index": i, "name": st.name, "grow": st.grow, "init": st.init, "train": st.train,
-                      "lora": st.lora.model_dump() if st.lora else None, "adapter": adapter, "tokens": st.tokens,
-                      "steps": n_steps, "new_blocks": new},
-            "metrics": {"train_loss": state.last_loss, "valid_loss": state.valid_loss, "tokens": state.tokens,
-                        "wall_s": round(state.wall_s, 3), "steps": state.step, "flops": round(fpt * state.tokens)},
+            "stage": record,
+            "metrics": {**_metrics(state, round(flops)), "tokens": sum(p["metrics"]["tokens"] for p in done),
+                        "wall_s": round(wall, 3), "steps": steps},
             "params_active": active,
-            "audit": state.audit,
+            "audit": stage_audit,
         }
         sdir = stage_dir(run, i)
         substrate = {"kind": self.substrate.kind, "fingerprint": self.substrate.fingerprint, "recipe": self.substrate.recipe}
         if self.rank == 0:
             meta = save_model(model, sdir, tokenizer_dir=run / "tokenizer", extra=extra, lineage=lineage,
                               substrate=substrate)
-            StageCheckpoints(run, f"stage-{i}").discard()
+            for k in range(1, len(phases) + 1):
+                StageCheckpoints(run, f"stage-{i}-phase-{k}" if several else f"stage-{i}").discard()
         distributed.barrier()
         if self.rank != 0:
             meta = read_meta(sdir)  # written by rank 0 before the barrier
         if sharded:  # the next stage grows an ordinary model; every rank starts it from the saved stage
             model = load_model(sdir).model
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
-        au = state.audit
-        self.log(f"stage {i} done: {state.step} steps, {state.tokens:,} tokens, train loss {state.last_loss:.4f}, "
-                 f"valid loss {vl}, {state.wall_s:.1f} s; audit: {au['trained_tensors']} tensors trained "
+        au = stage_audit
+        self.log(f"stage {i} done: {steps} steps, {extra['metrics']['tokens']:,} tokens, train loss {state.last_loss:.4f}, "
+                 f"valid loss {vl}, {wall:.1f} s; audit: {au['trained_tensors']} tensors trained "
                  f"({', '.join(au['trained'])}), {au['frozen_tensors']} unchanged -> {sdir}")
         return model, lineage + [meta.fingerprint]
+
+
+def _metrics(state: StageState, flops: int) -> dict:
+    """What a fit measured, as model.json records it (for a stage, or for one of its phases)."""
+    return {"train_loss": state.last_loss, "valid_loss": state.valid_loss, "tokens": state.tokens,
+            "wall_s": round(state.wall_s, 3), "steps": state.step, "flops": flops}
+
+
+def _kind_settings(st: StageSpec) -> dict:
+    """The stage's settings that only some stages have (``layers``, a kind's own keys), where it has them."""
+    keys = ("layers", *stage_kind(st.train).keys)
+    return {k: getattr(st, k) for k in keys if getattr(st, k, None) is not None}
 
 
 def _plain_copy(model: GrowLM, state: dict[str, torch.Tensor]) -> GrowLM:

@@ -14,13 +14,15 @@ records; the stage record (``new_blocks``, ``train``, ...) must agree with them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from growlm import audit
 from growlm.errors import GrowlmError
-from growlm.growth import lora_blocks, trainable_names
+from growlm.growth import lora_blocks, stage_shape, trainable_names
 from growlm.lora import adapter_mismatch
 from growlm.plan import plan_from_dict
+from growlm.stages import stage_kind
 from growlm.store import PLAN_JSON, MixtureDir, ModelDir, resolve, stages
 from growlm.store.mixture import EXPERTS_DIR
 from growlm.store.model import (
@@ -171,27 +173,44 @@ def _check_lineage(n: int, p: int, meta: dict, parent: dict) -> list[str]:
 
 
 def _declared(meta: dict, derived: dict, names) -> set[str]:
-    return trainable_names(names, train=derived["train"], new_blocks=derived["new_blocks"], adapter=derived["adapter"],
-                           trainable_embedding=bool(meta.config.get("trainable_embedding")))
+    """Every tensor some phase of the stage trains."""
+    names = set(names)
+    return set().union(*(trainable_names(names, ph.trains, derived["adapter"]) for ph in derived["phases"]))
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.*)")
+
+
+def _origin(name: str, layers: list[int] | None) -> str:
+    """The parent's tensor a stage's tensor began as: itself, or in a stack (``layers``) the block it copies."""
+    m = _BLOCK.fullmatch(name) if layers is not None else None
+    return f"blocks.{layers[int(m[1])]}.{m[2]}" if m and int(m[1]) < len(layers) else name
 
 
 def _check_frozen(n: int, p: int, meta: dict, derived: dict, now: dict[str, str], parent: dict[str, str]) -> list[str]:
-    """Every tensor of the parent (stage ``p``) that the plan does not train in stage ``n`` is byte-identical here."""
+    """Every tensor of the parent (stage ``p``) that the plan does not train in stage ``n`` is byte-identical here
+    (in a stack: every copy the plan does not train equals the block it copies)."""
     declared = _declared(meta, derived, set(now) | set(parent))
+    layers = derived["layers"]
+    pairs = [(k, k) for k in parent] if layers is None else \
+        [(k, _origin(k, layers)) for k in now if _origin(k, layers) in parent]
     out = []
-    for name in sorted(set(parent) - declared):
+    for name, origin in sorted(pairs):
+        if name in declared:
+            continue
         if name not in now:
             out.append(f"stage-{n}: lacks {name} of stage-{p}: it cannot have grown from it")
-        elif now[name] != parent[name]:
+        elif now[name] != parent[origin]:
             out.append(f"stage-{n}: frozen tensor {name} changed since stage-{p} (the plan trains "
-                       f"{derived['train']!r} there, new blocks {derived['new_blocks']})")
+                       f"{meta.stage.train!r} there, new blocks {derived['new_blocks']})")
     return out[:8]
 
 
 def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None, list[str]]:
     """What stage ``n`` trained, derived from the plan its model.json records and its parent's depth
     (``parent`` None: its own depth less the plan's growth), and its records checked against that.
-    Returns ``{"train", "new_blocks", "adapter"}`` (None when there is no plan to derive from) and the problems."""
+    Returns ``{"phases", "new_blocks", "adapter", "layers"}`` (None when there is no plan to derive from) and
+    the problems."""
     stage, raw = meta.stage, meta.plan
     if stage is None:
         return None, [f"stage-{n}: model.json has no stage record"]
@@ -204,16 +223,30 @@ def _derive_stage(n: int, meta: dict, parent: dict | None) -> tuple[dict | None,
     if not 1 <= n <= len(plan.stage):
         return None, [f"stage-{n}: the recorded plan has {len(plan.stage)} stage(s), none numbered {n}"]
     spec, depth = plan.stage[n - 1], len(meta.blocks)
-    before = len(parent.blocks) if parent is not None else depth - spec.grow
-    if before < 0 or depth != before + spec.grow:
-        return None, [f"stage-{n}: has {depth} block(s), but the plan grows {spec.grow} over the parent's {before}"]
+    if spec.layers is not None:  # a stack's depth is its list's; its parent must hold every block it copies
+        before = len(parent.blocks) if parent is not None else max(spec.layers) + 1
+        if depth != len(spec.layers) or max(spec.layers) >= before:
+            return None, [f"stage-{n}: has {depth} block(s), but the plan stacks {spec.layers} over the parent's {before}"]
+    else:
+        before = len(parent.blocks) if parent is not None else depth - spec.grow
+        if before < 0 or depth != before + spec.grow:
+            return None, [f"stage-{n}: has {depth} block(s), but the plan grows {spec.grow} over the parent's {before}"]
     adapter = f"stage{n}" if spec.lora else None
-    derived = {"train": spec.train, "new_blocks": list(range(before, depth)), "adapter": adapter}
+    kind, shape = stage_kind(spec.train), stage_shape(spec, before)
+    phases = kind.phases(spec, shape, bool(meta.config.get("trainable_embedding")))
+    derived = {"phases": phases, "new_blocks": list(shape.new_blocks), "adapter": adapter, "layers": spec.layers}
     want = {"index": n, "name": spec.name, "grow": spec.grow, "init": spec.init, "train": spec.train,
             "tokens": spec.tokens, "lora": spec.lora.model_dump() if spec.lora else None, "adapter": adapter,
-            "new_blocks": derived["new_blocks"]}
+            "new_blocks": derived["new_blocks"], **{k: getattr(spec, k) for k in ("layers", *kind.keys)}}
     problems = [f"stage-{n}: the stage record says {k} = {getattr(stage, k, None)!r}, the recorded plan and the parent's depth "
                 f"give {v!r}" for k, v in want.items() if getattr(stage, k, None) != v]
+    recorded = [(r.name, r.tokens, tuple(r.trains.blocks), r.trains.head, r.trains.embedding) for r in stage.phases or ()]
+    planned = [(ph.name, ph.tokens, ph.trains.blocks, ph.trains.head, ph.trains.embedding) for ph in phases]
+    if len(phases) > 1 and recorded != planned:
+        problems.append(f"stage-{n}: the phases recorded in model.json ({[r[0] for r in recorded]}) are not the "
+                        f"plan's {[p[0] for p in planned]} with what each trains")
+    elif len(phases) == 1 and stage.phases is not None:
+        problems.append(f"stage-{n}: records phases, though its plan stage (train = {spec.train!r}) has one")
     records = meta.lora_dicts()
     inherited = parent.lora_dicts() if parent is not None else records[:-1] if spec.lora else records
     if records[:len(inherited)] != inherited:
@@ -257,14 +290,33 @@ def _check_audit(n: int, p: int, meta: dict, derived: dict, now: dict[str, str],
     declared = _declared(meta, derived, now)
     problems = [f"stage-{n}: {p}" for p in audit.check(start, now, declared, steps)]
     if parent is not None:
-        moved = sorted(k for k in set(start) & set(parent) if start[k] != parent[k])
+        layers = derived["layers"]
+        moved = sorted(k for k in start if _origin(k, layers) in parent and start[k] != parent[_origin(k, layers)])
         if moved:
             problems.append(f"stage-{n}: did not start from stage-{p}: {len(moved)} tensor(s) differ, e.g. {moved[0]}")
     if not problems:
         again = audit.record(start, now, declared, steps)
         if any(again[k] != getattr(rec, k) for k in ("trained", "frozen")):
             problems.append(f"stage-{n}: the audit recorded in model.json does not match its files")
+    if not problems and len(derived["phases"]) > 1:
+        problems += _check_phases(n, meta, derived, now)
     if problems:
         return [], problems
+    phased = f" in {len(derived['phases'])} phases, each as its plan says" if len(derived["phases"]) > 1 else ""
     return [f"stage-{n}: audit ok: {again['trained_tensors']} tensor(s) trained as the plan says "
-            f"({', '.join(again['trained'])}), {again['frozen_tensors']} unchanged"], []
+            f"({', '.join(again['trained'])}){phased}, {again['frozen_tensors']} unchanged"], []
+
+
+def _check_phases(n: int, meta: dict, derived: dict, now: dict[str, str]) -> list[str]:
+    """Each phase's audit from the files and the records: a phase ends where the next begins (the last at the
+    files), and in between exactly what that phase trains changed; the first begins where the stage did."""
+    recs = meta.stage.phases
+    if recs[0].audit.start_sha256 != meta.audit.start_sha256:
+        return [f"stage-{n}: its first phase did not start where the stage did"]
+    out = []
+    for k, (ph, rec) in enumerate(zip(derived["phases"], recs, strict=True)):
+        end = recs[k + 1].audit.start_sha256 if k + 1 < len(recs) else now
+        declared = trainable_names(now, ph.trains, derived["adapter"])
+        out += [f"stage-{n} phase {k + 1} ({ph.name}): {p}"
+                for p in audit.check(rec.audit.start_sha256, end, declared, rec.audit.steps)]
+    return out

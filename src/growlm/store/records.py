@@ -81,18 +81,41 @@ class LoraRecord(_Record):
 
 
 class StageRecord(_Record):
-    """What a run's stage was asked to do (the recorded plan's stage, and the blocks it grew)."""
+    """What a run's stage was asked to do (the recorded plan's stage, and the blocks it grew) and, for a stage
+    of several phases, what each phase trained and measured."""
 
     index: int
     name: str | None = None
     grow: int = 0
     init: str = "random"
+    layers: list[int] | None = None
     train: str = "new"
+    unfreeze_tokens: int | None = None
     lora: dict[str, Any] | None = None
     adapter: str | None = None
     tokens: int | None = None
     steps: int | None = None
     new_blocks: list[int] = []
+    phases: list[PhaseRecord] | None = None
+
+
+class TrainSetRecord(_Record):
+    """What one phase trained besides the stage's adapters (:class:`growlm.stages.TrainSet`)."""
+
+    blocks: list[int]
+    head: bool
+    embedding: bool
+
+
+class PhaseRecord(_Record):
+    """One phase of a stage of several: its name, tokens and steps, what it trained, what it measured, its audit."""
+
+    name: str
+    tokens: int
+    steps: int
+    trains: TrainSetRecord
+    metrics: MetricsRecord
+    audit: AuditRecord
 
 
 class MetricsRecord(_Record):

@@ -249,9 +249,9 @@ class MetricsLog:
     """
 
     TENSORBOARD = "tensorboard"  # RUN/tensorboard: the event files
-    # the record's keys that become scalars (the rest are positions: the stage is kept as a scalar so a
-    # chart shows where each stage starts on the global-step axis)
-    SCALARS = ("loss", "valid_loss", "lr", "tokens_per_s", "grad_norm", "params_active", "stage")
+    # the record's keys that become scalars (the rest are positions: the stage, and the phase of a stage of
+    # several, are kept as scalars so a chart shows where each starts on the global-step axis)
+    SCALARS = ("loss", "valid_loss", "lr", "tokens_per_s", "grad_norm", "params_active", "stage", "phase")
 
     @staticmethod
     def read(run: Path) -> list[dict]:
@@ -324,10 +324,10 @@ class MetricsLog:
                 raise WriteError(self.path, str(e.strerror or e)) from e
         self.scalars(rec, rec["step"] if global_step is None else global_step)
 
-    def truncate(self, stage: int, step: int, *, global_step: int | None = None) -> None:
-        """Drop the lines of ``stage`` after ``step`` (a killed process logged them past the point we
-        resume from), and any line a kill or a full disk tore (not JSON, or a record without its stage
-        and step). With ``tensorboard``, the events after ``global_step`` are hidden likewise; only the
+    def truncate(self, stage: int, step: int, *, phase: int = 1, global_step: int | None = None) -> None:
+        """Drop the lines of ``stage``'s ``phase`` after ``step`` (a killed process logged them past the
+        point we resume from; a line without a phase is of phase 1), and any line a kill or a full disk tore
+        (not JSON, or a record without its stage and step). With ``tensorboard``, the events after ``global_step`` are hidden likewise; only the
         first resume point counts, as everything a killed process logged lies before the first stage
         it did not finish."""
         if self.tensorboard and self._writer is None and self._purge_step is None and global_step is not None:
@@ -338,7 +338,7 @@ class MetricsLog:
         for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(ln)
-                mine = rec["stage"] == stage and rec["step"] > step
+                mine = rec["stage"] == stage and rec.get("phase", 1) == phase and rec["step"] > step
             except (ValueError, TypeError, KeyError):
                 continue
             if not mine:
