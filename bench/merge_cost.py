@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from growlm.compose import Mixture, Router  # noqa: E402
+from growlm.mixture import Mixture, Router  # noqa: E402
 from growlm.model import GrowLM, ModelConfig  # noqa: E402
 from growlm.rules import RULES, Rule, make_rule  # noqa: E402
 from timing import interleaved_medians  # noqa: E402

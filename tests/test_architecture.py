@@ -15,13 +15,13 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "growlm"
 # From the ground up. A package name covers its submodules unless one is listed itself.
 FLOORS: list[list[str]] = [
     ["growlm.errors", "growlm.hashing", "growlm.registry", "growlm.distributed", "growlm.files"],  # primitives
-    ["growlm.corpus", "growlm.model", "growlm.lora", "growlm.memory", "growlm.rules"],  # parts of the model
+    ["growlm.corpus", "growlm.model", "growlm.lora", "growlm.memory", "growlm.rules", "growlm.mixture"],  # parts of the model
     ["growlm.tokenizer", "growlm.substrate", "growlm.trunk_cache", "growlm.audit"],  # the docking port
     ["growlm.store"],  # formats: model, mixture and run dirs
-    ["growlm.stages", "growlm.plan", "growlm.growth", "growlm.data", "growlm.prepare", "growlm.shards"],  # the method's data
+    ["growlm.stages", "growlm.plan", "growlm.growth", "growlm.loading", "growlm.data", "growlm.prepare", "growlm.shards"],  # the method's data
     ["growlm.training"],  # the loop
     ["growlm.compose"],  # mixtures (their router and head tuning train with the loop)
-    ["growlm.loading", "growlm.evaluation", "growlm.verification", "growlm.inspection", "growlm.interop", "growlm.model_card",
+    ["growlm.evaluation", "growlm.verification", "growlm.inspection", "growlm.interop", "growlm.model_card",
      "growlm.compute", "growlm.report"],  # reading what was made
     ["growlm.api", "growlm.lm_eval_model"],  # the library's entry points
     ["growlm", "growlm.cli", "growlm.__main__", "growlm.demo"],  # applications

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from cli_util import growlm, one_line_error, snapshot
 from conftest import copy_of
-from growlm.store.model import load_model, save_model
+from growlm.loading import load_model
+from growlm.store.model import save_model
 from test_catalogue_store import edit_json
 
 INDEX = "model.safetensors.index.json"

@@ -275,8 +275,8 @@ def test_ppl_of_a_huge_single_line_stays_bounded(flat_model_dir, corpus_dir, tmp
 
 def test_streamed_ppl_equals_scoring_the_whole_text(tiny_model_dir, corpus_dir, tmp_path, monkeypatch):
     import growlm.evaluation.ppl
-    from growlm.evaluation import load_any
     from growlm.evaluation.ppl import perplexity, score_windows, windows
+    from growlm.loading import load_any
 
     model, tok = load_any(tiny_model_dir)
     text = (corpus_dir / "train.txt").read_text(encoding="utf-8")

@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 
 from cli_util import growlm, growlm_process, one_line_error
 from conftest import copy_of
-from growlm.compose import load_mixture, merge
+from growlm.compose import merge
 from growlm.errors import GrowlmError
 from growlm.files import atomic_dir
 from growlm.hashing import sha256_file
+from growlm.loading import load_mixture, load_model
 from growlm.store.mixture import info_mixture
-from growlm.store.model import load_model, read_meta, recorded_fingerprint_of, save_model
+from growlm.store.model import read_meta, recorded_fingerprint_of, save_model
 from growlm.store.records import ModelRecord
 from growlm.verification import verify
 

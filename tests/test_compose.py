@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 from cli_util import snapshot
 from growlm.cli import main
-from growlm.compose import Tuning, add_expert, load_mixture, merge
+from growlm.compose import Tuning, add_expert, merge
 from growlm.errors import GrowlmError
 from growlm.growth import grow
+from growlm.loading import load_mixture, load_model
 from growlm.plan import TrainSpec
 from growlm.store.mixture import HEADS, MIXTURE_JSON, ROUTER, info_mixture
-from growlm.store.model import load_model, save_model
+from growlm.store.model import save_model
 
 
 def _variant(src: Path, out: Path, *, seed: int, grow_by: int = 0, tokenizer_dir: Path | None = None) -> Path:
@@ -316,7 +317,7 @@ def test_router_and_head_tuning(experts, corpus_dir, idx, tmp_path, monkeypatch)
 
 
 def test_router_starts_at_the_fixed_rule(experts, idx):
-    from growlm.compose import Mixture, Router
+    from growlm.mixture import Mixture, Router
     from growlm.rules import make_rule
 
     models = [load_model(p).model.eval() for p in experts[:2]]

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from cli_util import child_env
 from growlm.cli import main
 from growlm.errors import GrowlmError
-from growlm.evaluation import fingerprint_of, load_any
 from growlm.evaluation import protocols as P
 from growlm.evaluation.ppl import perplexity, windows
 from growlm.evaluation.readers import load_items, package_dir
 from growlm.evaluation.run import evaluate
 from growlm.evaluation.task import TASKS, Item, Task
 from growlm.evaluation.tasks import arc, bleu, boolq, mmlu, squad_v2
+from growlm.loading import fingerprint_of, load_any
 
 # Small fixtures with their source and licence in tests/data/README.md.
 DATA = Path(__file__).resolve().parent / "data"
@@ -452,7 +452,8 @@ def test_a_loss_past_exps_range_has_an_infinite_perplexity_and_prints_json(tiny_
 
     from cli_util import growlm as run_growlm
     from growlm.evaluation.ppl import perplexity
-    from growlm.store.model import load_model, save_model
+    from growlm.loading import load_model
+    from growlm.store.model import save_model
 
     saved = load_model(tiny_model_dir)
     with torch.no_grad():

@@ -115,9 +115,9 @@ def test_toy_substrate_kind(corpus_dir, tmp_path, capsys):
 
 def test_toy_combine_rule(tiny_model_dir, expert_b, tmp_path):
     from growlm.cli import build_parser
-    from growlm.compose import add_expert, load_mixture, merge
+    from growlm.compose import add_expert, merge
+    from growlm.loading import load_mixture, load_model
     from growlm.rules import RULES
-    from growlm.store.model import load_model
 
     a, b = tiny_model_dir, expert_b  # two experts that differ, on one docking port
     idx = torch.randint(0, load_model(a).model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -145,10 +145,10 @@ def test_toy_combine_rule(tiny_model_dir, expert_b, tmp_path):
 
 
 def test_toy_eval_task(tiny_model_dir, tmp_path, capsys):
-    from growlm.evaluation import load_any
     from growlm.evaluation import protocols as P
     from growlm.evaluation.run import evaluate
     from growlm.evaluation.task import TASKS
+    from growlm.loading import load_any
 
     data = tmp_path / "echo.jsonl"
     pairs = [("fox", "dog"), ("model", "layer"), ("quick", "lazy"), ("brown", "frozen"), ("grows", "jumps")]

@@ -18,10 +18,10 @@ from growlm.errors import GrowlmError
 from growlm.growth import grow, plan_active_params, set_trainable
 from growlm.hashing import sha256_file
 from growlm.inspection import info_model
+from growlm.loading import load_model
 from growlm.lora import add_lora, merge_adapters
 from growlm.model import GrowLM, ModelConfig, block_param_count, head_param_count
 from growlm.plan import StageSpec, load_plan
-from growlm.store.model import load_model
 from growlm.training import train
 
 ISSUE_PLAN = """\

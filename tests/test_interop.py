@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from conftest import copy_of
 from growlm.errors import GrowlmError
 from growlm.interop import EXPORT_META, export_hf, import_hf
-from growlm.store.model import load_model, save_model
+from growlm.loading import load_model
+from growlm.store.model import save_model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -11,9 +11,9 @@ import torch
 from cli_util import SMALL_PLAN, write_plan
 from growlm.errors import GrowlmError
 from growlm.growth import set_trainable
+from growlm.loading import load_model
 from growlm.model import GrowLM, ModelConfig
 from growlm.plan import StageSpec, TrainSpec
-from growlm.store.model import load_model
 from growlm.training import Loop, train
 
 CFG = ModelConfig(vocab_size=256, d_model=64, n_heads=2, n_layers=2, context=32)

@@ -11,8 +11,9 @@ import yaml
 
 from conftest import copy_of
 from growlm.cli import main
+from growlm.loading import load_model
 from growlm.model_card import EVALS, read_evals, save_eval
-from growlm.store.model import load_model, read_meta
+from growlm.store.model import read_meta
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import torch
 
 from growlm.compose import merge
 from growlm.errors import GrowlmError
-from growlm.evaluation import load_any
 from growlm.growth import set_trainable
+from growlm.loading import load_any
 from growlm.model import GrowLM, ModelConfig
 from growlm.plan import StageSpec
 from growlm.store import (

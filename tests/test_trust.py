@@ -205,7 +205,8 @@ def test_unfrozen_constructive_first_stage_trains_the_substrate_then_freezes_it(
 
 
 def test_router_and_post_merge_head_tuning_train_only_their_part(kinds, corpus_dir, tmp_path, monkeypatch):
-    from growlm.compose import Tuning, load_mixture, merge
+    from growlm.compose import Tuning, merge
+    from growlm.loading import load_mixture
     from growlm.plan import TrainSpec
 
     run, _ = kinds

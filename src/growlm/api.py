@@ -199,7 +199,7 @@ class Loaded:
     """A model or a mixture loaded for inference (eval mode, on the CPU), with its tokenizer, the
     dir it came from and the fingerprint recorded there. Unpacks as ``model, tokenizer = growlm.load(path)``."""
 
-    model: Any  # a growlm.model.GrowLM, or a growlm.compose.Mixture
+    model: Any  # a growlm.model.GrowLM, or a growlm.mixture.Mixture
     tokenizer: Tokenizer
     path: Path
     fingerprint: str  # the model's, as recorded in its dir when it was loaded
@@ -229,7 +229,7 @@ def _state_sha256(model: Any) -> str:
 
 def load(path: PathLike) -> Loaded:
     """The model dir, run stage or mixture dir at ``path``, fully verified, with its tokenizer."""
-    from growlm.evaluation import fingerprint_of, load_any
+    from growlm.loading import fingerprint_of, load_any
 
     path = _path(path, "load")
     model, tokenizer = load_any(path)
@@ -344,9 +344,10 @@ def verify(path: PathLike) -> dict:
 def lora_merge(path: PathLike, out: PathLike) -> Path:
     """Fold the LoRA adapters of the model dir ``path`` into its blocks (in fp32) and save the plain model
     to ``out``, its lineage naming the adapted model; as ``growlm lora-merge`` does. Returns ``out``."""
+    from growlm.loading import load_model
     from growlm.lora import merge_adapters
     from growlm.store import check_out
-    from growlm.store.model import load_model, save_model
+    from growlm.store.model import save_model
 
     path, out = _path(path, "lora_merge"), _path(out, "lora_merge: out")
     check_out(out)

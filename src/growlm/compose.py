@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from growlm.errors import GrowlmError
 from growlm.files import atomic_dir, remove_stale_temp_dirs, scratch_dir
 from growlm.hashing import sha256_file
-from growlm.model import GrowLM, KVCache
+from growlm.loading import check_port, load_model, port_difference
+from growlm.mixture import Mixture, Router, is_head
 from growlm.plan import TrainSpec
 from growlm.rules import RULES, Rule, make_rule
 from growlm.store.mixture import (
@@ -39,131 +38,15 @@ from growlm.store.mixture import (
     expert_path,
     info_mixture,
     read_desc,
-    read_tensors,
-    read_tokenizer,
     verified_experts,
-    verify_dir,
     write_desc,
     write_experts,
     write_tensors,
 )
-from growlm.store.model import TOKENIZER_DIR, ModelDir, check_port, load_model, read_meta, verify_files
+from growlm.store.model import TOKENIZER_DIR, ModelDir, read_meta, verify_files
 
 if TYPE_CHECKING:  # growlm.training imports the data pipeline; only the tuning stages need it
-    from growlm.tokenizer import Tokenizer
     from growlm.training import Loop
-
-# the lowest prior a router starts from: log(0) would freeze an expert out of the gate for good
-_MIN_PRIOR = 1e-4
-
-
-# ----------------------------------------------------------------------------------------------
-# The module
-
-
-@dataclass
-class MixtureConfig:
-    """What :func:`growlm.model.generate` and the evaluators read from a model's ``cfg``."""
-
-    n_experts: int
-    vocab_size: int
-    context: int
-
-
-class MixtureCache:
-    """One KV cache per expert, advanced together; ``pos`` is the shared position."""
-
-    def __init__(self, caches: list[KVCache]) -> None:
-        self.caches = caches
-        self.pos = 0
-
-
-class Router(nn.Module):
-    """Per-token gate: a Linear from the experts' concatenated final hidden states to N weights.
-
-    Zero weights and ``log(prior)`` biases make it start exactly at the fixed rule it replaces,
-    so training can only move away from the merge it improves on.
-    """
-
-    def __init__(self, in_features: int, prior: Sequence[float]) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_features, len(prior))
-        with torch.no_grad():
-            self.proj.weight.zero_()
-            self.proj.bias.copy_(torch.tensor([max(p, _MIN_PRIOR) for p in prior]).log())
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Gate weights ``[N, B, T]`` from hidden states ``[B, T, sum d_i]``."""
-        return torch.softmax(self.proj(hidden).float(), dim=-1).permute(2, 0, 1)
-
-
-class Mixture(nn.Module):
-    """N experts over one substrate, combined per :class:`Rule` (or a trained :class:`Router`)."""
-
-    def __init__(self, experts: Sequence[GrowLM], rule: Rule, router: Router | None = None) -> None:
-        super().__init__()
-        if len(experts) < 2:
-            raise GrowlmError(f"a mixture needs at least two experts, got {len(experts)}")
-        self.kind = rule.kind
-        if self.kind.trained != (router is not None):
-            raise GrowlmError(f"combine {rule.combine!r} and the presence of a router disagree")
-        self.experts = nn.ModuleList(experts)
-        self.rule = rule
-        self.router = router
-        vocab = {e.cfg.vocab_size for e in experts}
-        if len(vocab) != 1:
-            raise GrowlmError(f"experts disagree on the vocabulary size: {sorted(vocab)}")
-        self.cfg = MixtureConfig(len(experts), vocab.pop(), min(e.cfg.context for e in experts))
-        # a buffer, so .to(device) moves the fixed weights with the experts
-        fixed = self.kind.fixed_weights(rule, len(experts))
-        w = torch.tensor(fixed, dtype=torch.float32) if fixed is not None else None
-        self.register_buffer("weights", w, persistent=False)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: MixtureCache | None = None) -> torch.Tensor:
-        """Combined logits ``[B, T, V]``, or the mean cross-entropy of the combined distribution."""
-        caches = cache.caches if cache is not None else [None] * len(self.experts)
-        logits = (e(idx, cache=c) for e, c in zip(self.experts, caches, strict=True))
-        if self.router is None:
-            out = self.kind.combine(logits, self.weights, self.rule.space, reuse_inputs=True)
-        else:  # the gate needs every expert's final hidden state before any logits can be weighted
-            hidden: list[torch.Tensor] = []
-            hooks = [e.ln_f.register_forward_hook(lambda _m, _i, h: hidden.append(h)) for e in self.experts]
-            try:
-                logits = list(logits)
-            finally:
-                for h in hooks:
-                    h.remove()
-            out = self.kind.combine(logits, self.router(torch.cat(hidden, dim=-1)), self.rule.space,
-                                    reuse_inputs=True)
-        if cache is not None:
-            cache.pos += idx.shape[1]
-        if targets is None:
-            return out
-        return F.cross_entropy(out.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-    def make_cache(self, batch: int, max_len: int) -> MixtureCache:
-        """A cache holding one KV cache per expert (so generation is cached for every expert)."""
-        return MixtureCache([e.make_cache(batch, max_len) for e in self.experts])
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """See :func:`growlm.model.generate`."""
-        from growlm.model import generate
-
-        return generate(self, idx, max_new_tokens, **kwargs)
-
-    def head_state(self) -> dict[str, torch.Tensor]:
-        """The experts' output layers (final norm + LM head), under the mixture's tensor names."""
-        return {k: v for k, v in self.state_dict().items() if _is_head(k)}
-
-    def router_state(self) -> dict[str, torch.Tensor]:
-        """The gate's tensors (empty without a router)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("router.")}
-
-
-def _is_head(name: str) -> bool:
-    return name.startswith("experts.") and (".head." in name or ".ln_f." in name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +78,15 @@ def _check_port(experts: list[ModelDir]) -> None:
             raise GrowlmError(f"cannot merge: {problems[0]}")
     ref = experts[0]
     for e in experts[1:]:
-        for what in ("substrate", "tokenizer"):
-            key = f"{what}_fingerprint"
-            if getattr(e.meta, key) != getattr(ref.meta, key):
-                raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {getattr(e.meta, key)[:12]} but "
-                                  f"{ref.path} has {getattr(ref.meta, key)[:12]}; experts must share the substrate and "
-                                  f"tokenizer")
+        differ = port_difference(_port(e.meta), _port(ref.meta))
+        if differ:
+            what, theirs, mine = differ
+            raise GrowlmError(f"cannot merge: {e.path} has {what} fingerprint {theirs[:12]} but {ref.path} has "
+                              f"{mine[:12]}; experts must share the substrate and tokenizer")
+
+
+def _port(meta) -> tuple[str, str]:
+    return meta.substrate_fingerprint, meta.tokenizer_fingerprint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +130,7 @@ def _tune_stage(loop: Loop, mixture: Mixture, tok, tuning: Tuning, kind: str, in
     from growlm.data import Batches, Source, validation_batches
     from growlm.training import evaluate_loss
 
-    declared = {n for n, _ in mixture.named_parameters() if (n.startswith("router.") if kind == "router" else _is_head(n))}
+    declared = {n for n, _ in mixture.named_parameters() if (n.startswith("router.") if kind == "router" else is_head(n))}
     for name, p in mixture.named_parameters():
         p.requires_grad_(name in declared)
     spec = loop.spec
@@ -359,29 +245,6 @@ def add_expert(mixture_dir: Path, expert_dir: Path, out: Path, *, combine: str |
                               f"expert; choose the new mixture's combine rule")
         combine = desc.combine
     return merge([mixture_dir, expert_dir], out, combine=combine, weights=weights, space=space or desc.space)
-
-
-def load_mixture(path: Path, device: str | torch.device = "cpu") -> tuple[Mixture, Tokenizer]:
-    """Load and fully verify a mixture dir; returns ``(Mixture, Tokenizer)``.
-
-    Refuses a tampered dir: every file's checksum, every expert's fingerprint, the docking port,
-    the tokenizer and the mixture's own fingerprint are checked before it is returned.
-    """
-    path = Path(path)
-    desc = verify_dir(path)
-    models = [load_model(path / e.path, verify=False).model for e in desc.experts]
-    rule = Rule(desc.combine, desc.space, tuple(desc.weights) if desc.weights is not None else None)
-    router = None
-    if rule.kind.trained:  # its per-token weights come from the router stored beside the experts
-        if ROUTER not in desc.tensors or desc.router is None:
-            raise GrowlmError(f"mixture {path} combines with a router but stores none")
-        router = Router(desc.router.in_features, desc.router.prior)
-    mixture = Mixture(models, rule, router)
-    mixture.load_state_dict(read_tensors(path, desc, {*mixture.router_state(), *mixture.head_state()}), strict=False)
-    tok = read_tokenizer(path, desc)
-    for p in mixture.parameters():
-        p.requires_grad_(False)
-    return mixture.to(device).eval(), tok
 
 
 def _train_dir_name(out: Path) -> str:

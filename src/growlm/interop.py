@@ -51,18 +51,11 @@ from growlm.corpus import regular_file
 from growlm.errors import GrowlmError, one_line
 from growlm.files import WriteError, atomic_dir, atomic_save_tensors, field
 from growlm.hashing import sha256_tensors
+from growlm.loading import load_model, port_problems
 from growlm.lora import merge_adapters
 from growlm.model import GrowLM, ModelConfig
 from growlm.model_card import write_card
-from growlm.store.model import (
-    TOKENIZER_DIR,
-    base_state,
-    load_model,
-    load_tensors,
-    model_fingerprint,
-    port_problems,
-    save_model,
-)
+from growlm.store.model import TOKENIZER_DIR, base_state, load_tensors, model_fingerprint, save_model
 from growlm.store.records import SubstrateRecord
 from growlm.substrate import substrate_fingerprint
 from growlm.substrate.registry import kind_trains

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from growlm.errors import GrowlmError, one_line
-from growlm.evaluation import load_any
+from growlm.loading import load_any
 
 # (context text, continuation text), context tokens, continuation tokens: what TemplateLM hands over
 Request = tuple[tuple[str | None, str | None], list[int], list[int]]

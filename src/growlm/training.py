@@ -45,6 +45,7 @@ from growlm.growth import (
     stage_phases,
 )
 from growlm.hashing import canonical_json
+from growlm.loading import load_model, port_difference
 from growlm.lora import add_lora
 from growlm.model import GrowLM, ModelConfig, compiled_blocks
 from growlm.plan import (
@@ -70,7 +71,7 @@ from growlm.store import (
     stage_dir,
     stages,
 )
-from growlm.store.model import load_model, read_meta, save_model
+from growlm.store.model import read_meta, save_model
 from growlm.trunk_cache import TrunkCache
 
 
@@ -173,11 +174,12 @@ def initial_model(plan: Plan, tokenizer, substrate) -> tuple[GrowLM, list[str]]:
     """The stage-0 model: ``base`` (same docking port, checked) or an empty stack over the substrate."""
     if plan.base is not None:
         saved = load_model(plan.base)
-        for what, mine, theirs in (("substrate", substrate.fingerprint, saved.meta.substrate_fingerprint),
-                                   ("tokenizer", tokenizer.fingerprint, saved.meta.tokenizer_fingerprint)):
-            if mine != theirs:
-                raise GrowlmError(f"cannot grow on {plan.base}: its {what} fingerprint {theirs[:12]} "
-                                  f"differs from this plan's {mine[:12]}")
+        differ = port_difference((substrate.fingerprint, tokenizer.fingerprint),
+                                 (saved.meta.substrate_fingerprint, saved.meta.tokenizer_fingerprint))
+        if differ:
+            what, mine, theirs = differ
+            raise GrowlmError(f"cannot grow on {plan.base}: its {what} fingerprint {theirs[:12]} "
+                              f"differs from this plan's {mine[:12]}")
         return saved.model, saved.meta.lineage + [saved.meta.fingerprint]
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=plan.model.d_model, n_heads=plan.model.n_heads,
                       n_layers=0, context=plan.model.context, embed_dim=substrate.table.shape[1],

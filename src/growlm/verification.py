@@ -20,6 +20,7 @@ from pathlib import Path
 from growlm import audit
 from growlm.errors import GrowlmError
 from growlm.growth import lora_blocks, stage_shape, trainable_names
+from growlm.loading import check_port, checked_skeleton
 from growlm.lora import adapter_mismatch
 from growlm.plan import plan_from_dict
 from growlm.stages import stage_kind
@@ -30,8 +31,6 @@ from growlm.store.model import (
     LORA_COVERED,
     WEIGHTS,
     block_sha256,
-    check_port,
-    checked_skeleton,
     load_tensors,
     read_meta,
     recorded_fingerprint_of,
@@ -87,7 +86,7 @@ def verify(path: Path) -> dict:
     path = Path(path)
     found = resolve(path)
     if isinstance(found, MixtureDir):
-        from growlm.compose import load_mixture
+        from growlm.loading import load_mixture
 
         lines, problems = [], []
         try:

@@ -24,10 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from growlm.errors import GrowlmError
-from growlm.evaluation import LM, fingerprint_of, load_any, model_device
+from growlm.evaluation import LM, model_device
 from growlm.evaluation.protocols import PROTOCOLS, mean_ci95, progress_units, run_protocol, select
 from growlm.evaluation.readers import load_items
 from growlm.evaluation.task import DataArg, Item, Options, Outcome, Task, get_task
+from growlm.loading import fingerprint_of, load_any
 from growlm.store import RunDir, resolve, stages
 from growlm.store.model import read_meta
 

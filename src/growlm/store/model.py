@@ -1,12 +1,11 @@
-"""The model-dir format: atomic safetensors I/O, per-block hashes, fingerprints, lineage and
-verification (the layout is in :mod:`growlm.store`).
+"""The model-dir format: atomic safetensors I/O, per-block hashes, fingerprints, lineage and the
+checks of the files against model.json (the layout is in :mod:`growlm.store`). Building a model from
+a dir, and checking its docking port, is :mod:`growlm.loading`'s.
 
-Weights are never pickled; loading checks every file's sha256 against model.json first, so a
-truncated or bit-flipped file is refused with its name before any tensor is used. model.json is
-checked too: its config (types, and the tensor shapes it implies), its file names (plain names
-inside the dir), and its docking port: the tokenizer's own fingerprint and, for frozen substrates,
-the fingerprint recomputed from the embedding must equal the recorded ones. A dir holding a
-symlink or any other non-regular file is refused.
+Weights are never pickled; every file's sha256 is checked against model.json before a tensor is
+used, so a truncated or bit-flipped file is refused with its name. model.json is checked too: its
+config (types, and the tensor shapes it implies) and its file names (plain names inside the dir).
+A dir holding a symlink or any other non-regular file is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from growlm.errors import GrowlmError
@@ -34,11 +33,8 @@ from growlm.files import (
     read_descriptor,
 )
 from growlm.hashing import canonical_json, sha256_file, sha256_tensors
-from growlm.lora import attach_adapters
 from growlm.model import GrowLM, ModelConfig
-from growlm.store.records import FORMAT, LORA_COVERED, ModelRecord, SubstrateRecord
-from growlm.substrate.base import substrate_fingerprint
-from growlm.substrate.registry import kind_trains
+from growlm.store.records import FORMAT, LORA_COVERED, ModelRecord
 from growlm.tokenizer import Tokenizer
 
 MODEL_JSON = "model.json"
@@ -93,27 +89,6 @@ class ModelDir:
 
     path: Path
     meta: ModelRecord
-
-
-@dataclass
-class SavedModel:
-    """A loaded model dir: the module, its tokenizer dir and its metadata."""
-
-    model: GrowLM
-    meta: ModelRecord
-    path: Path
-    tokenizer_dir: Path = dataclasses.field(init=False)
-    # loaded (and checked against model.json) by load_model; loading it again would re-parse the vocabulary
-    _tokenizer: Tokenizer | None = dataclasses.field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.tokenizer_dir = self.path / TOKENIZER_DIR
-
-    def tokenizer(self) -> Tokenizer:
-        """The model's tokenizer (the one its model.json names)."""
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.tokenizer_dir)
-        return self._tokenizer
 
 
 def save_model(model: GrowLM, out_dir: Path, *, tokenizer_dir: Path, substrate: dict, extra: dict | None = None,
@@ -231,110 +206,3 @@ def load_tensors(f: Path) -> dict[str, torch.Tensor]:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise GrowlmError(f"{f} is not a valid safetensors file: {e}") from e
-
-
-def checked_skeleton(path: Path, meta: ModelRecord, weights: dict[str, torch.Tensor]) -> GrowLM:
-    """The model model.json's config builds (on the meta device, no memory), once ``weights`` are
-    checked to be exactly its tensors: every name, no other, each of the shape the config gives."""
-    f = Path(path) / WEIGHTS
-    with torch.device("meta"):
-        model = GrowLM(model_config(meta.config, Path(path) / MODEL_JSON))
-    want = model.state_dict()
-    missing = set(want) - set(weights)
-    if missing:
-        raise GrowlmError(f"{f} lacks tensors: {', '.join(sorted(missing)[:5])}")
-    extra = set(weights) - set(want)
-    if extra:
-        raise GrowlmError(f"{f} holds tensors the config in {MODEL_JSON} has no place for: {', '.join(sorted(extra)[:5])}")
-    for name in sorted(want):
-        if weights[name].shape != want[name].shape:
-            raise GrowlmError(f"{f}: tensor {name} has shape {list(weights[name].shape)}, but the config in "
-                              f"{MODEL_JSON} gives {list(want[name].shape)}")
-    return model
-
-
-def embedding_fingerprint(substrate: SubstrateRecord, table: torch.Tensor) -> str | None:
-    """The substrate fingerprint of the embedding ``table`` under model.json's recipe, or ``None``
-    for a trainable substrate (its embedding moves in training, so only the starting point is recorded)."""
-    if kind_trains(substrate.kind):
-        return None
-    return substrate_fingerprint(substrate.recipe, table)
-
-
-def check_port(path: Path, meta: ModelRecord, embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
-    """The docking port a model dir really has, against the one its model.json records.
-
-    Loads the tokenizer (its fingerprint is computed from its own vocabulary) and recomputes the
-    substrate fingerprint from the embedding (``embedding``, or read from the weights file; the
-    one pass over it that load and verify make). Returns the tokenizer (``None`` when it does not
-    load) and the problems found, each one line.
-    """
-    return port_problems(path, meta.substrate, meta.substrate_fingerprint, meta.tokenizer_fingerprint,
-                         bool(meta.config.get("trainable_embedding")), embedding)
-
-
-def port_problems(path: Path, sub: SubstrateRecord, substrate_fp: str, tokenizer_fp: str, trainable_embedding: bool,
-                  embedding: torch.Tensor | None = None) -> tuple[Tokenizer | None, list[str]]:
-    """:func:`check_port` of the records given one by one (a dir about to be written has no model.json yet)."""
-    path = Path(path)
-    problems = []
-    try:
-        tok = Tokenizer.load(path / TOKENIZER_DIR)
-    except GrowlmError as e:
-        tok = None
-        problems.append(str(e))
-    if tok is not None and tok.fingerprint != tokenizer_fp:
-        problems.append(f"{path}: tokenizer/ has fingerprint {tok.fingerprint[:12]}, but {MODEL_JSON} records "
-                        f"{tokenizer_fp[:12]}: the tokenizer was replaced")
-    if sub.fingerprint != substrate_fp or sub.kind != sub.recipe.get("kind", sub.kind):
-        problems.append(f"{path}: {MODEL_JSON} contradicts itself about its substrate (kind {sub.kind!r}, "
-                        f"recipe kind, and the two substrate fingerprints must agree)")
-    if kind_trains(sub.kind) and not trainable_embedding:
-        problems.append(f"{path}: {MODEL_JSON} names a trainable substrate but its config freezes the embedding")
-    elif not kind_trains(sub.kind):
-        if embedding is None:
-            embedding = _read_embedding(path / WEIGHTS)
-        fp = embedding_fingerprint(sub, embedding)
-        if fp != substrate_fp:
-            problems.append(f"{path}: the embedding does not match substrate fingerprint "
-                            f"{substrate_fp[:12]} (got {fp[:12]})")
-    return tok, problems
-
-
-def _read_embedding(f: Path) -> torch.Tensor:
-    """Only ``embed.weight`` of a weights file: the port check needs no other tensor."""
-    try:
-        with safe_open(str(f), framework="pt") as st:
-            return st.get_tensor("embed.weight")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GrowlmError(f"{f} is not a valid safetensors file with an embed.weight: {e}") from e
-
-
-def load_model(path: Path, device: str | torch.device = "cpu", verify: bool = True) -> SavedModel:
-    """Load a model dir written by :func:`save_model`; adapters, if any, are re-attached (not merged).
-
-    ``verify=False`` skips only the files' checksums and the fingerprint (for a caller that just checked
-    them); the config, the tensor shapes and the docking port are always checked. The fingerprint is
-    recomputed from the tensors and model.json's records, so an edited record (a LoRA alpha, a config
-    value) never computes something else under the recorded name.
-    """
-    path = Path(path)
-    meta = read_meta(path)
-    if verify:
-        verify_files(path, meta)
-    weights = load_tensors(path / WEIGHTS)
-    model = checked_skeleton(path, meta, weights)
-    tok, problems = check_port(path, meta, weights["embed.weight"])
-    if problems:
-        raise GrowlmError(problems[0])
-    model.load_state_dict(weights, strict=True, assign=True)
-    model.embed.weight.requires_grad_(model.cfg.trainable_embedding)
-    adapters = load_tensors(path / ADAPTERS) if ADAPTERS in meta.files else {}
-    if verify and recorded_fingerprint_of(meta, weights, adapters) != meta.fingerprint:
-        raise GrowlmError(f"{path / MODEL_JSON}: its records do not give its fingerprint "
-                          f"{meta.fingerprint[:12]}: it was edited (`growlm verify {path}` says more)")
-    if adapters:
-        attach_adapters(model, meta.lora_dicts(), adapters)
-        model.lora_records = meta.lora_dicts()
-    model.to(device)
-    return SavedModel(model=model, meta=meta, path=path, _tokenizer=tok)
