@@ -243,3 +243,11 @@ def test_the_paper_size_schedules_spend_the_studys_budget():
         assert sum(st.tokens for st in plan.stage) == sum(st.tokens for st in grown.stage)
         assert (plan.substrate, plan.model, plan.data) == (grown.substrate, grown.model, grown.data)
         assert plan_active_params(plan, cfg) == active
+
+
+def test_info_counts_the_depth_a_stack_leaves(corpus_dir, tmp_path):
+    plan = write_plan(tmp_path, plan_text("binary", PAPER + '[[stage]]\nlayers = [0, 1, 0, 1, 0]\ntrain = "all"\n'
+                                          'tokens = 256\n'), corpus_dir)
+    r = growlm("info", str(plan), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n_layers"] == 5

@@ -8,7 +8,7 @@ from pathlib import Path
 from growlm.errors import GrowlmError
 from growlm.memory import gib
 from growlm.model import ModelConfig, count_params_meta, preset_config
-from growlm.plan import Plan
+from growlm.plan import Plan, depth_after
 from growlm.store import MixtureDir, RunDir, resolve, stages
 from growlm.store.mixture import info_mixture
 from growlm.substrate.registry import kind_trains
@@ -76,6 +76,13 @@ def _plan_model(plan: Plan, root: Path) -> tuple[ModelConfig, list[dict]]:
                        rope_theta=plan.model.rope_theta), []
 
 
+def _final_depth(plan: Plan, depth: int) -> int:
+    """How many blocks the plan's last stage leaves, from ``depth`` before its first (growth and stacking)."""
+    for st in plan.stage:
+        depth = depth_after(st, depth)
+    return depth
+
+
 def info_plan(path: Path) -> dict:
     """A plan file's shape and the estimated memory one training process needs for its largest stage
     (:func:`growlm.growth.plan_memory`), on the device and in the dtype the plan's ``[train]`` selects here."""
@@ -100,6 +107,6 @@ def info_plan(path: Path) -> dict:
     return {"plan": str(path), "stages": len(plan.stage), "base": str(plan.base) if plan.base else None,
             "substrate": plan.substrate.kind, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
             "n_heads": cfg.n_heads, "context": cfg.context,
-            "n_layers": cfg.n_layers + sum(st.grow for st in plan.stage), "batch_size": spec.batch_size,
+            "n_layers": _final_depth(plan, cfg.n_layers), "batch_size": spec.batch_size,
             "estimated_training_memory": f"{gib(est[worst].total)} per process ({where})",
             "training_memory_bytes": est[worst].total}
