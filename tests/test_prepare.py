@@ -400,3 +400,10 @@ def test_ray_local_mode(prepared, sources, tiny_tokenizer_dir, tmp_path):
         ray.shutdown()
     assert r.returncode == 0, r.stderr
     assert shard_digests(tmp_path / "DATA") == shard_digests(prepared)
+
+
+def test_an_out_path_that_is_a_symlink_loop_is_one_line(sources, tiny_tokenizer_dir, tmp_path):
+    """Found by tests/test_fuzz.py: resolving --out raised RuntimeError through to a traceback."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    r = growlm("data", "prepare", str(sources), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "loop"))
+    one_line_error(r, "--out", "unusable path")

@@ -658,7 +658,11 @@ def prepare(sources: Sequence[str | Path], tokenizer: str | Path, out: str | Pat
     if workers is not None and workers < 1:
         raise GrowlmError(f"--workers: at least 1, got {workers}")
     _check_executor(executor, slurm or {})
-    given, out = out, Path(out).resolve()
+    given = out
+    try:  # a symlink loop, a NUL byte or a name too long for the system: one line, never a traceback
+        out = Path(out).resolve()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise GrowlmError(f"--out {given}: unusable path: {e}") from None
     check_out(out)
     tok = Tokenizer.load(tokenizer)
     files = expand_sources(sources)
