@@ -71,21 +71,24 @@ def groups(names: set[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def schedules(corpus_dir, tmp_path_factory) -> dict[str, Path]:
+def schedules(artefacts, corpus_dir) -> dict[str, Path]:
     """The run of every schedule over the binary substrate, and a run of the same plan cut after each
     multi-phase stage's first phase (its stage then trains ``new`` on the first phase's tokens), whose
-    files are where the next phase must have started, bit for bit."""
-    d = tmp_path_factory.mktemp("schedules")
-    out = {}
-    for name, stages in (("full", SCHEDULES),
-                         ("cut2", PAPER + "[[stage]]\ngrow = 1\ntokens = 384\n"),
-                         ("cut3", PAPER + TWO_PHASE + '[[stage]]\nlayers = [0, 1, 2, 0, 1, 2]\ntokens = 256\n')):
-        (d / name).mkdir()
-        plan = write_plan(d / name, plan_text("binary", stages), corpus_dir)
-        r = growlm("train", str(plan), "--out", str(d / name / "run"), "--no-progress")
-        assert r.returncode == 0, r.stderr
-        out[name] = d / name / "run"
-    return out
+    files are where the next phase must have started, bit for bit. Built once for every worker."""
+    cuts = (("full", SCHEDULES),
+            ("cut2", PAPER + "[[stage]]\ngrow = 1\ntokens = 384\n"),
+            ("cut3", PAPER + TWO_PHASE + '[[stage]]\nlayers = [0, 1, 2, 0, 1, 2]\ntokens = 256\n'))
+
+    def build(d: Path) -> None:
+        from growlm.training import train
+
+        for name, stages in cuts:
+            (d / name).mkdir(parents=True)
+            train(write_plan(d / name, plan_text("binary", stages), corpus_dir), d / name / "run", progress=False,
+                  log=lambda m: None)
+
+    root = artefacts.get("stage-kind-schedules", build)
+    return {name: root / name / "run" for name, _ in cuts}
 
 
 def phases(stage: Path) -> list[dict]:
