@@ -167,6 +167,21 @@ def test_each_phase_is_logged_and_counted_and_verify_checks_every_phase(schedule
     assert sum("in 2 phases" in x for x in report["lines"]) == 2  # stages 2 and 3
 
 
+@pytest.mark.parametrize("edit", [lambda ph: ph.clear(), lambda ph: ph.pop(), lambda ph: ph.append(dict(ph[0]))])
+def test_verify_refuses_phase_records_that_are_not_the_plans(schedules, tmp_path, edit):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(schedules["full"], run)
+    f = run / "stage-2" / "model.json"
+    meta = json.loads(f.read_text())
+    edit(meta["stage"]["phases"])
+    f.write_text(json.dumps(meta))
+    r = growlm("verify", str(run), "--json")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert any("stage-2: the phases recorded in model.json" in p for p in json.loads(r.stdout)["problems"])
+
+
 def test_verify_refuses_a_phase_that_trained_what_it_should_not(schedules, tmp_path):
     """A phase-2 start record claiming a trunk tensor other than phase 1 left it: phase 1 'changed' a frozen tensor."""
     import shutil
