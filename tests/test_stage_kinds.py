@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from cli_util import growlm, growlm_process, write_plan
 from growlm.audit import digests
 from growlm.hashing import sha256_file
+from growlm.stages import STAGE_KINDS, Phase, StageKind, TrainSet
 
 HEAD = """\
 [substrate]
@@ -271,3 +272,23 @@ def test_info_counts_the_depth_a_stack_leaves(corpus_dir, tmp_path):
     r = growlm("info", str(plan), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["n_layers"] == 5
+
+
+@pytest.mark.parametrize(("phases", "message"), [
+    (lambda st, shape: [], "gives no phase"),
+    (lambda st, shape: [Phase("a", st.tokens - 1, TrainSet((0,)))], "add up"),
+    (lambda st, shape: [Phase("a", st.tokens, TrainSet((shape.depth,)))], "lacks"),
+    (lambda st, shape: [Phase("a", 1, TrainSet(())), Phase("a", st.tokens - 1, TrainSet(()))], "share a name"),
+])
+def test_a_kind_that_gives_unusable_phases_is_one_line_before_training(corpus_dir, tmp_path, phases, message):
+    class Broken(StageKind):
+        name = "broken"
+
+        def phases(self, stage, shape, trainable_embedding):
+            return phases(stage, shape)
+
+    plan = write_plan(tmp_path, plan_text("binary", PAPER + '[[stage]]\ntrain = "broken"\ntokens = 256\n'), corpus_dir)
+    with STAGE_KINDS.registered("broken", Broken()):
+        r = growlm("train", str(plan), "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "stage-1").exists()  # refused before the first stage trained

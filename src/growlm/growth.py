@@ -80,8 +80,25 @@ def stage_shape(stage: StageSpec, depth_before: int) -> Shape:
 
 
 def stage_phases(stage: StageSpec, depth_before: int, trainable_embedding: bool) -> list[Phase]:
-    """The phases of ``stage`` (its kind's), over the model ``depth_before`` blocks deep."""
-    return stage_kind(stage.train).phases(stage, stage_shape(stage, depth_before), trainable_embedding)
+    """The phases of ``stage`` (its kind's), over the model ``depth_before`` blocks deep, checked: a kind (a
+    plugin's, say) that gives none, a phase of no tokens, tokens that do not add up to the stage's, or a block
+    the stack lacks is one line naming the kind, before anything trains."""
+    shape = stage_shape(stage, depth_before)
+    phases = list(stage_kind(stage.train).phases(stage, shape, trainable_embedding))
+    where = f'stage kind "{stage.train}"'
+    if not phases:
+        raise GrowlmError(f"{where} gives no phase to train")
+    if any(ph.tokens < 1 for ph in phases) or sum(ph.tokens for ph in phases) != stage.tokens:
+        raise GrowlmError(f"{where}: its phases' tokens {[ph.tokens for ph in phases]} must be positive and add up "
+                          f"to the stage's {stage.tokens:,}")
+    if len({ph.name for ph in phases}) != len(phases):
+        raise GrowlmError(f"{where}: two of its phases share a name ({[ph.name for ph in phases]})")
+    for ph in phases:
+        bad = [b for b in ph.trains.blocks if not 0 <= b < shape.depth]
+        if bad:
+            raise GrowlmError(f"{where}: phase {ph.name!r} trains block {bad[0]}, which a stack of {shape.depth} "
+                              f"lacks")
+    return phases
 
 
 def trainable_names(names: Iterable[str], trains: TrainSet, adapter: str | None) -> set[str]:
