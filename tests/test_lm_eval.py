@@ -1,5 +1,10 @@
-"""lm-evaluation-harness from the command line, as a user runs it: `--model hf` on an export, and
-`--model growlm` on a model dir and a mixture dir, offline, on local tasks of all three output types."""
+"""lm-evaluation-harness from the command line, as a user runs it: `--model hf` on an export through both of
+lm-eval's entry points (`lm_eval` and `python -m lm_eval`), and `--model growlm` on a model dir through growlm's
+(`python -m growlm.lm_eval_model`), offline, on local tasks of all three output types; a mixture dir through the
+plug-in in this process (lm-eval's `simple_evaluate` with `model="growlm"`), on the same tasks.
+
+One command line per entry point: each spends some 20-30 s of CPU importing and indexing lm-eval's thousands of
+task YAMLs before it scores anything, so a fourth one, for the mixture, would test nothing the others do not."""
 
 from __future__ import annotations
 
@@ -41,7 +46,9 @@ def _tasks(root: Path) -> Path:
                                             encoding="utf-8")
     tasks = root / "tasks"
     tasks.mkdir()
-    head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    # datasets' cache beside the tasks, for the command lines and for a run in this process alike
+    head = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\n"
+            f"  cache_dir: {json.dumps(str(root / 'hf_cache'))}\ntest_split: test\n")
     (tasks / "mc.yaml").write_text("task: growlm_tiny_mc\n" + head.format(root / "mc.jsonl") + textwrap.dedent("""\
         output_type: multiple_choice
         doc_to_text: "Question: {{question}}\\nAnswer:"
@@ -78,8 +85,8 @@ def _tasks(root: Path) -> Path:
     return tasks
 
 
-def _run_all(root: Path, model: Path, export: Path, mixture: Path) -> None:
-    """The four CLI runs, started together (each spends most of its time importing and indexing); each
+def _run_all(root: Path, model: Path, export: Path) -> None:
+    """The three CLI runs, started together (each spends most of its time importing and indexing); each
     one's output dir, exit code, stdout and stderr under ``root``."""
     root.mkdir()
     tasks = _tasks(root)
@@ -96,7 +103,6 @@ def _run_all(root: Path, model: Path, export: Path, mixture: Path) -> None:
         "hf_module": [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={export}",
                       "--tasks", "growlm_tiny_mc"],
         "growlm_model": [*growlm_cli, "--model_args", f"path={model}", "--batch_size", "4"],
-        "growlm_mixture": [*growlm_cli, "--model_args", f"path={mixture}", "--batch_size", "2"],
     }
     procs = {name: subprocess.Popen([*cmd, *common, "--output_path", str(root / name)], env=env, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -108,15 +114,16 @@ def _run_all(root: Path, model: Path, export: Path, mixture: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(artefacts, tiny_model_dir, hf_export, mixture) -> dict[str, Any]:
-    """The four CLI runs on the tiny model, its export and its mixture with a second expert, made once a test
-    run (the tests that read them may run on different xdist workers)."""
-    root = artefacts.get("lm-eval-runs", lambda d: _run_all(d, tiny_model_dir, hf_export, mixture))
+def runs(artefacts, tiny_model_dir, hf_export) -> dict[str, Any]:
+    """The three CLI runs on the tiny model and its export, made once a test run (the tests that read them may
+    run on different xdist workers)."""
+    root = artefacts.get("lm-eval-runs", lambda d: _run_all(d, tiny_model_dir, hf_export))
     done = {}
     for f in root.glob("*.json"):
         r = json.loads(f.read_text())
         done[f.stem] = (subprocess.CompletedProcess(r["args"], r["rc"], r["stdout"], r["stderr"]), root / f.stem)
-    return done | {"mixture": mixture}
+    assert done.keys() == {"hf_script", "hf_module", "growlm_model"}
+    return done
 
 
 def _table(proc: subprocess.CompletedProcess) -> dict[tuple[str, str], float]:
@@ -136,10 +143,12 @@ def _samples(out: Path, task: str) -> list[dict]:
     return sorted((json.loads(line) for line in f.read_text().splitlines()), key=lambda d: d["doc_id"])
 
 
-def _loglikelihoods(out: Path, task: str) -> list[float]:
-    """The logged score of every request: ``[logp, greedy]`` (loglikelihood) or ``logp`` (rolling)."""
-    scores = [r[0] for d in _samples(out, task) for r in d["resps"]]
-    return [float(s[0] if isinstance(s, list) else s) for s in scores]
+def _loglikelihoods(out: Path | list[dict], task: str) -> list[float]:
+    """The logged score of every request: ``[logp, greedy]`` (loglikelihood) or ``logp`` (rolling), from the
+    samples a run wrote under ``out`` or those ``simple_evaluate`` returned (where the pair is a tuple)."""
+    samples = _samples(out, task) if isinstance(out, Path) else sorted(out, key=lambda d: d["doc_id"])
+    scores = [r[0] for d in samples for r in d["resps"]]
+    return [float(s[0] if isinstance(s, list | tuple) else s) for s in scores]
 
 
 @pytest.mark.e2e(seconds=50)
@@ -166,21 +175,41 @@ def test_growlm_model_scores_equal_the_hf_export(runs):
 
 
 @pytest.mark.e2e
-def test_growlm_mixture_is_scored_by_its_combine_rule(runs, tiny_tokenizer_dir):
-    import growlm
+def test_growlm_mixture_is_scored_by_its_combine_rule(runs, mixture, tmp_path, monkeypatch):
+    """A mixture dir scored by lm-eval through the plug-in, in this process: ``simple_evaluate`` with
+    ``model="growlm"`` and ``model_args="path=MIX"``, what lm-eval's command line hands over (the command line
+    itself, ``python -m growlm.lm_eval_model``, runs in ``runs`` on a model dir), offline, its global seeds left
+    alone. All three output types; the log-likelihoods come from the mixture's combine rule, its own forward."""
+    import datasets.config
+    import huggingface_hub.constants
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
-    table = _table(runs["growlm_mixture"][0])
-    assert {("growlm_tiny_mc", "acc"), ("growlm_tiny_ppl", "bits_per_byte"), ("growlm_tiny_gen", "exact_match")} <= set(table)
-    loaded = growlm.load(runs["mixture"])
-    mixture, tok = loaded.model, loaded.tokenizer
-    got = _loglikelihoods(runs["growlm_mixture"][1], "growlm_tiny_mc")
+    import growlm
+    import growlm.lm_eval_model  # noqa: F401  (registers `growlm` with lm-eval, as its command line does)
+
+    for module, name in ((datasets.config, "HF_DATASETS_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(module, name, True)  # any attempt to reach the Hub fails loudly
+    tasks = _tasks(tmp_path)
+    out = simple_evaluate(model="growlm", model_args=f"path={mixture}", tasks=TASKS.split(","),
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=2,
+                          device="cpu", log_samples=True, random_seed=None, numpy_random_seed=None,
+                          torch_random_seed=None)
+    table = out["results"]
+    assert 0.0 <= table["growlm_tiny_mc"]["acc,none"] <= 1.0, table
+    assert table["growlm_tiny_ppl"]["bits_per_byte,none"] > 0 and "exact_match,none" in table["growlm_tiny_gen"]
+    assert out["config"]["model"] == "growlm" and f"path={mixture}" in str(out["config"]["model_args"])
+    loaded = growlm.load(mixture)
+    model, tok = loaded.model, loaded.tokenizer
+    got = _loglikelihoods(out["samples"]["growlm_tiny_mc"], "growlm_tiny_mc")
     want = []
     for doc in MC:
         context = f"Question: {doc['question']}\nAnswer:"
         for choice in doc["choices"]:
             ctx, whole = tok.encode(context), tok.encode(f"{context} {choice}")
             with torch.no_grad():
-                logp = F.log_softmax(mixture(torch.tensor([whole[:-1]])).float(), dim=-1)[0]
+                logp = F.log_softmax(model(torch.tensor([whole[:-1]])).float(), dim=-1)[0]
             want.append(float(logp[len(ctx) - 1:].gather(-1, torch.tensor(whole[len(ctx):])[:, None]).sum()))
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL
     # and they are not the first expert's: the mixture really was scored
