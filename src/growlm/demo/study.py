@@ -127,8 +127,8 @@ SCHEDULES = (
              "2507.07129), as published: not tuned", _paper),
     Schedule("joint", "the paper's stages, then one joint phase training every block", _joint,
              "share of the tokens in the joint phase", (0.25, 0.5, 0.75), 0.75),
-    Schedule("late", f"one block for most of the budget, then one expansion to full depth ({LATE_INIT}), every "
-             "block trained (Bu et al., arXiv 2511.04981)", _late,
+    Schedule("late", f"a one-block model for the first share of the budget (most of it, in the paper), then one "
+             f"expansion to full depth ({LATE_INIT}), every block trained (Bu et al., arXiv 2511.04981)", _late,
              "share of the tokens before the expansion", (0.5, 0.65, 0.8), 0.5),
     Schedule("two-phase", "one block per stage, each stage's new block over the frozen trunk, then the whole "
              "stack (train = \"new-then-all\"; CGLS, arXiv 2506.11389; MSLT)", _two_phase,

