@@ -56,10 +56,20 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)  # after `-m 'not slow'` deselected what it does: the slices count what runs
 def pytest_collection_modifyitems(config, items) -> None:
     """Longest first: the end-to-end jobs (marked ``e2e``, the longest with their usual ``seconds`` on two
     cores), then the tests that start processes (``process``), then the rest, so that xdist's workers share
-    out the long tests before the short ones and none is left with a long one at the end."""
+    out the long tests before the short ones and none is left with a long one at the end.
+
+    Under ``--dist worksteal`` (``make test``) that order is also dealt out among the workers. worksteal first
+    hands each of the N workers one contiguous slice of the collection (the first ``len // N`` tests, then
+    ``len(rest) // (N - 1)`` ...), and a worker that runs dry steals the far end of another's queue, never its
+    head. Sorted longest first and cut in slices, every long job sat at the head of the first worker's slice, and
+    that worker ran them one after another (the compile check, lm-eval, the demo, the GPU dry run, the dead
+    ranks: 12 minutes of a 13-minute run on a busy host) while the others took everything else. So each long
+    job goes to the slice expected to finish first, every slice keeps its own longest first, and the slices
+    keep worksteal's sizes."""
     def expected(item) -> float:
         e2e = item.get_closest_marker("e2e")
         if e2e is not None:
@@ -67,6 +77,28 @@ def pytest_collection_modifyitems(config, items) -> None:
         return 5 if item.get_closest_marker("process") else 0
 
     items.sort(key=expected, reverse=True)
+    worker = getattr(config, "workerinput", {})
+    workers = int(worker.get("workercount", 1))
+    if worker.get("dist") != "worksteal" or len(items) < workers:
+        return
+    sizes, left = [], len(items)
+    for i in range(workers):
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    slices: list[list] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for item in items:  # longest first, each to the slice with room that is expected to finish first
+        j = min((j for j in range(workers) if len(slices[j]) < sizes[j]), key=lambda j: (load[j], j))
+        slices[j].append(item)
+        load[j] += expected(item)
+    items[:] = [item for s in slices for item in s]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist's controller, for each worker it starts: the run's ``--dist`` mode, which a worker's own config
+    no longer holds (it is "no" there), for :func:`pytest_collection_modifyitems` in the worker."""
+    node.workerinput["dist"] = node.config.getoption("dist")
 
 
 class Artefacts:

@@ -151,7 +151,7 @@ def _loglikelihoods(out: Path | list[dict], task: str) -> list[float]:
     return [float(s[0] if isinstance(s, list | tuple) else s) for s in scores]
 
 
-@pytest.mark.e2e(seconds=50)
+@pytest.mark.e2e(seconds=40)
 def test_lm_eval_cli_prints_its_table_on_an_export(runs):
     for name in ("hf_script", "hf_module"):
         table = _table(runs[name][0])

@@ -205,7 +205,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     if a.study == "growth":
         from growlm.demo import growth_study
 
-        growth_study(out=Path(a.out or "demo-out-growth"), quick=a.quick, force=a.force, seeds=a.seeds)
+        growth_study(out=Path(a.out or "demo-out/growth"), quick=a.quick, force=a.force, seeds=a.seeds)
         return
     from growlm.demo import demo
 
@@ -381,10 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_data_prepare)
 
     b = sub.add_parser("demo", help="grow, compare and merge real models end to end, with a report")
-    b.add_argument("--out", metavar="DIR", help="default demo-out (demo-out-growth with --study growth)")
+    b.add_argument("--out", metavar="DIR", help="default demo-out (demo-out/growth with --study growth)")
     b.add_argument("--study", choices=["growth"],
                    help="growth: instead of the demo, which growth schedule reaches the monolithic model's loss "
-                        "with the least training compute (about 8 minutes; --quick: seconds)")
+                        "with the least training compute (5 to 10 minutes on two CPU cores; --quick: seconds)")
     b.add_argument("--quick", action="store_true", help="toy scale, about a minute")
     b.add_argument("--force", action="store_true", help="replace an existing report in --out")
     b.add_argument("--seeds", type=int, default=None, metavar="N",
