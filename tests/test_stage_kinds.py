@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from cli_util import growlm, growlm_process, write_plan
 from growlm.audit import digests
+from growlm.compute import validation_curve
 from growlm.hashing import sha256_file
 from growlm.stages import STAGE_KINDS, Phase, StageKind, TrainSet
 
@@ -40,6 +42,7 @@ lr = 3e-3
 seed = 0
 checkpoint_every = 2
 log_every = 1
+eval_every = 3
 """
 PAPER = "[[stage]]\ngrow = 2\ntokens = 640\n"
 TWO_PHASE = '[[stage]]\ngrow = 1\ntrain = "new-then-all"\ntokens = 768\nunfreeze_tokens = 384\n'
@@ -159,6 +162,15 @@ def test_each_phase_is_logged_and_counted_and_verify_checks_every_phase(schedule
     meta = json.loads((run / "stage-2" / "model.json").read_text())
     assert meta["metrics"]["flops"] == pytest.approx(sum(p["metrics"]["flops"] for p in meta["stage"]["phases"]), abs=2)
     assert meta["metrics"]["flops"] == pytest.approx(two[-1]["flops"], abs=2)
+    # so do its tokens and training seconds: the stage's log is one curve, and so is the run's
+    assert [x["tokens"] for x in two] == [128, 256, 384, 512, 640, 768] == sorted({x["tokens"] for x in two})
+    assert all(a["wall_s"] <= b["wall_s"] for a, b in pairwise(two)) and two[3]["wall_s"] >= two[2]["wall_s"] > 0
+    assert meta["metrics"]["tokens"] == two[-1]["tokens"]
+    curve = validation_curve(run)
+    assert all(a.tokens < b.tokens and a.flops < b.flops and a.seconds <= b.seconds for a, b in pairwise(curve))
+    stage1 = json.loads((run / "stage-1" / "model.json").read_text())["metrics"]
+    mid = [p for p in curve if stage1["tokens"] < p.tokens < stage1["tokens"] + 768]
+    assert [p.tokens - stage1["tokens"] for p in mid] == [384]  # phase 1's end (step 3), before phase 2
     # a phase of all blocks costs more per token than a phase over the frozen trunk
     ph = meta["stage"]["phases"]
     assert ph[1]["metrics"]["flops"] / ph[1]["metrics"]["tokens"] > ph[0]["metrics"]["flops"] / ph[0]["metrics"]["tokens"]

@@ -283,6 +283,15 @@ def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: to
     return Step(torch.where(finite, global_loss.float(), torch.nan), halted, norm)
 
 
+@dataclass(frozen=True)
+class PhaseOffsets:
+    """What a stage's earlier phases spent: a later phase's log lines count on from it."""
+
+    tokens: int = 0
+    wall_s: float = 0.0
+    flops: float = 0.0
+
+
 @dataclass
 class _Fit:
     """One stage being trained: what ``fit``, its step and its cadence share."""
@@ -301,7 +310,7 @@ class _Fit:
     halted: torch.Tensor  # set on the device by the first non-finite step (see optimizer_step)
     flop_per_token: float | None  # the phase's FLOP model, for the log's cumulative FLOPs (None: not modelled)
     phase: int | None = None  # the phase of a stage of several, as its log lines name it
-    flops_before: float = 0.0  # the stage's FLOPs in its earlier phases
+    before: PhaseOffsets = field(default_factory=lambda: PhaseOffsets())  # the stage's earlier phases
     state: StageState = field(default_factory=StageState)
     pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
     t_last: float = 0.0  # time and token count at the last log line: the throughput's window
@@ -340,16 +349,16 @@ class Loop:
 
     def fit(self, key: str, model: torch.nn.Module, batches: Batches, vbatches: list, *, n_steps: int, lr: float,
             stage: int, resume_hint: str, declared: set[str], trunk_cache: TrunkCache | None = None,
-            flop_per_token: float | None = None, phase: int | None = None, flops_before: float = 0.0,
-            keep_final: bool = False) -> StageState:
+            flop_per_token: float | None = None, phase: int | None = None,
+            before: PhaseOffsets | None = None, keep_final: bool = False) -> StageState:
         """Train ``model``'s trainable parameters for ``n_steps`` steps; returns the final state.
 
         ``declared`` names the parameters the fit is meant to train: exactly those must require
         grad, and when it ends exactly those must have changed (``state.audit``, see audit.py).
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
-        With ``flop_per_token`` every log line carries the stage's FLOPs so far (``flops_before``, its
-        earlier phases', plus tokens × FLOPs per token). ``phase``: the phase of a stage of several, named
-        in every log line. ``keep_final``: checkpoint the last step too, so a resume finds the fit finished
+        With ``flop_per_token`` every log line carries the stage's FLOPs so far (tokens × FLOPs per token).
+        ``phase``: the phase of a stage of several, named in every log line, whose ``tokens``, ``wall_s``
+        and ``flops`` run on from the earlier phases' (``before``), so that a stage's log is one curve. ``keep_final``: checkpoint the last step too, so a resume finds the fit finished
         (a phase the next one continues from: its trained tensors, data position and RNG).
         """
         live = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -364,7 +373,7 @@ class Loop:
                  vbatches, n_steps, lr, trunk_cache, StageCheckpoints(self.run, key, rank=self.rank,
                                                                      plan_sha256=self.plan_sha256),
                  halted=torch.zeros((), device=self.device), flop_per_token=flop_per_token, phase=phase,
-                 flops_before=flops_before)
+                 before=before or PhaseOffsets())
         state, spec = f.state, self.spec
         if self.resume:
             self._resume(f)
@@ -435,11 +444,13 @@ class Loop:
         now = time.perf_counter()
         tps = (state.tokens - f.tok_last) / max(now - f.t_last, 1e-9)
         f.t_last, f.tok_last = now, state.tokens
-        rec = {"stage": f.stage, **({"phase": f.phase} if f.phase is not None else {}), "step": state.step, "tokens": state.tokens, "loss": round(state.last_loss, 6),
+        b = f.before
+        rec = {"stage": f.stage, **({"phase": f.phase} if f.phase is not None else {}), "step": state.step,
+               "tokens": b.tokens + state.tokens, "loss": round(state.last_loss, 6),
                "lr": lr, "tokens_per_s": round(tps, 1), "params_active": sum(p.numel() for p in f.params),
-               "wall_s": round(state.wall_s, 3)}  # the stage's training time so far: steps only, no evals
+               "wall_s": round(b.wall_s + state.wall_s, 3)}  # the stage's training time so far: steps only
         if f.flop_per_token is not None:
-            rec["flops"] = round(f.flops_before + f.flop_per_token * state.tokens)
+            rec["flops"] = round(b.flops + f.flop_per_token * state.tokens)
         if f.grad_norm_read is not None:  # read with the losses just before (_check_finite): no extra sync
             rec["grad_norm"] = round(f.grad_norm_read, 6)
         if self.spec.eval_every and state.step % self.spec.eval_every == 0:
@@ -682,7 +693,8 @@ class Trainer(Loop):
             self.step_offset = offset0 + steps
             state = self.fit(f"stage-{i}-phase-{k}" if several else f"stage-{i}", model, batches, vbatches,
                              n_steps=n_steps, lr=st.lr or plan.train.lr, stage=i, resume_hint=hint, declared=declared,
-                             trunk_cache=trunk, flop_per_token=fpt, phase=k if several else None, flops_before=flops,
+                             trunk_cache=trunk, flop_per_token=fpt, phase=k if several else None,
+                             before=PhaseOffsets(sum(p["metrics"]["tokens"] for p in done), wall, flops),
                              keep_final=k < len(phases))
             if trunk is not None:
                 self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
