@@ -384,11 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="default demo-out (demo-out/growth with --study growth)")
     b.add_argument("--study", choices=["growth"],
                    help="growth: instead of the demo, which growth schedule reaches the monolithic model's loss "
-                        "with the least training compute (5 to 10 minutes on two CPU cores; --quick: seconds)")
+                        "with the least training compute (about 4 minutes on two idle CPU cores; --quick: seconds)")
     b.add_argument("--quick", action="store_true", help="toy scale, about a minute")
     b.add_argument("--force", action="store_true", help="replace an existing report in --out")
     b.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="seeds of the headline comparison, grown vs monolithic, or of the study (default 2)")
+                   help="seeds of the headline comparison, grown vs monolithic (default 2), or of the study (3)")
     b.set_defaults(func=cmd_demo)
     return p
 
