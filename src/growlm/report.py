@@ -86,13 +86,17 @@ def plot_vs_depth(series: dict[str, list[tuple[int, float]]], ylabel: str, out: 
 
 
 def plot_curves(series: dict[str, list[tuple[float, float]]], out: Path, *, xlabel: str, ylabel: str, title: str,
-                mark: float | None = None) -> Path:
-    """One line per series of (x, y) points, with a dashed vertical at ``mark`` (e.g. a budget)."""
+                mark: float | None = None, mark_label: str | None = None, level: float | None = None,
+                level_label: str | None = None) -> Path:
+    """One line per series of (x, y) points, with a dashed vertical at ``mark`` (e.g. a budget) and a dotted
+    horizontal at ``level`` (e.g. a loss to reach), each named in the legend by its label."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", ms=3, lw=1.2, label=name)
     if mark is not None:
-        ax.axvline(mark, color="0.3", ls="--", lw=0.9)
+        ax.axvline(mark, color="0.3", ls="--", lw=0.9, label=mark_label)
+    if level is not None:
+        ax.axhline(level, color="0.3", ls=":", lw=0.9, label=level_label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

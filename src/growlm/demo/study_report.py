@@ -84,13 +84,12 @@ def write_study_report(out: Path, runs: dict[str, Path], res: dict, console) -> 
             series.update({f"{label} seed {f['seed']}": [(p.flops, p.valid_loss) for p in c]
                            for f, c in zip(g["per_seed"], curves, strict=True)})
     m_loss, m_flops = mono["mean"]["final_valid_loss"], mono["mean"]["train_flops"]
-    first = min(pts[0][0] for pts in series.values())
-    series["monolithic final loss"] = [(first, m_loss), (m_flops, m_loss)]
     plot_curves(series, out / "loss_vs_flops.png", xlabel="cumulative training FLOPs",
                 ylabel="validation loss (nats/token, English)",
                 title="growth schedules: validation loss vs training FLOPs "
                       + (f"(mean of {n} seeds)" if n > 1 else f"(seed {res['seeds'][0]})"),
-                mark=target * m_flops)
+                mark=target * m_flops, mark_label=f"{target:g}x monolithic FLOPs (the target)",
+                level=m_loss, level_label="monolithic final loss")
 
     unit, tf = ("TFLOPs", 1e12) if m_flops >= 1e12 else ("GFLOPs", 1e9)
     rows = [[label, "" if g["share"] is None else f"{g['share']:g}", g["seeds"], figure_text(g, "final_valid_loss"),
@@ -174,8 +173,8 @@ every seed): {v['words']}.
 
 ![validation loss vs training FLOPs](loss_vs_flops.png)
 
-The dashed vertical marks {target:g}x the monolithic model's training FLOPs; the flat line is its final validation
-loss. A grown schedule that crosses the flat line left of the dashed one hits the target.
+The dashed vertical marks {target:g}x the monolithic model's training FLOPs; the dotted line is its final validation
+loss. A grown schedule that crosses the dotted line left of the dashed one hits the target.
 
 ## Every run
 
