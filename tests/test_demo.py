@@ -97,6 +97,14 @@ def test_a_second_run_keeps_the_first_report_beside(tmp_path, capsys):
     assert list(tmp_path.glob("demo.prev-*")) == [kept] and not (out / "report.md").exists()
 
 
+@pytest.mark.parametrize("study", [[], ["--study", "growth"]])
+def test_an_out_that_is_a_file_is_one_line_and_left_alone(tmp_path, study):
+    (tmp_path / "f").write_text("mine")
+    r = growlm("demo", "--quick", *study, "--out", str(tmp_path / "f"))
+    one_line_error(r, f"--out {tmp_path / 'f'}: exists and is not a directory; nothing was written")
+    assert (tmp_path / "f").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_the_cli_passes_its_flags_to_the_demo(tmp_path, monkeypatch):
     from growlm import demo as demo_module
 

@@ -132,6 +132,8 @@ def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None 
 
 def _fresh_out(out: Path, force: bool, console) -> Path:
     """``out``, emptied of a previous report: kept beside it (``NAME.prev-TIME``) unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise GrowlmError(f"--out {out}: exists and is not a directory; nothing was written")
     if (out / "report.md").exists():
         if not force:
             kept = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
