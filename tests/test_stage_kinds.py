@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cli_util import growlm, growlm_process, write_plan
+from cli_util import growlm, growlm_process, one_line_error, write_plan
 from growlm.audit import digests
 from growlm.compute import validation_curve
 from growlm.hashing import sha256_file
@@ -227,6 +227,58 @@ def test_a_kill_mid_phase_resumes_bit_identically(corpus_dir, tmp_path, schedule
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(x.get("phase"), x["step"]) for x in lines if x["stage"] == 2] == \
         [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+
+
+@pytest.mark.process
+def test_two_ddp_ranks_train_a_stage_of_phases_as_one_process_does(corpus_dir, tmp_path, schedules):
+    """Under torchrun with DDP each phase wraps the model anew, for the tensors it trains: the two phases'
+    losses and weights equal one process's (to float rounding: the ranks sum gradients in another order)."""
+    from test_distributed import close, torchrun
+
+    plan = write_plan(tmp_path, plan_text("binary", PAPER + TWO_PHASE), corpus_dir)
+    r = torchrun(plan, tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n in (1, 2):
+        assert close(tmp_path / "run" / f"stage-{n}" / "model.safetensors",
+                     schedules["full"] / f"stage-{n}" / "model.safetensors")
+    mine, ref = ([(x["stage"], x.get("phase"), x["step"], x["loss"]) for x in map(json.loads, lines)]
+                 for lines in ((tmp_path / "run" / "metrics.jsonl").read_text().splitlines(),
+                               (schedules["full"] / "metrics.jsonl").read_text().splitlines()))
+    ref = [x for x in ref if x[0] <= 2]
+    assert [x[:3] for x in mine] == [x[:3] for x in ref] and (2, 2, 3) in [x[:3] for x in mine]
+    assert all(abs(a[3] - b[3]) <= 1e-5 * abs(b[3]) + 1e-6 for a, b in zip(mine, ref, strict=True))
+    assert [p["name"] for p in phases(tmp_path / "run" / "stage-2")] == ["new", "all"]
+    r = growlm("verify", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stdout
+
+
+def test_fsdp_refuses_a_stage_of_phases_in_one_line(corpus_dir):
+    from growlm.plan import plan_from_dict
+    from growlm.training import phases_problem
+
+    text = str(corpus_dir / "train.txt")
+
+    def plan(parallel: str, stage: dict) -> object:
+        return plan_from_dict({"substrate": {"kind": "binary"}, "tokenizer": {"corpus": [text]},
+                               "model": {"d_model": 32, "n_heads": 2, "context": 32},
+                               "data": {"train": [text]}, "train": {"batch_size": 4, "parallel": parallel},
+                               "stage": [{"grow": 2, "tokens": 256}, stage]})
+
+    two = {"grow": 1, "train": "new-then-all", "tokens": 256, "unfreeze_tokens": 128}
+    assert phases_problem(plan("fsdp", two), 0, False, 2) == (
+        "stage 2 (train = 'new-then-all') trains in several phases, which FSDP2 cannot (it shards the model "
+        'once); set [train] parallel = "ddp", or give each phase its own stage')
+    assert phases_problem(plan("fsdp", two), 0, False, 1) is None  # one process: no sharding
+    assert phases_problem(plan("ddp", two), 0, False, 2) is None
+    assert phases_problem(plan("fsdp", {"grow": 1, "train": "all", "tokens": 256}), 0, False, 2) is None
+
+
+def test_nproc_refuses_fsdp_phases_before_torchrun_starts(corpus_dir, tmp_path):
+    text = plan_text("binary", PAPER + TWO_PHASE).replace("log_every = 1", 'log_every = 1\nparallel = "fsdp"')
+    plan = write_plan(tmp_path, text, corpus_dir)
+    one_line_error(growlm("train", str(plan), "--out", str(tmp_path / "run"), "--nproc", "2"),
+                   "stage 2 (train = 'new-then-all') trains in several phases, which FSDP2 cannot")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", ["glyph", "trainable"])

@@ -98,12 +98,19 @@ def cmd_train(a: argparse.Namespace) -> None:
         from growlm.data import check_batch_split
         from growlm.distributed import launch
         from growlm.plan import load_plan
+        from growlm.substrate.registry import kind_trains
+        from growlm.training import phases_problem
 
         if a.tensorboard:  # the torchrun command line carries the plan, not this flag
             raise GrowlmError("--tensorboard does not reach the processes of --nproc; set [train] tensorboard = true "
                               "in the plan instead")
         # what every rank would refuse, refused once here, before torchrun starts them
-        check_batch_split(load_plan(Path(a.plan)).train.batch_size, a.nproc)
+        plan = load_plan(Path(a.plan))
+        check_batch_split(plan.train.batch_size, a.nproc)
+        if plan.base is None:  # a base's depth is known once it is loaded: the ranks check that plan
+            problem = phases_problem(plan, 0, kind_trains(plan.substrate.kind), a.nproc)
+            if problem:
+                raise GrowlmError(problem)
         raise SystemExit(launch(a.plan, a.out, a.nproc, resume=a.resume))
     from growlm.api import train
     from growlm.distributed import world

@@ -319,6 +319,20 @@ class _Fit:
     grad_norm_read: float | None = None  # its value at the last read, for the log line
 
 
+def phases_problem(plan: Plan, depth: int, trainable_embedding: bool, world: int) -> str | None:
+    """Why ``plan`` cannot train on ``world`` processes from a model of ``depth`` blocks, or None: FSDP2 shards
+    a model in place once, for the tensors its first phase trains, so a stage of several phases runs on one
+    process or under DDP (which each phase wraps anew)."""
+    if world == 1 or plan.train.parallel != "fsdp":
+        return None
+    for i, st in enumerate(plan.stage, 1):
+        if len(stage_phases(st, depth, trainable_embedding)) > 1:
+            return (f"stage {i} (train = {st.train!r}) trains in several phases, which FSDP2 cannot (it shards the "
+                    f"model once); set [train] parallel = \"ddp\", or give each phase its own stage")
+        depth = depth_after(st, depth)
+    return None
+
+
 class Loop:
     """The training engine shared by every kind of stage (grow, LoRA, monolithic, router, head).
 
@@ -547,7 +561,9 @@ class Trainer(Loop):
             check_lora_budget(self.plan, model.cfg, len(model.blocks))
             check_plan_memory(self.plan, model.cfg, len(model.blocks), model.lora_records, self.device,
                               bf16=self.amp_dtype is not None, world=self.world)  # before any batch
-            self._check_phases_fit_world(len(model.blocks), model.cfg.trainable_embedding)
+            problem = phases_problem(self.plan, len(model.blocks), model.cfg.trainable_embedding, self.world)
+            if problem:
+                raise GrowlmError(problem)
             self.tokenizer, self.substrate = tok, sub
             todo = [(i, st) for i, st in enumerate(self.plan.stage, 1) if not stage_dir(run, i).exists()]
             for i, st in todo:  # every stage's data is read and checked before the first stage trains
@@ -566,17 +582,6 @@ class Trainer(Loop):
                 self.step_offset += read_meta(sdir).metrics.steps
             distributed.shutdown()
             return dirs
-
-    def _check_phases_fit_world(self, depth: int, trainable_embedding: bool) -> None:
-        """A stage of several phases wraps its model once per phase, which DDP and FSDP2 do not allow: under
-        torchrun such a plan is refused before anything trains."""
-        if self.world == 1:
-            return
-        for i, st in enumerate(self.plan.stage, 1):
-            if len(stage_phases(st, depth, trainable_embedding)) > 1:
-                raise GrowlmError(f"stage {i} (train = {st.train!r}) trains in several phases, which runs in one process "
-                                  f"for now; run this plan without --nproc, or give each phase its own stage")
-            depth = depth_after(st, depth)
 
     def _trunk_cache(self, model: GrowLM, batches: Batches, depth: int, lineage: list[str], i: int) -> TrunkCache | None:
         """A trunk cache when this stage has a frozen trunk to skip (a grow stage, one process)."""
