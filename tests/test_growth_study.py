@@ -159,12 +159,25 @@ def test_every_schedule_is_a_valid_plan_on_the_same_tokens(corpus_dir):
     batch = STUDY.batch_size * STUDY.context
     by_name = {s.name: s for s in SCHEDULES}
     assert by_name["paper"].stages(STUDY) == _grow_stages(STUDY.depth, STUDY.tokens)
-    assert by_name["stack"].stages(STUDY)[1]["layers"] == [0, 1, 0, 1]
-    assert all(s.chosen in s.grid for s in SCHEDULES if s.grid)
-    assert len({len(s.grid) for s in SCHEDULES if s.grid}) == 1  # the same tuning effort for each
+    assert by_name["stack"].stages(STUDY)[1]["layers"] == [0, 0, 1, 1]  # the order its tuning chose
+    assert all(s.chosen in s.grid and s.option in s.options for s in SCHEDULES if s.grid)
+    # the same tuning effort for each: three shares, three options, five runs
+    assert {(len(s.grid), len(s.options)) for s in SCHEDULES if s.grid} == {(3, 3)}
+    runs = [v.schedule.name for v in tuning_variants()]
+    assert {runs.count(s.name) for s in SCHEDULES if s.grid} == {5} and runs.count("paper") == 0
+    # the option is how the new blocks begin: every grown block after the first, or the order of the copies
+    for option in by_name["late"].options:
+        late = by_name["late"].stages(STUDY, option=option)
+        assert "init" not in late[0] and late[1].get("init", "random") == option
+    assert [st.get("init") for st in by_name["two-phase"].stages(STUDY, option="zero-out")] == \
+        [None, "zero-out", "zero-out", "zero-out"]
+    assert [st.get("init") for st in by_name["joint"].stages(STUDY, option="copy-top")] == \
+        [None, "copy-top", "copy-top", "copy-top", None]
+    assert [by_name["stack"].stages(STUDY, option=o)[1]["layers"] for o in by_name["stack"].options] == \
+        [[0, 1, 0, 1], [0, 0, 1, 1], [0, 1, 1, 0]]
     for scale in (STUDY, STUDY_QUICK):
         for v in tuning_variants() + study_variants():
-            stages = v.schedule.stages(scale, v.share)
+            stages = v.schedule.stages(scale, v.share, v.option)
             assert sum(st["tokens"] for st in stages) == scale.tokens, v.label
             assert all(st["tokens"] % batch == 0 for st in stages if scale is STUDY)
             _plan(substrate={"kind": "glyph"}, tokenizer={"corpus": [corpus_dir / "train.txt"]},

@@ -11,9 +11,11 @@ a verdict against the target: the monolithic final loss reached with at most :da
 in every seed. It writes ``report.md``, ``results.json`` (its figures under ``growth_study``) and
 ``loss_vs_flops.png``. The runs train side by side, one process per CPU core (:func:`_train_all`).
 
-Each tuned schedule has one knob, a share of the token budget, and the study runs the share its tuning chose:
-``growth_study(OUT, tune=True)`` runs every share of every schedule's :attr:`Schedule.grid` once, at a seed the
-study never uses (:data:`TUNE_SEED`), and ranks them by :func:`tuning_key`.
+Each tuned schedule has two knobs, a share of the token budget and how its new blocks begin (an ``init``, or for
+depth stacking the order of the copies), and the study runs what its tuning chose: ``growth_study(OUT,
+tune=True)`` runs every share of every schedule's :attr:`Schedule.grid` at its chosen option, and every other
+option of :attr:`Schedule.options` at its chosen share, once each, at a seed the study never uses
+(:data:`TUNE_SEED`), and ranks them by :func:`tuning_key`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ TARGET = 0.8  # the FLOPs ratio a grown schedule must reach the monolithic final
 TUNE_SEED = 100  # the tuning's seed: not one the study runs, so the chosen share is not the best of its draws
 CRITERION = ("the shares that reached the monolithic model's final loss first, by the FLOPs they needed for it; "
              "then the others, by their final loss")
-LATE_INIT = "copy-top"  # how the late expansion initialises its new blocks: copy-top | zero-out | random
+INITS = ("random", "zero-out", "copy-top")  # how a grown block begins (growlm.growth.grow)
+STACK_ORDERS = {"repeat": lambda half: [i % half for i in range(2 * half)],  # G_stack: the stack on top of itself
+                "duplicate": lambda half: [i // 2 for i in range(2 * half)],  # each block twice in place
+                "mirror": lambda half: [*range(half), *reversed(range(half))]}
 
 
 def split_tokens(tokens: int, shares: Sequence[float], quantum: int) -> list[int]:
@@ -62,81 +67,105 @@ def split_tokens(tokens: int, shares: Sequence[float], quantum: int) -> list[int
     return [p * quantum for p in (*parts, last)]
 
 
-def _monolithic(depth: int, tokens: int, quantum: int, share: float | None) -> list[dict]:
+def _monolithic(depth: int, tokens: int, quantum: int, share: float | None, option: str | None) -> list[dict]:
     return _mono_stage(depth, tokens)
 
 
-def _paper(depth: int, tokens: int, quantum: int, share: float | None) -> list[dict]:
+def _paper(depth: int, tokens: int, quantum: int, share: float | None, option: str | None) -> list[dict]:
     return _grow_stages(depth, tokens)
 
 
-def _joint(depth: int, tokens: int, quantum: int, share: float) -> list[dict]:
+def _init(stages: list[dict], init: str) -> list[dict]:
+    """``stages`` with every grown block after the first beginning as ``init`` says (the first has no block to
+    copy, and begins as the paper's)."""
+    for st in stages[1:]:
+        if init != "random" and st.get("grow"):
+            st["init"] = init
+    return stages
+
+
+def _joint(depth: int, tokens: int, quantum: int, share: float, option: str) -> list[dict]:
     grown, joint = split_tokens(tokens, (1 - share, share), quantum * depth)
-    return [*_grow_stages(depth, grown), {"name": "joint: every block", "grow": 0, "train": "all", "tokens": joint}]
+    return [*_init(_grow_stages(depth, grown), option),
+            {"name": "joint: every block", "grow": 0, "train": "all", "tokens": joint}]
 
 
-def _late(depth: int, tokens: int, quantum: int, share: float) -> list[dict]:
+def _late(depth: int, tokens: int, quantum: int, share: float, option: str) -> list[dict]:
     shallow, rest = split_tokens(tokens, (share, 1 - share), quantum)
-    return [{"name": "shallow: 1 block", "grow": 1, "train": "all", "tokens": shallow},
-            {"name": f"expanded to {depth} blocks", "grow": depth - 1, "init": LATE_INIT, "train": "all",
-             "tokens": rest}]
+    return _init([{"name": "shallow: 1 block", "grow": 1, "train": "all", "tokens": shallow},
+                  {"name": f"expanded to {depth} blocks", "grow": depth - 1, "train": "all", "tokens": rest}], option)
 
 
-def _two_phase(depth: int, tokens: int, quantum: int, share: float) -> list[dict]:
-    out = _grow_stages(depth, tokens)
+def _two_phase(depth: int, tokens: int, quantum: int, share: float, option: str) -> list[dict]:
+    out = _init(_grow_stages(depth, tokens), option)
     for st in out[1:]:  # the first block has no older one to unfreeze: it trains as the paper's
         st.update(train="new-then-all", unfreeze_tokens=split_tokens(st["tokens"], (1 - share, share), quantum)[1])
     return out
 
 
-def _stack(depth: int, tokens: int, quantum: int, share: float) -> list[dict]:
+def _stack(depth: int, tokens: int, quantum: int, share: float, option: str) -> list[dict]:
     half = depth // 2
     small, rest = split_tokens(tokens, (share, 1 - share), quantum)
     return [{"name": f"half depth: {half} blocks", "grow": half, "train": "all", "tokens": small},
-            {"name": f"stacked to {depth} blocks", "layers": [i % half for i in range(depth)], "train": "all",
+            {"name": f"stacked to {depth} blocks", "layers": STACK_ORDERS[option](half), "train": "all",
              "tokens": rest}]
 
 
 @dataclass(frozen=True)
 class Schedule:
     """One way of training a model of the study's depth on its token budget: its stages (``build(depth,
-    tokens, batch tokens, share)``), where it comes from, and its one tuned knob, a share of the tokens
-    (``grid``: the shares the tuning tries; ``chosen``: the one the study runs)."""
+    tokens, batch tokens, share, option)``), where it comes from, and its two tuned knobs: a share of the tokens
+    (``grid``: the shares the tuning tries; ``chosen``: the one the study runs) and how its new blocks begin
+    (``options``, ``option``: likewise)."""
 
     name: str
     source: str
-    build: Callable[[int, int, int, float | None], list[dict]]
+    build: Callable[[int, int, int, float | None, str | None], list[dict]]
     knob: str = ""
     grid: tuple[float, ...] = ()
     chosen: float | None = None
+    option_knob: str = ""
+    options: tuple[str, ...] = ()
+    option: str | None = None
 
-    def stages(self, s: Scale, share: float | None = None) -> list[dict]:
-        return self.build(s.depth, s.tokens, s.batch_size * s.context, self.chosen if share is None else share)
+    def stages(self, s: Scale, share: float | None = None, option: str | None = None) -> list[dict]:
+        return self.build(s.depth, s.tokens, s.batch_size * s.context, self.chosen if share is None else share,
+                          self.option if option is None else option)
 
 
-# The tuning (growth_study(OUT, tune=True), STUDY scale, seed TUNE_SEED, ranked by tuning_key) chose each `chosen`.
+# The tuning (growth_study(OUT, tune=True), STUDY scale, seed TUNE_SEED, ranked by tuning_key) chose each `chosen` and `option`.
 # Measured 2026-12-07 on two idle cores (final validation loss at x monolithic FLOPs, and the FLOPs ratio at which
 # it reached the monolithic final loss, 3.319): joint 0.5/0.75/0.9: 3.420 at 0.72x, 3.280 at 0.86x (reached at
 # 0.74x), 3.219 at 0.95x (reached at 0.66x); late 0.2/0.35/0.5: 3.494 at 0.87x, 3.451 at 0.76x, 3.450 at 0.66x;
 # two-phase 0.5/0.75/0.9: 3.626 at 0.55x, 3.510 at 0.61x, 3.463 at 0.64x; stack 0.5/0.75/0.9: 3.360 at 0.78x,
 # 3.292 at 0.66x (reached at 0.62x), 3.366 at 0.60x. These grids moved from the first tuning's (2026-12-02: joint,
 # two-phase and stack 0.25/0.5/0.75, late 0.5/0.65/0.8), whose every choice sat at its grid's edge; each schedule
-# still gets three shares. The learning rate (the demo's, 2e-3) is every schedule's and the baseline's, untuned.
+# still gets three shares. The options, tried next at each chosen share (2026-12-07, the same seed): joint 0.9
+# random/zero-out/copy-top: 3.219 (reached at 0.66x), 3.227 (0.69x), 3.296 (0.83x); late 0.5 copy-top/random/
+# zero-out: 3.450, 3.403, 3.394; two-phase 0.9 random/zero-out/copy-top: 3.4635, 3.4627, 3.488; stack 0.75
+# repeat/duplicate/mirror: 3.292 (reached at 0.620x), 3.292 (0.619x), 3.297 (0.63x). The rule picks zero-out for
+# late and two-phase and duplicate for stack; for two-phase and stack by less than any seed's spread. The learning
+# rate (the demo's, 2e-3) is every schedule's and the baseline's, untuned.
+GROWN_INIT = "how the grown blocks after the first begin (init)"
 SCHEDULES = (
     Schedule("monolithic", "every block trains on every token (the paper's baseline)", _monolithic),
     Schedule("paper", "one block per stage, older blocks frozen forever, tokens shared equally (Bochkov, arXiv "
              "2507.07129), as published: not tuned", _paper),
     Schedule("joint", "the paper's stages, then one joint phase training every block", _joint,
-             "share of the tokens in the joint phase", (0.5, 0.75, 0.9), 0.9),
-    Schedule("late", f"a one-block model for the first share of the budget (most of it, in the paper), then one "
-             f"expansion to full depth ({LATE_INIT}), every block trained (Bu et al., arXiv 2511.04981)", _late,
-             "share of the tokens before the expansion", (0.2, 0.35, 0.5), 0.5),
+             "share of the tokens in the joint phase", (0.5, 0.75, 0.9), 0.9, GROWN_INIT, INITS, "random"),
+    Schedule("late", "a one-block model for the first share of the budget (most of it, in the paper), then one "
+             "expansion to full depth, every block trained (Bu et al., arXiv 2511.04981)", _late,
+             "share of the tokens before the expansion", (0.2, 0.35, 0.5), 0.5,
+             "how the expansion's blocks begin (init)", INITS, "zero-out"),
     Schedule("two-phase", "one block per stage, each stage's new block over the frozen trunk, then the whole "
              "stack (train = \"new-then-all\"; CGLS, arXiv 2506.11389; MSLT)", _two_phase,
-             "share of each stage's tokens training every block", (0.5, 0.75, 0.9), 0.9),
-    Schedule("stack", "a half-depth model trained whole, stacked to full depth from copies of its blocks "
-             "(layers = [0, 1, 0, 1]), every block trained (G_stack, arXiv 2405.15319; FusionBench depth "
-             "up-scaling)", _stack, "share of the tokens at half depth", (0.5, 0.75, 0.9), 0.75),
+             "share of each stage's tokens training every block", (0.5, 0.75, 0.9), 0.9, GROWN_INIT, INITS,
+             "zero-out"),
+    Schedule("stack", "a half-depth model trained whole, stacked to full depth from copies of its blocks, every "
+             "block trained (G_stack, arXiv 2405.15319; FusionBench depth up-scaling)", _stack,
+             "share of the tokens at half depth", (0.5, 0.75, 0.9), 0.75,
+             "the order of the copies (repeat: layers = [0, 1, 0, 1]; duplicate: [0, 0, 1, 1]; mirror: "
+             "[0, 1, 1, 0])", tuple(STACK_ORDERS), "duplicate"),
 )
 BASELINE = SCHEDULES[0].name
 FIGURES = ("final_valid_loss", "train_flops", "train_seconds", "flops_vs_monolithic", "flops_to_monolithic_loss",
@@ -145,22 +174,27 @@ FIGURES = ("final_valid_loss", "train_flops", "train_seconds", "flops_vs_monolit
 
 @dataclass(frozen=True)
 class Variant:
-    """A schedule at one share, under the name its runs get (``label``, seeded by :func:`seeded`)."""
+    """A schedule at one share and option, under the name its runs get (``label``, seeded by :func:`seeded`)."""
 
     label: str
     schedule: Schedule
     share: float | None
+    option: str | None = None
 
 
 def study_variants() -> list[Variant]:
-    """Every schedule at its chosen share."""
-    return [Variant(s.name, s, s.chosen) for s in SCHEDULES]
+    """Every schedule at its chosen share and option."""
+    return [Variant(s.name, s, s.chosen, s.option) for s in SCHEDULES]
 
 
 def tuning_variants() -> list[Variant]:
-    """The monolithic baseline and every share of every tuned schedule's grid."""
-    return [Variant(BASELINE, SCHEDULES[0], None),
-            *(Variant(f"{s.name}@{x:g}", s, x) for s in SCHEDULES for x in s.grid)]
+    """The monolithic baseline, every share of every tuned schedule's grid at its chosen option, and every other
+    option at its chosen share: each knob tried around the chosen point, the same number of runs per schedule."""
+    out = [Variant(BASELINE, SCHEDULES[0], None)]
+    for s in SCHEDULES:
+        out += [Variant(f"{s.name}@{x:g}", s, x, s.option) for x in s.grid]
+        out += [Variant(f"{s.name}@{s.chosen:g}:{o}", s, s.chosen, o) for o in s.options if o != s.option]
+    return out
 
 
 def flops_to_reach(curve: list[Point], target: float, key: str = "flops") -> float | None:
@@ -306,7 +340,7 @@ def growth_study(out: Path, quick: bool = False, force: bool = False, seeds: int
             if v.schedule.name in excluded:
                 continue
             try:
-                plan = _plan(**port, data=en, stages=v.schedule.stages(s, v.share), s=s, seed=seed)
+                plan = _plan(**port, data=en, stages=v.schedule.stages(s, v.share, v.option), s=s, seed=seed)
             except GrowlmError as e:  # a stage key this growlm does not know yet: the report says so
                 if v.schedule.name == BASELINE:
                     raise
@@ -329,14 +363,18 @@ def growth_study(out: Path, quick: bool = False, force: bool = False, seeds: int
         per_seed = [{"seed": seed, "run": name, **run_figures(cost[name], curves[name], cost[seeded(BASELINE, seed)],
                                                                curves[seeded(BASELINE, seed)])} for seed, name in mine]
         groups[v.label] = {"schedule": v.schedule.name, "share": v.share, "knob": v.schedule.knob,
-                           "source": v.schedule.source, "stages": v.schedule.stages(s, v.share),
+                           "option": v.option, "option_knob": v.schedule.option_knob,
+                           "source": v.schedule.source, "stages": v.schedule.stages(s, v.share, v.option),
                            **aggregate(per_seed), "per_seed": per_seed, "hits_target": hits_target(per_seed)}
     res = {"mode": "tuning" if tune else "study", "seeds": seed_list, "target_ratio": TARGET, "baseline": BASELINE,
            "scale": {"name": "quick" if quick else "full", **asdict(s), "seeds": len(seed_list)},
-           "late_init": LATE_INIT, "parallel": parallel, "schedules": groups, "excluded": excluded,
+           "parallel": parallel, "schedules": groups, "excluded": excluded,
            "tuning": {"seed": TUNE_SEED, "grid": {x.name: list(x.grid) for x in SCHEDULES if x.grid},
                       "chosen": {x.name: x.chosen for x in SCHEDULES if x.grid},
                       "knobs": {x.name: x.knob for x in SCHEDULES if x.grid},
+                      "options": {x.name: list(x.options) for x in SCHEDULES if x.options},
+                      "chosen_option": {x.name: x.option for x in SCHEDULES if x.options},
+                      "option_knobs": {x.name: x.option_knob for x in SCHEDULES if x.options},
                       "criterion": CRITERION},
            "verdict": verdict(groups), "curves": {n: [asdict(p) for p in c] for n, c in curves.items()}}
     if tune:

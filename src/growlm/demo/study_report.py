@@ -92,14 +92,14 @@ def write_study_report(out: Path, runs: dict[str, Path], res: dict, console) -> 
                 level=m_loss, level_label="monolithic final loss")
 
     unit, tf = ("TFLOPs", 1e12) if m_flops >= 1e12 else ("GFLOPs", 1e9)
-    rows = [[label, "" if g["share"] is None else f"{g['share']:g}", g["seeds"], figure_text(g, "final_valid_loss"),
+    rows = [[label, "" if g["share"] is None else f"{g['share']:g}", g.get("option") or "", g["seeds"], figure_text(g, "final_valid_loss"),
              figure_text(g, "train_flops", 2, tf), figure_text(g, "flops_vs_monolithic", 2),
              figure_text(g, "train_seconds", 1), figure_text(g, "flops_to_monolithic_loss", 2, tf),
              figure_text(g, "ratio_to_monolithic_flops", 2), figure_text(g, "valid_loss_at_monolithic_flops"),
              figure_text(g, "monolithic_loss_at_its_flops"),
              "" if label == res["baseline"] else "yes" if g["hits_target"] else "no"]
             for label, g in groups.items()]
-    table = markdown_table(["schedule", "share", "seeds", "final valid loss", f"train {unit}", "x monolithic FLOPs",
+    table = markdown_table(["schedule", "share", "option", "seeds", "final valid loss", f"train {unit}", "x monolithic FLOPs",
                             "train s", f"{unit} to reach monolithic's final loss", "ratio to monolithic's FLOPs",
                             "valid loss at monolithic's FLOPs", "monolithic's loss at its FLOPs",
                             f"<= {target:g}x in every seed"], rows)
@@ -115,26 +115,28 @@ def write_study_report(out: Path, runs: dict[str, Path], res: dict, console) -> 
                           for label, g in groups.items())
     tu = res["tuning"]
     grid = "; ".join(f"{name}: {tu['knobs'][name]}, tried {', '.join(f'{v:g}' for v in values)}, chose "
-                     f"{tu['chosen'][name]:g}" for name, values in tu["grid"].items())
+                     f"{tu['chosen'][name]:g}; {tu['option_knobs'][name]}, tried {', '.join(tu['options'][name])}, "
+                     f"chose {tu['chosen_option'][name]}" for name, values in tu["grid"].items())
     edge = [name for name, values in tu["grid"].items() if tu["chosen"][name] in (min(values), max(values))]
     if edge:
         grid += (f". The share chosen lies at the edge of its grid for {', '.join(edge)}: a wider grid might do "
                  f"better there")
     if tuning:
         ranked = "\n".join(f"- {name}: " + " < ".join(labels) for name, labels in tu["ranked"].items())
-        tuning_text = (f"This is the tuning run: every share of every tuned schedule once, at seed {tu['seed']} (a seed the "
-                       f"study does not use). Ranked, best first ({tu['criterion']}):\n\n{ranked}\n\n"
-                       f"The study runs the shares now in `growlm.demo.study.SCHEDULES`: {grid}.")
+        tuning_text = (f"This is the tuning run, at seed {tu['seed']} (a seed the study does not use): every share "
+                       f"of every tuned schedule at its chosen option, and every other option at its chosen share "
+                       f"(NAME@SHARE:OPTION), once each. Ranked, best first ({tu['criterion']}):\n\n{ranked}\n\n"
+                       f"The study runs what `growlm.demo.study.SCHEDULES` now holds: {grid}.")
     else:
-        tuning_text = (f"Each grown schedule but the paper's has one knob, a share of the token budget, tuned with the "
-                       f"same effort for each: the same three-point grid size, every point trained once at seed "
-                       f"{tu['seed']} (a seed the study does not use, so a chosen share is not the best of the draws "
+        tuning_text = (f"Each grown schedule but the paper's has two knobs, a share of the token budget and how its "
+                       f"new blocks begin, tuned with the same effort for each: three shares at the chosen option "
+                       f"and the other options at the chosen share, every point trained once at seed "
+                       f"{tu['seed']} (a seed the study does not use, so a choice is not the best of the draws "
                        f"reported here), ranked by one rule: {tu['criterion']}. {grid}. The tuning reruns with "
                        f"`growth_study(OUT, tune=True)` (`growlm.demo.study`). Not tuned: the paper's schedule (as "
                        f"published: one block per stage, tokens shared equally) and the monolithic baseline, whose "
                        f"learning rate and batch size are the demo's, measured on the monolithic model; every "
-                       f"schedule trains at that rate. The late expansion initialises its new blocks with "
-                       f"`{res['late_init']}` (a setting, `LATE_INIT`).")
+                       f"schedule trains at that rate.")
     excluded = "\n".join(f"- **{name}**: not included: {why}" for name, why in res["excluded"].items()) or "none"
     v = res["verdict"]
     report = f"""# growlm demo: which growth schedule saves compute?
