@@ -46,7 +46,7 @@ STUDY = replace(FULL, tokens=256_000, eval_every=50, seeds=3)
 STUDY_QUICK = replace(QUICK, tokens=2_048, eval_every=4, seeds=2)
 TARGET = 0.8  # the FLOPs ratio a grown schedule must reach the monolithic final loss within (issue 27)
 TUNE_SEED = 100  # the tuning's seed: not one the study runs, so the chosen share is not the best of its draws
-CRITERION = ("the shares that reached the monolithic model's final loss first, by the FLOPs they needed for it; "
+CRITERION = ("the settings that reached the monolithic model's final loss first, by the FLOPs they needed for it; "
              "then the others, by their final loss")
 INITS = ("random", "zero-out", "copy-top")  # how a grown block begins (growlm.growth.grow)
 STACK_ORDERS = {"repeat": lambda half: [i % half for i in range(2 * half)],  # G_stack: the stack on top of itself
@@ -245,7 +245,7 @@ def hits_target(per_seed: list[dict], target: float = TARGET) -> bool:
 
 
 def tuning_key(figures: dict) -> tuple[int, float]:
-    """How the tuning ranks the shares of one schedule, lowest first (:data:`CRITERION`)."""
+    """How the tuning ranks the settings (shares, options) of one schedule, lowest first (:data:`CRITERION`)."""
     reach = figures["flops_to_monolithic_loss"]
     return (0, reach) if reach is not None else (1, figures["final_valid_loss"])
 
