@@ -97,6 +97,33 @@ def test_a_second_run_keeps_the_first_report_beside(tmp_path, capsys):
     assert list(tmp_path.glob("demo.prev-*")) == [kept] and not (out / "report.md").exists()
 
 
+def test_a_run_cut_off_midway_is_kept_beside_and_the_next_starts_afresh(tmp_path):
+    """A demo killed before its report leaves plans, a docking port and some runs; the same command again starts
+    afresh (before, it stopped at the port's tokenizer: "not empty; pass --overwrite", a flag demo lacks), the
+    cut-off run kept beside, or removed with ``force``."""
+    from rich.console import Console
+
+    from growlm.demo.run import _fresh_out
+
+    out = tmp_path / "demo"
+    for d in ("plans", "port/tokenizer", "runs/monolithic"):
+        (out / d).mkdir(parents=True)
+    (out / "port" / "tokenizer" / "tokenizer.json").write_text("{}")
+    _fresh_out(out, False, Console())
+    (kept,) = tmp_path.glob("demo.prev-*")
+    assert (kept / "port" / "tokenizer" / "tokenizer.json").is_file() and (kept / "runs" / "monolithic").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["plans"]
+    (out / "port").mkdir()
+    _fresh_out(out, True, Console())
+    assert list(tmp_path.glob("demo.prev-*")) == [kept] and sorted(p.name for p in out.iterdir()) == ["plans"]
+    # a directory that holds no demo's output is written into, never moved
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _fresh_out(mine, True, Console())
+    assert (mine / "notes.txt").read_text() == "mine" and not list(tmp_path.glob("mine.prev-*"))
+
+
 @pytest.mark.parametrize("study", [[], ["--study", "growth"]])
 def test_an_out_that_is_a_file_is_one_line_and_left_alone(tmp_path, study):
     (tmp_path / "f").write_text("mine")

@@ -192,7 +192,7 @@ def test_the_cli_runs_the_study_with_its_flags(tmp_path, monkeypatch):
     assert growlm("demo", "--study", "growth", "--quick", "--seeds", "3", "--out", str(tmp_path / "s")).returncode == 0
     assert growlm("demo", "--study", "growth").returncode == 0
     assert calls == [{"out": tmp_path / "s", "quick": True, "force": False, "seeds": 3},
-                     {"out": Path("demo-out/growth"), "quick": False, "force": False, "seeds": None}]
+                     {"out": Path("demo-out-growth"), "quick": False, "force": False, "seeds": None}]
     assert growlm("demo", "--study", "other").returncode == 2
 
 

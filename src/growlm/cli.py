@@ -212,7 +212,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
     if a.study == "growth":
         from growlm.demo import growth_study
 
-        growth_study(out=Path(a.out or "demo-out/growth"), quick=a.quick, force=a.force, seeds=a.seeds)
+        growth_study(out=Path(a.out or "demo-out-growth"), quick=a.quick, force=a.force, seeds=a.seeds)
         return
     from growlm.demo import demo
 
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_data_prepare)
 
     b = sub.add_parser("demo", help="grow, compare and merge real models end to end, with a report")
-    b.add_argument("--out", metavar="DIR", help="default demo-out (demo-out/growth with --study growth)")
+    b.add_argument("--out", metavar="DIR", help="default demo-out (demo-out-growth with --study growth)")
     b.add_argument("--study", choices=["growth"],
                    help="growth: instead of the demo, which growth schedule reaches the monolithic model's loss "
                         "with the least training compute (about 4 minutes on two idle CPU cores; --quick: seconds)")

@@ -131,14 +131,17 @@ def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None 
 
 
 def _fresh_out(out: Path, force: bool, console) -> Path:
-    """``out``, emptied of a previous report: kept beside it (``NAME.prev-TIME``) unless ``force``."""
+    """``out``, emptied of an earlier demo's output, finished (its ``report.md``) or cut off (its ``plans/``): kept
+    beside it (``NAME.prev-TIME``) unless ``force``. Anything else in ``out`` stays where it is."""
     if out.exists() and not out.is_dir():
         raise GrowlmError(f"--out {out}: exists and is not a directory; nothing was written")
-    if (out / "report.md").exists():
+    finished = (out / "report.md").exists()
+    if finished or (out / "plans").is_dir():
+        what = "a previous demo report" if finished else "an unfinished earlier demo"
         if not force:
             kept = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
             out.rename(kept)
-            console.print(f"[yellow]a previous demo report was in {out}; it is kept, moved to {kept}[/]")
+            console.print(f"[yellow]{what} was in {out}; it is kept, moved to {kept}[/]")
         else:
             shutil.rmtree(out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
