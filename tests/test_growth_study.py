@@ -4,11 +4,17 @@ end to end on a local text (no network)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from cli_util import growlm
+from cli_util import child_env, growlm
 from growlm.compute import Point
 from growlm.errors import GrowlmError
 
@@ -230,3 +236,44 @@ def test_quick_study_end_to_end(tmp_path, monkeypatch, corpus_dir):
     assert (out / "loss_vs_flops.png").stat().st_size > 10_000 and "(loss_vs_flops.png)" in report
     assert res["verdict"]["words"] in report and "ratio to monolithic's FLOPs" in report
     assert (out / "plans" / "two-phase-seed1.json").is_file()
+
+
+@pytest.mark.process
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_killed_study_takes_its_workers_with_it(tmp_path):
+    """The study's workers die with its process: killed (SIGKILL, nothing to clean up), it left them training
+    into its --out, where the same command run again was starting afresh."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from growlm.demo.study import die_with_parent
+        if __name__ == "__main__":
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
+            pid = pool.submit(os.getpid).result()
+            pool.submit(time.sleep, 60)
+            open({str(tmp_path / "pid")!r}, "w").write(str(pid))
+            time.sleep(60)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], env=child_env())
+    try:
+        for _ in range(300):
+            if (tmp_path / "pid").exists() and (tmp_path / "pid").read_text():
+                break
+            time.sleep(0.05)
+        worker = int((tmp_path / "pid").read_text())
+        os.kill(worker, 0)  # alive, sleeping in its task
+        parent.kill()
+        parent.wait()
+        for _ in range(100):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived the study's process")
+    finally:
+        parent.kill()

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -419,7 +421,8 @@ def _train_all(out: Path, names: list[str], console, workers: int) -> tuple[dict
             done(n, _train_one(*args[n]))
         return runs, {"workers": 1, "threads": threads}
     # spawn: a forked child would inherit this process's torch thread pools
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_train_one, *args[n], threads): n for n in names}
         try:
             for f in as_completed(futures):
@@ -429,6 +432,19 @@ def _train_all(out: Path, names: list[str], console, workers: int) -> tuple[dict
                 f.cancel()
             raise
     return {n: runs[n] for n in names}, {"workers": workers, "threads": threads}
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: end with the process that started it, however that one ends. Killed or stopped,
+    the study's process would otherwise leave its workers training into its --out, where the same command run
+    again starts afresh. On Linux the kernel sends SIGTERM (the training loop checkpoints and stops); elsewhere
+    a worker finishes the run it holds."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the line above took effect
+        os._exit(1)
 
 
 def _train_one(plan: Path, run: Path, log: Path, threads: int | None = None) -> Path:
