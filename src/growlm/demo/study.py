@@ -436,13 +436,14 @@ def _train_all(out: Path, names: list[str], console, workers: int) -> tuple[dict
 
 def die_with_parent(parent: int) -> None:
     """In a worker process: end with the process that started it, however that one ends. Killed or stopped,
-    the study's process would otherwise leave its workers training into its --out, where the same command run
-    again starts afresh. On Linux the kernel sends SIGTERM (the training loop checkpoints and stops); elsewhere
-    a worker finishes the run it holds."""
+    the study's process would otherwise leave its workers training into its --out (the run each holds, then
+    the ones already queued to it), where the same command run again starts afresh. On Linux the kernel kills
+    the worker (SIGKILL: a SIGTERM would stop one run, checkpointed, and the worker would take the next queued
+    one; every file the loop writes is written whole or not at all); elsewhere it trains on."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # it ended before the line above took effect
         os._exit(1)
 
