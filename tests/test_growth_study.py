@@ -3,6 +3,7 @@ end to end on a local text (no network)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -247,10 +248,10 @@ def test_a_killed_study_takes_its_workers_with_it(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import multiprocessing, os, time
         from concurrent.futures import ProcessPoolExecutor
-        from growlm.demo.study import die_with_parent
+        from growlm.demo.study import worker_init
         if __name__ == "__main__":
             pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=die_with_parent, initargs=(os.getpid(),))
+                                       initializer=worker_init, initargs=(os.getpid(),))
             pid = pool.submit(os.getpid).result()
             pool.submit(time.sleep, 60)
             open({str(tmp_path / "pid")!r}, "w").write(str(pid))
@@ -277,3 +278,51 @@ def test_a_killed_study_takes_its_workers_with_it(tmp_path):
             pytest.fail("the worker outlived the study's process")
     finally:
         parent.kill()
+
+
+@pytest.mark.process
+def test_ctrl_c_stops_the_studys_workers_at_once_and_starts_no_queued_run(tmp_path, corpus_dir):
+    """Ctrl-C (SIGINT to the terminal's process group) while two workers train: the study ends within seconds,
+    every worker with it, and no run waiting its turn starts (a queued run used to start after Ctrl-C and hold
+    the terminal until it finished)."""
+    from cli_util import SMALL_PLAN, write_plan
+    from growlm.files import atomic_write_json
+    from growlm.plan import load_plan, plan_to_json
+
+    plan = load_plan(write_plan(tmp_path, SMALL_PLAN.replace("tokens = 1280", "tokens = 256000"), corpus_dir))
+    out = tmp_path / "study"
+    (out / "plans").mkdir(parents=True)
+    for name in "abcd":
+        atomic_write_json(out / "plans" / f"{name}.json", plan_to_json(plan))
+    script = tmp_path / "study.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from rich.console import Console
+        from growlm.demo.study import _train_all
+        if __name__ == "__main__":
+            _train_all(Path(sys.argv[1]), list("abcd"), Console(), 2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=child_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # both workers in their loops: the stage has begun in each log
+            logs = [out / "logs" / f"{n}.log" for n in "ab"]
+            if all(f.is_file() and "stage 1/" in f.read_text() for f in logs):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=30)[1]
+        assert time.monotonic() - t0 < 10, err
+        assert proc.returncode != 0 and "KeyboardInterrupt" in err
+        assert "leaked" not in err  # the workers' killed locks, before tqdm's lock was a thread one
+        with pytest.raises(ProcessLookupError):  # no worker left in the group
+            for _ in range(100):
+                os.killpg(proc.pid, 0)
+                time.sleep(0.05)
+        assert not (out / "runs" / "c").exists() and not (out / "runs" / "d").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -25,13 +25,15 @@ import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from growlm.compute import Point, loss_at
 from growlm.demo.run import _costs, _fresh_out, _grow_stages, _mono_stage, _plan, _prepare_text
@@ -39,6 +41,7 @@ from growlm.demo.spec import FULL, QUICK, Scale, seeded
 from growlm.errors import GrowlmError
 from growlm.files import atomic_write_json
 from growlm.plan import plan_to_json
+from growlm.training import Interrupted, stop_signals
 
 # The demo's model shape (d_model 128, 4 heads, context 64, batch 8, 4 blocks, lr 2e-3) on fewer tokens than the
 # demo's 520k, so that six schedules at three seeds fit ten minutes on two cores (about 4 minutes idle); a validation point every 50 steps (25,600 tokens) for the curves the figures are read from. The budget is
@@ -421,25 +424,56 @@ def _train_all(out: Path, names: list[str], console, workers: int) -> tuple[dict
             done(n, _train_one(*args[n]))
         return runs, {"workers": 1, "threads": threads}
     # spawn: a forked child would inherit this process's torch thread pools
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+    # one run per worker at a time, the next submitted as one ends: nothing waits in a worker's queue, so a stop
+    # ends the runs in hand and starts no other
+    todo = iter(names)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
                              initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(_train_one, *args[n], threads): n for n in names}
+        running: dict[Future, str] = {}
+
+        def submit_next() -> None:
+            if (n := next(todo, None)) is not None:
+                running[pool.submit(_train_one, *args[n], threads)] = n
+
+        for _ in range(workers):
+            submit_next()
         try:
-            for f in as_completed(futures):
-                done(futures[f], f.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
+            with stop_signals(1):  # a SIGTERM to this process alone stops the workers as Ctrl-C does
+                while running:
+                    for f in wait(running, return_when=FIRST_COMPLETED).done:
+                        done(running.pop(f), f.result())
+                        submit_next()
+        except BaseException as e:  # Ctrl-C (which reaches the workers' loops too) or a run that failed
+            _stop(pool)
+            if isinstance(e, KeyboardInterrupt | Interrupted):
+                raise KeyboardInterrupt from None
             raise
     return {n: runs[n] for n in names}, {"workers": workers, "threads": threads}
 
 
-def die_with_parent(parent: int) -> None:
-    """In a worker process: end with the process that started it, however that one ends. Killed or stopped,
-    the study's process would otherwise leave its workers training into its --out (the run each holds, then
-    the ones already queued to it), where the same command run again starts afresh. On Linux the kernel kills
-    the worker (SIGKILL: a SIGTERM would stop one run, checkpointed, and the worker would take the next queued
-    one; every file the loop writes is written whole or not at all); elsewhere it trains on."""
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End ``pool``'s workers now, in whatever run they hold (the runs of a study cut off are not resumed: the
+    same command run again starts afresh)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    children = multiprocessing.active_children()
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join()
+    pool.shutdown(wait=True)  # its queues closed here, not left to the interpreter's exit
+
+
+def worker_init(parent: int) -> None:
+    """In a worker process: Ctrl-C is for the study's process alone (which stops the workers), and the worker
+    ends with that process, however that one ends. Killed, the study's process would otherwise leave its
+    workers training into its --out (the run each holds, then the ones already queued to it), where the same
+    command run again starts afresh. On Linux the kernel kills the worker (SIGKILL: on a SIGTERM the loop would
+    stop one run, checkpointed, and the worker take the next queued one; every file the loop writes is written
+    whole or not at all); elsewhere it trains on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing one, a semaphore the resource tracker reports leaked when the
+    # worker is killed; the worker's bars (none are shown) need no lock across processes
+    tqdm.set_lock(threading.RLock())
     if sys.platform.startswith("linux"):
         import ctypes
 
