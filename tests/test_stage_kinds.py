@@ -230,9 +230,11 @@ def test_a_kill_mid_phase_resumes_bit_identically(corpus_dir, tmp_path, schedule
 
 
 @pytest.mark.process
+@pytest.mark.e2e(seconds=20)  # three torchrun launches of two ranks
 def test_two_ddp_ranks_train_a_stage_of_phases_as_one_process_does(corpus_dir, tmp_path, schedules):
     """Under torchrun with DDP each phase wraps the model anew, for the tensors it trains: the two phases'
-    losses and weights equal one process's (to float rounding: the ranks sum gradients in another order)."""
+    losses and weights equal one process's (to float rounding: the ranks sum gradients in another order), and
+    a kill mid-phase resumes bit-identically."""
     from test_distributed import close, torchrun
 
     plan = write_plan(tmp_path, plan_text("binary", PAPER + TWO_PHASE), corpus_dir)
@@ -250,6 +252,13 @@ def test_two_ddp_ranks_train_a_stage_of_phases_as_one_process_does(corpus_dir, t
     assert [p["name"] for p in phases(tmp_path / "run" / "stage-2")] == ["new", "all"]
     r = growlm("verify", str(tmp_path / "run"), "--json")
     assert r.returncode == 0, r.stdout
+    # killed mid-phase 2 on both ranks, resumed under torchrun: bit-identical to the run that was not
+    killed = torchrun(plan, tmp_path / "killed", env={"GROWLM_FAULT": "kill@step:2.2:2"})
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoints" / "stage-2-phase-2").is_dir()
+    resumed = torchrun(plan, tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sha256_file(tmp_path / "killed" / "stage-2" / "model.safetensors") == \
+        sha256_file(tmp_path / "run" / "stage-2" / "model.safetensors")
 
 
 def test_fsdp_refuses_a_stage_of_phases_in_one_line(corpus_dir):
