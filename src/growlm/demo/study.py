@@ -138,8 +138,8 @@ class Schedule:
                           self.option if option is None else option)
 
 
-# The tuning (growth_study(OUT, tune=True), STUDY scale, seed TUNE_SEED, ranked by tuning_key) chose each `chosen` and `option`.
-# Measured 2026-12-07 on two idle cores (final validation loss at x monolithic FLOPs, and the FLOPs ratio at which
+# The tuning (growth_study(OUT, tune=True), STUDY scale, seed TUNE_SEED, ranked by tuning_key) chose each `chosen`
+# and `option`. Measured 2026-12-07 on two idle cores (final validation loss at x monolithic FLOPs, and the FLOPs ratio at which
 # it reached the monolithic final loss, 3.319): joint 0.5/0.75/0.9: 3.420 at 0.72x, 3.280 at 0.86x (reached at
 # 0.74x), 3.219 at 0.95x (reached at 0.66x); late 0.2/0.35/0.5: 3.494 at 0.87x, 3.451 at 0.76x, 3.450 at 0.66x;
 # two-phase 0.5/0.75/0.9: 3.626 at 0.55x, 3.510 at 0.61x, 3.463 at 0.64x; stack 0.5/0.75/0.9: 3.360 at 0.78x,
@@ -464,12 +464,11 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 
 def worker_init(parent: int) -> None:
-    """In a worker process: Ctrl-C is for the study's process alone (which stops the workers), and the worker
-    ends with that process, however that one ends. Killed, the study's process would otherwise leave its
-    workers training into its --out (the run each holds, then the ones already queued to it), where the same
-    command run again starts afresh. On Linux the kernel kills the worker (SIGKILL: on a SIGTERM the loop would
-    stop one run, checkpointed, and the worker take the next queued one; every file the loop writes is written
-    whole or not at all); elsewhere it trains on."""
+    """In a worker process: between runs Ctrl-C is for the study's process (which stops the workers; in a run,
+    the loop checkpoints and stops on it), and the worker ends with that process, however that one ends. Killed,
+    the study's process would otherwise leave its workers training into its --out, where the same command run
+    again starts afresh. On Linux the kernel kills the worker (SIGKILL: every file the loop writes is written
+    whole or not at all); elsewhere it finishes the run it holds."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm's default lock is a multiprocessing one, a semaphore the resource tracker reports leaked when the
     # worker is killed; the worker's bars (none are shown) need no lock across processes
