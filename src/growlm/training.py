@@ -310,7 +310,7 @@ class _Fit:
     halted: torch.Tensor  # set on the device by the first non-finite step (see optimizer_step)
     flop_per_token: float | None  # the phase's FLOP model, for the log's cumulative FLOPs (None: not modelled)
     phase: int | None = None  # the phase of a stage of several, as its log lines name it
-    before: PhaseOffsets = field(default_factory=lambda: PhaseOffsets())  # the stage's earlier phases
+    before: PhaseOffsets = field(default_factory=PhaseOffsets)  # the stage's earlier phases
     state: StageState = field(default_factory=StageState)
     pending: list[torch.Tensor] = field(default_factory=list)  # losses the host has not read yet
     t_last: float = 0.0  # time and token count at the last log line: the throughput's window
@@ -372,8 +372,9 @@ class Loop:
         With ``trunk_cache`` the frozen trunk's activations are read from (or written to) the cache.
         With ``flop_per_token`` every log line carries the stage's FLOPs so far (tokens × FLOPs per token).
         ``phase``: the phase of a stage of several, named in every log line, whose ``tokens``, ``wall_s``
-        and ``flops`` run on from the earlier phases' (``before``), so that a stage's log is one curve. ``keep_final``: checkpoint the last step too, so a resume finds the fit finished
-        (a phase the next one continues from: its trained tensors, data position and RNG).
+        and ``flops`` run on from the earlier phases' (``before``), so that a stage's log is one curve.
+        ``keep_final``: checkpoint the last step too, so a resume finds the fit finished (a phase the next
+        one continues from: its trained tensors, data position and RNG).
         """
         live = {n for n, p in model.named_parameters() if p.requires_grad}
         if live != declared:

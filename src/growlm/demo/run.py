@@ -132,7 +132,7 @@ def demo(out: Path, quick: bool = False, force: bool = False, seeds: int | None 
 
 def _fresh_out(out: Path, force: bool, console) -> Path:
     """``out``, emptied of an earlier demo's output, finished (its ``report.md``) or cut off (its ``plans/``): kept
-    beside it (``NAME.prev-TIME``) unless ``force``. Anything else in ``out`` stays where it is."""
+    beside it (``NAME.prev-TIME``) unless ``force``. A directory that holds neither is written into as it is."""
     if out.exists() and not out.is_dir():
         raise GrowlmError(f"--out {out}: exists and is not a directory; nothing was written")
     finished = (out / "report.md").exists()
