@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_util import child_env, growlm
+from cli_util import child_env, growlm, one_line_error
 from growlm.compute import Point
 from growlm.errors import GrowlmError
 
@@ -201,6 +201,12 @@ def test_the_cli_runs_the_study_with_its_flags(tmp_path, monkeypatch):
     assert calls == [{"out": tmp_path / "s", "quick": True, "force": False, "seeds": 3},
                      {"out": Path("demo-out-growth"), "quick": False, "force": False, "seeds": None}]
     assert growlm("demo", "--study", "other").returncode == 2
+    assert growlm("demo", "--study", "growth", "--tune").returncode == 0
+    assert calls[-1] == {"out": Path("demo-out-growth-tuning"), "quick": False, "force": False, "seeds": None,
+                         "tune": True}
+    one_line_error(growlm("demo", "--tune"), "--tune", "--study growth")
+    one_line_error(growlm("demo", "--study", "growth", "--tune", "--seeds", "2"), "--tune", "--seeds")
+    assert len(calls) == 3
 
 
 @pytest.mark.e2e(seconds=12)
@@ -326,3 +332,30 @@ def test_ctrl_c_stops_the_studys_workers_at_once_and_starts_no_queued_run(tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e(seconds=8)
+def test_quick_tuning_end_to_end(tmp_path, monkeypatch, corpus_dir):
+    """``--tune`` at the toy scale: every share and option of every tuned schedule once, at the tuning seed,
+    ranked by the one rule, each schedule with the same number of runs; the report says it is the tuning."""
+    from growlm.demo import data
+    from growlm.demo.study import SCHEDULES, TUNE_SEED, tuning_key
+
+    text = {lang: {"train": corpus_dir / f"{lang}.txt", "valid": corpus_dir / "valid.txt"} for lang in ("en", "ru")}
+    text["zh"] = {"train": corpus_dir / "train.txt", "valid": corpus_dir / "valid.txt"}
+    monkeypatch.setattr(data, "fetch_demo_corpora", lambda: text)
+    out = tmp_path / "tuning"
+    r = growlm("demo", "--study", "growth", "--tune", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())["growth_study"]
+    assert res["mode"] == "tuning" and res["seeds"] == [TUNE_SEED]
+    tuned = [s for s in SCHEDULES if s.grid]
+    assert set(res["tuning"]["ranked"]) == {s.name for s in tuned}
+    for s in tuned:
+        ranked = res["tuning"]["ranked"][s.name]
+        assert len(ranked) == len(s.grid) + len(s.options) - 1
+        figs = [res["schedules"][k]["per_seed"][0] for k in ranked]
+        assert figs == sorted(figs, key=tuning_key)
+        assert {res["schedules"][k]["option"] for k in ranked} == set(s.options)
+    assert res["tuning"]["chosen_option"] == {s.name: s.option for s in tuned}
+    assert "This is the tuning run" in (out / "report.md").read_text()

@@ -209,10 +209,16 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    if a.tune and a.study != "growth":
+        raise GrowlmError("--tune: tunes the growth study's schedules; use it with --study growth")
+    if a.tune and a.seeds is not None:
+        raise GrowlmError("--tune runs one seed of its own, not --seeds")
     if a.study == "growth":
         from growlm.demo import growth_study
 
-        growth_study(out=Path(a.out or "demo-out-growth"), quick=a.quick, force=a.force, seeds=a.seeds)
+        default = "demo-out-growth-tuning" if a.tune else "demo-out-growth"
+        kw = {"tune": True} if a.tune else {}
+        growth_study(out=Path(a.out or default), quick=a.quick, force=a.force, seeds=a.seeds, **kw)
         return
     from growlm.demo import demo
 
@@ -392,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--study", choices=["growth"],
                    help="growth: instead of the demo, which growth schedule reaches the monolithic model's loss "
                         "with the least training compute (about 4 minutes on two idle CPU cores; --quick: seconds)")
+    b.add_argument("--tune", action="store_true",
+                   help="with --study growth: rerun the tuning instead (every share and option of every schedule "
+                        "once, at a seed the study does not use; default --out demo-out-growth-tuning)")
     b.add_argument("--quick", action="store_true", help="toy scale, about a minute")
     b.add_argument("--force", action="store_true", help="replace an existing report in --out")
     b.add_argument("--seeds", type=int, default=None, metavar="N",

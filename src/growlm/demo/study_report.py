@@ -133,7 +133,7 @@ def write_study_report(out: Path, runs: dict[str, Path], res: dict, console) -> 
                        f"and the other options at the chosen share, every point trained once at seed "
                        f"{tu['seed']} (a seed the study does not use, so a choice is not the best of the draws "
                        f"reported here), ranked by one rule: {tu['criterion']}. {grid}. The tuning reruns with "
-                       f"`growth_study(OUT, tune=True)` (`growlm.demo.study`). Not tuned: the paper's schedule (as "
+                       f"`growlm demo --study growth --tune`. Not tuned: the paper's schedule (as "
                        f"published: one block per stage, tokens shared equally) and the monolithic baseline, whose "
                        f"learning rate and batch size are the demo's, measured on the monolithic model; every "
                        f"schedule trains at that rate.")
