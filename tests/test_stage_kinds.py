@@ -180,6 +180,28 @@ def test_each_phase_is_logged_and_counted_and_verify_checks_every_phase(schedule
     assert sum("in 2 phases" in x for x in report["lines"]) == 2  # stages 2 and 3
 
 
+def test_info_plan_foretells_what_each_phase_trains_and_costs(schedules):
+    """``growlm info PLAN`` before training: each stage's depth, kind and phases with their tokens, active
+    parameters and FLOPs, equal to what training then records in model.json; their sum is the run's cost."""
+    r = growlm("info", str(schedules["full"].parent / "plan.toml"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert [(st["stage"], st["depth"], st["train"]) for st in info["schedule"]] == \
+        [(1, 2, "new"), (2, 3, "new-then-all"), (3, 6, "new-then-all"), (4, 7, "all"), (5, 7, "all")]
+    recorded = 0
+    for st in info["schedule"]:
+        meta = json.loads((schedules["full"] / f"stage-{st['stage']}" / "model.json").read_text())
+        done = meta["stage"].get("phases") or [{"name": st["phases"][0]["name"], "metrics": meta["metrics"]}]
+        assert [p["name"] for p in st["phases"]] == [p["name"] for p in done]
+        for p, d in zip(st["phases"], done, strict=True):
+            assert p["tokens"] == d["metrics"]["tokens"] and p["flops"] == pytest.approx(d["metrics"]["flops"], abs=2)
+        assert max(p["active_params"] for p in st["phases"]) == meta["params_active"]
+        recorded += meta["metrics"]["flops"]
+    assert info["training_flops"] == pytest.approx(recorded, abs=10)
+    text = growlm("info", str(schedules["full"].parent / "plan.toml")).stdout
+    assert "stage 2                  depth 3, train 'new-then-all', phase 'all': 384 tokens" in text
+
+
 @pytest.mark.parametrize("edit", [lambda ph: ph.clear(), lambda ph: ph.pop(), lambda ph: ph.append(dict(ph[0]))])
 def test_verify_refuses_phase_records_that_are_not_the_plans(schedules, tmp_path, edit):
     import shutil

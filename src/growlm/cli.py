@@ -87,8 +87,13 @@ def cmd_info(a: argparse.Namespace) -> None:
         _print_json(info)
     else:
         for k, v in info.items():
-            if k not in ("blocks", "lineage", "experts"):
+            if k not in ("blocks", "lineage", "experts", "schedule"):
                 print(f"{k:24s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k:24s} {v}")
+        for st in info.get("schedule", ()):  # a plan's stages, one line per phase
+            for ph in st["phases"]:
+                print(f"{'stage ' + str(st['stage']):24s} depth {st['depth']}, train {st['train']!r}"
+                      + (f", phase {ph['name']!r}" if len(st["phases"]) > 1 else "")
+                      + f": {ph['tokens']:,} tokens, {ph['active_params']:,} active, {ph['flops']:.3g} FLOPs")
 
 
 def cmd_train(a: argparse.Namespace) -> None:

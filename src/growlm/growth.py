@@ -13,7 +13,7 @@ active count, the FLOPs and the memory of each phase, from shapes alone.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -301,18 +301,40 @@ def stage_memory(cfg: ModelConfig, stage: StageSpec, depth_before: int, *, rows:
                 for ph in stage_phases(stage, depth_before, cfg.trainable_embedding)), key=lambda m: m.total)
 
 
-def plan_memory(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Sequence[Mapping] = (), *,
-                bf16: bool, world: int = 1) -> list[TrainingMemory]:
-    """Estimated memory of one training process for every stage of ``plan``, in order (``cfg``: the
-    stage-0 model's shape; ``earlier_lora``: its adapters). Each process takes ``batch_size / world`` rows."""
-    out, depth, lora = [], depth0, list(earlier_lora)
+def _walk(plan: Plan, depth0: int, earlier_lora: Sequence[Mapping]) -> Iterator[tuple[StageSpec, int, list]]:
+    """Each stage of ``plan`` with the depth before it and the adapters applied by then (``earlier_lora``,
+    the stage-0 model's, and the plan's earlier stages')."""
+    depth, lora = depth0, list(earlier_lora)
     for st in plan.stage:
-        out.append(stage_memory(cfg, st, depth, rows=plan.train.batch_size // world, bf16=bf16, earlier_lora=lora,
-                                world=world, sharded=world > 1 and plan.train.parallel == "fsdp"))
+        yield st, depth, list(lora)
         if st.lora is not None:
             lora.append({"rank": st.lora.rank, "blocks": lora_blocks(st.lora, depth, depth_after(st, depth)),
                          "targets": list(st.lora.targets)})
         depth = depth_after(st, depth)
+
+
+def plan_memory(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Sequence[Mapping] = (), *,
+                bf16: bool, world: int = 1) -> list[TrainingMemory]:
+    """Estimated memory of one training process for every stage of ``plan``, in order (``cfg``: the
+    stage-0 model's shape; ``earlier_lora``: its adapters). Each process takes ``batch_size / world`` rows."""
+    return [stage_memory(cfg, st, depth, rows=plan.train.batch_size // world, bf16=bf16, earlier_lora=lora,
+                         world=world, sharded=world > 1 and plan.train.parallel == "fsdp")
+            for st, depth, lora in _walk(plan, depth0, earlier_lora)]
+
+
+def plan_schedule(plan: Plan, cfg: ModelConfig, depth0: int = 0, earlier_lora: Sequence[Mapping] = ()) -> list[dict]:
+    """What every stage of ``plan`` will do, before anything trains: its ``depth`` after it, its ``train``
+    kind and each phase's ``name``, ``tokens`` (the plan's, rounded up to whole batches as training runs
+    them), ``active_params`` and training ``flops``: the counts training records in ``model.json`` (``cfg``:
+    the stage-0 model's shape; ``earlier_lora``: its adapters)."""
+    out, batch = [], plan.train.batch_size * plan.model.context
+    for i, (st, depth, lora) in enumerate(_walk(plan, depth0, earlier_lora), 1):
+        phases = []
+        for ph in stage_phases(st, depth, cfg.trainable_embedding):
+            tokens = -(-ph.tokens // batch) * batch
+            phases.append({"name": ph.name, "tokens": tokens, "active_params": phase_active_params(cfg, st, ph, depth),
+                           "flops": tokens * phase_flop_per_token(cfg, st, ph, depth, lora)})
+        out.append({"stage": i, "depth": depth_after(st, depth), "train": st.train, "phases": phases})
     return out
 
 

@@ -84,11 +84,13 @@ def _final_depth(plan: Plan, depth: int) -> int:
 
 
 def info_plan(path: Path) -> dict:
-    """A plan file's shape and the estimated memory one training process needs for its largest stage
-    (:func:`growlm.growth.plan_memory`), on the device and in the dtype the plan's ``[train]`` selects here."""
+    """A plan file's shape, the estimated memory one training process needs for its largest stage
+    (:func:`growlm.growth.plan_memory`), on the device and in the dtype the plan's ``[train]`` selects here,
+    and what each stage and phase will train, with its active parameters and FLOPs
+    (:func:`growlm.growth.plan_schedule`), the run's ``training_flops`` their sum."""
     import torch
 
-    from growlm.growth import plan_memory
+    from growlm.growth import plan_memory, plan_schedule
     from growlm.plan import blocks_problem, load_plan
 
     # its shape needs no data: a plan whose corpus is on another machine (a paper config) is described too
@@ -101,6 +103,7 @@ def info_plan(path: Path) -> dict:
     cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
     bf16 = spec.dtype == "bf16" or (spec.dtype == "auto" and cuda)
     est = plan_memory(plan, cfg, cfg.n_layers, lora, bf16=bf16)
+    schedule = plan_schedule(plan, cfg, cfg.n_layers, lora)
     worst = max(range(len(est)), key=lambda i: est[i].total)
     where = (f"stage {worst + 1} of {len(est)}: {est[worst].describe()}; {spec.batch_size:,} rows x context "
              f"{cfg.context:,}, {'bf16' if bf16 else 'fp32'} on {'cuda' if cuda else 'cpu'}")
@@ -109,4 +112,6 @@ def info_plan(path: Path) -> dict:
             "n_heads": cfg.n_heads, "context": cfg.context,
             "n_layers": _final_depth(plan, cfg.n_layers), "batch_size": spec.batch_size,
             "estimated_training_memory": f"{gib(est[worst].total)} per process ({where})",
-            "training_memory_bytes": est[worst].total}
+            "training_memory_bytes": est[worst].total,
+            "training_flops": round(sum(ph["flops"] for st in schedule for ph in st["phases"])),
+            "schedule": schedule}
