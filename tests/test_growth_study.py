@@ -198,8 +198,8 @@ def test_the_cli_runs_the_study_with_its_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "growth_study", lambda **kw: calls.append(kw))
     assert growlm("demo", "--study", "growth", "--quick", "--seeds", "3", "--out", str(tmp_path / "s")).returncode == 0
     assert growlm("demo", "--study", "growth").returncode == 0
-    assert calls == [{"out": tmp_path / "s", "quick": True, "force": False, "seeds": 3},
-                     {"out": Path("demo-out-growth"), "quick": False, "force": False, "seeds": None}]
+    assert calls == [{"out": tmp_path / "s", "quick": True, "force": False, "seeds": 3, "tune": False},
+                     {"out": Path("demo-out-growth"), "quick": False, "force": False, "seeds": None, "tune": False}]
     assert growlm("demo", "--study", "other").returncode == 2
     assert growlm("demo", "--study", "growth", "--tune").returncode == 0
     assert calls[-1] == {"out": Path("demo-out-growth-tuning"), "quick": False, "force": False, "seeds": None,
@@ -287,8 +287,10 @@ def test_a_killed_study_takes_its_workers_with_it(tmp_path):
 
 
 @pytest.mark.process
-def test_ctrl_c_stops_the_studys_workers_at_once_and_starts_no_queued_run(tmp_path, corpus_dir):
-    """Ctrl-C (SIGINT to the terminal's process group) while two workers train: the study ends within seconds,
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stop_ends_the_studys_workers_at_once_and_starts_no_queued_run(tmp_path, corpus_dir, stop):
+    """Ctrl-C (SIGINT to the terminal's process group: every worker's loop gets it too) or a SIGTERM to the
+    study's process alone (the workers never see it) while two workers train: the study ends within seconds,
     every worker with it, and no run waiting its turn starts (a queued run used to start after Ctrl-C and hold
     the terminal until it finished)."""
     from cli_util import SMALL_PLAN, write_plan
@@ -319,7 +321,10 @@ def test_ctrl_c_stops_the_studys_workers_at_once_and_starts_no_queued_run(tmp_pa
             time.sleep(0.05)
         time.sleep(0.5)
         t0 = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         err = proc.communicate(timeout=30)[1]
         assert time.monotonic() - t0 < 10, err
         assert proc.returncode != 0 and "KeyboardInterrupt" in err

@@ -284,8 +284,8 @@ def test_two_ddp_ranks_train_a_stage_of_phases_as_one_process_does(corpus_dir, t
 
 
 def test_fsdp_refuses_a_stage_of_phases_in_one_line(corpus_dir):
+    from growlm.growth import phases_problem
     from growlm.plan import plan_from_dict
-    from growlm.training import phases_problem
 
     text = str(corpus_dir / "train.txt")
 

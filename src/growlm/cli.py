@@ -102,9 +102,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.nproc is not None and a.nproc > 1:
         from growlm.data import check_batch_split
         from growlm.distributed import launch
+        from growlm.growth import phases_problem
         from growlm.plan import load_plan
         from growlm.substrate.registry import kind_trains
-        from growlm.training import phases_problem
 
         if a.tensorboard:  # the torchrun command line carries the plan, not this flag
             raise GrowlmError("--tensorboard does not reach the processes of --nproc; set [train] tensorboard = true "
@@ -222,8 +222,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
         from growlm.demo import growth_study
 
         default = "demo-out-growth-tuning" if a.tune else "demo-out-growth"
-        kw = {"tune": True} if a.tune else {}
-        growth_study(out=Path(a.out or default), quick=a.quick, force=a.force, seeds=a.seeds, **kw)
+        growth_study(out=Path(a.out or default), quick=a.quick, force=a.force, seeds=a.seeds, tune=a.tune)
         return
     from growlm.demo import demo
 

@@ -273,6 +273,20 @@ def check_lora_budget(plan: Plan, cfg: ModelConfig, depth0: int = 0) -> None:
                               f"(lower lora.rank or set train.lora_budget)")
 
 
+def phases_problem(plan: Plan, depth: int, trainable_embedding: bool, world: int) -> str | None:
+    """Why ``plan`` cannot train on ``world`` processes from a model of ``depth`` blocks, or None: FSDP2 shards
+    a model in place once, for the tensors its first phase trains, so a stage of several phases runs on one
+    process or under DDP (which each phase wraps anew)."""
+    if world == 1 or plan.train.parallel != "fsdp":
+        return None
+    for i, st in enumerate(plan.stage, 1):
+        if len(stage_phases(st, depth, trainable_embedding)) > 1:
+            return (f"stage {i} (train = {st.train!r}) trains in several phases, which FSDP2 cannot (it shards the "
+                    f"model once); set [train] parallel = \"ddp\", or give each phase its own stage")
+        depth = depth_after(st, depth)
+    return None
+
+
 def _lowest_recorded(stage: StageSpec, phase: Phase, depth_before: int) -> int:
     """The lowest block holding a tensor the phase trains: autograd records it and every block above."""
     depth = depth_after(stage, depth_before)

@@ -39,6 +39,7 @@ from growlm.growth import (
     lora_blocks,
     phase_active_params,
     phase_flop_per_token,
+    phases_problem,
     set_trainable,
     stack,
     stage_active_params,
@@ -53,7 +54,6 @@ from growlm.plan import (
     StageSpec,
     TrainSpec,
     blocks_problem,
-    depth_after,
     load_plan,
     plan_difference,
     plan_to_json,
@@ -285,11 +285,18 @@ def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: to
 
 @dataclass(frozen=True)
 class PhaseOffsets:
-    """What a stage's earlier phases spent: a later phase's log lines count on from it."""
+    """What a stage's phases have spent so far: a later phase's log lines count on from it, and the stage's
+    record is its total."""
 
     tokens: int = 0
+    steps: int = 0
     wall_s: float = 0.0
     flops: float = 0.0
+
+    def plus(self, state: StageState, flops: float) -> PhaseOffsets:
+        """These offsets with one more phase's ``state`` and ``flops`` added."""
+        return PhaseOffsets(self.tokens + state.tokens, self.steps + state.step, self.wall_s + state.wall_s,
+                            self.flops + flops)
 
 
 @dataclass
@@ -317,20 +324,6 @@ class _Fit:
     tok_last: int = 0
     grad_norm: torch.Tensor | None = None  # the last step's, on the device: read with the losses
     grad_norm_read: float | None = None  # its value at the last read, for the log line
-
-
-def phases_problem(plan: Plan, depth: int, trainable_embedding: bool, world: int) -> str | None:
-    """Why ``plan`` cannot train on ``world`` processes from a model of ``depth`` blocks, or None: FSDP2 shards
-    a model in place once, for the tensors its first phase trains, so a stage of several phases runs on one
-    process or under DDP (which each phase wraps anew)."""
-    if world == 1 or plan.train.parallel != "fsdp":
-        return None
-    for i, st in enumerate(plan.stage, 1):
-        if len(stage_phases(st, depth, trainable_embedding)) > 1:
-            return (f"stage {i} (train = {st.train!r}) trains in several phases, which FSDP2 cannot (it shards the "
-                    f"model once); set [train] parallel = \"ddp\", or give each phase its own stage")
-        depth = depth_after(st, depth)
-    return None
 
 
 class Loop:
@@ -681,7 +674,7 @@ class Trainer(Loop):
         batches, vbatches = self._stage_data(i, st)  # one stream for the whole stage: each phase continues it
         start = audit.digests(model.named_parameters()) if several else None
         hint = shlex.join(["growlm", "train", str(self.plan_path or run / "plan.json"), "--out", str(run), "--resume"])
-        offset0, flops, steps, wall, declared_all, done = self.step_offset, 0.0, 0, 0.0, set(), []
+        offset0, spent, declared_all, done = self.step_offset, PhaseOffsets(), set(), []
         for k, ph in enumerate(phases, 1):
             # after any LoRA injection, which freezes every parameter that is not an adapter
             declared = set_trainable(model, st, new, adapter, trains=ph.trains)
@@ -696,16 +689,16 @@ class Trainer(Loop):
             trunk = self._trunk_cache(model, batches, depth_before, lineage, i) \
                 if plan.train.trunk_cache and st.layers is None else None
             fpt = phase_flop_per_token(model.cfg, st, ph, depth_before, earlier_lora)
-            self.step_offset = offset0 + steps
+            self.step_offset = offset0 + spent.steps
             state = self.fit(f"stage-{i}-phase-{k}" if several else f"stage-{i}", model, batches, vbatches,
                              n_steps=n_steps, lr=st.lr or plan.train.lr, stage=i, resume_hint=hint, declared=declared,
                              trunk_cache=trunk, flop_per_token=fpt, phase=k if several else None,
-                             before=PhaseOffsets(sum(p["metrics"]["tokens"] for p in done), wall, flops),
+                             before=spent,
                              keep_final=k < len(phases))
             if trunk is not None:
                 self.log(f"stage {i}: trunk cache served {trunk.hits:,} sequences, computed {trunk.misses:,}")
             phase_flops = fpt * state.tokens
-            flops, steps, wall = flops + phase_flops, steps + state.step, wall + state.wall_s
+            spent = spent.plus(state, phase_flops)
             declared_all |= declared
             done.append({"name": ph.name, "tokens": ph.tokens, "steps": n_steps,
                          "trains": {"blocks": list(ph.trains.blocks), "head": ph.trains.head,
@@ -713,7 +706,7 @@ class Trainer(Loop):
                          "metrics": _metrics(state, round(phase_flops)), "audit": state.audit})
         self.step_offset = offset0
         stage_audit = state.audit if not several else audit.audit(start, audit.digests(model.named_parameters()),
-                                                                  declared_all, steps, f"stage-{i}")
+                                                                  declared_all, spent.steps, f"stage-{i}")
 
         sharded = self.world > 1 and plan.train.parallel == "fsdp"
         if sharded:  # gather the shards (every rank), then save an ordinary copy
@@ -730,8 +723,8 @@ class Trainer(Loop):
         extra = {
             "plan": plan_to_json(plan),
             "stage": record,
-            "metrics": {**_metrics(state, round(flops)), "tokens": sum(p["metrics"]["tokens"] for p in done),
-                        "wall_s": round(wall, 3), "steps": steps},
+            "metrics": {**_metrics(state, round(spent.flops)), "tokens": spent.tokens,
+                        "wall_s": round(spent.wall_s, 3), "steps": spent.steps},
             "params_active": active,
             "audit": stage_audit,
         }
@@ -749,8 +742,8 @@ class Trainer(Loop):
             model = load_model(sdir).model
         vl = f"{state.valid_loss:.4f}" if state.valid_loss is not None else "n/a"
         au = stage_audit
-        self.log(f"stage {i} done: {steps} steps, {extra['metrics']['tokens']:,} tokens, train loss {state.last_loss:.4f}, "
-                 f"valid loss {vl}, {wall:.1f} s; audit: {au['trained_tensors']} tensors trained "
+        self.log(f"stage {i} done: {spent.steps} steps, {spent.tokens:,} tokens, train loss {state.last_loss:.4f}, "
+                 f"valid loss {vl}, {spent.wall_s:.1f} s; audit: {au['trained_tensors']} tensors trained "
                  f"({', '.join(au['trained'])}), {au['frozen_tensors']} unchanged -> {sdir}")
         return model, lineage + [meta.fingerprint]
 

@@ -92,15 +92,15 @@ def write_study_report(out: Path, runs: dict[str, Path], res: dict, console) -> 
                 level=m_loss, level_label="monolithic final loss")
 
     unit, tf = ("TFLOPs", 1e12) if m_flops >= 1e12 else ("GFLOPs", 1e9)
-    rows = [[label, "" if g["share"] is None else f"{g['share']:g}", g.get("option") or "", g["seeds"], figure_text(g, "final_valid_loss"),
-             figure_text(g, "train_flops", 2, tf), figure_text(g, "flops_vs_monolithic", 2),
+    rows = [[label, "" if g["share"] is None else f"{g['share']:g}", g.get("option") or "", g["seeds"],
+             figure_text(g, "final_valid_loss"), figure_text(g, "train_flops", 2, tf), figure_text(g, "flops_vs_monolithic", 2),
              figure_text(g, "train_seconds", 1), figure_text(g, "flops_to_monolithic_loss", 2, tf),
              figure_text(g, "ratio_to_monolithic_flops", 2), figure_text(g, "valid_loss_at_monolithic_flops"),
              figure_text(g, "monolithic_loss_at_its_flops"),
              "" if label == res["baseline"] else "yes" if g["hits_target"] else "no"]
             for label, g in groups.items()]
-    table = markdown_table(["schedule", "share", "option", "seeds", "final valid loss", f"train {unit}", "x monolithic FLOPs",
-                            "train s", f"{unit} to reach monolithic's final loss", "ratio to monolithic's FLOPs",
+    table = markdown_table(["schedule", "share", "option", "seeds", "final valid loss", f"train {unit}",
+                            "x monolithic FLOPs", "train s", f"{unit} to reach monolithic's final loss", "ratio to monolithic's FLOPs",
                             "valid loss at monolithic's FLOPs", "monolithic's loss at its FLOPs",
                             f"<= {target:g}x in every seed"], rows)
     seed_rows = [[f["run"], f["seed"], _num(f["final_valid_loss"]), _num(f["train_flops"], 3, tf),
